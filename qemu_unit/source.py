@@ -1,0 +1,179 @@
+"""Where VM definitions live: the search path, NAME.vm / NAME.xml, drop-ins.
+
+Import-light (the generator uses it at boot): stdlib, errors and names only.
+The rules follow systemd's for unit files: the first directory that has a
+file wins, a symlink to /dev/null masks, drop-ins merge by file name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from qemu_unit.errors import ConfigError
+from qemu_unit.names import check_name, split_template
+
+DEFAULT_PATH: tuple[Path, ...] = (
+    Path("/etc/qemu-run"),
+    Path("/run/qemu-run"),
+    Path("/usr/local/lib/qemu-run"),
+    Path("/usr/lib/qemu-run"),
+)
+PATH_ENV = "QEMU_RUN_PATH"
+SUFFIXES: tuple[Literal["vm", "xml"], ...] = ("vm", "xml")
+
+Kind = Literal["vm", "xml"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One VM definition as found on disk.
+
+    For a template instance 'base@inst' read from 'base@.vm', NAME is the
+    instance's full name, PATH the template file and INSTANCE is 'inst'.
+    """
+
+    name: str
+    kind: Kind
+    path: Path
+    dropins: tuple[Path, ...] = ()
+    instance: str | None = None
+
+
+def search_path(path: Sequence[str | os.PathLike[str]] | None = None) -> tuple[Path, ...]:
+    """PATH if given, else $QEMU_RUN_PATH (colon-separated), else DEFAULT_PATH."""
+    if path is not None:
+        return tuple(Path(p) for p in path)
+    env = os.environ.get(PATH_ENV)
+    if env:
+        return tuple(Path(p) for p in env.split(":") if p)
+    return DEFAULT_PATH
+
+
+def is_masked(path: Path) -> bool:
+    """A symlink to /dev/null (or /dev/null itself) masks, as in systemd."""
+    return os.path.realpath(path) == os.devnull
+
+
+def _format_path(dirs: Iterable[Path]) -> str:
+    return ":".join(str(d) for d in dirs)
+
+
+def _find_file(name: str, dirs: tuple[Path, ...]) -> tuple[Kind, Path] | None:
+    """The first NAME.vm or NAME.xml in DIRS ('.vm' first within one directory)."""
+    for d in dirs:
+        for kind in SUFFIXES:
+            candidate = d / f"{name}.{kind}"
+            if os.path.lexists(candidate) and (is_masked(candidate) or candidate.is_file()):
+                return kind, candidate
+    return None
+
+
+def find_dropins(names: Sequence[str], dirs: tuple[Path, ...]) -> tuple[Path, ...]:
+    """NAME.vm.d/*.conf for each of NAMES in every directory of DIRS.
+
+    Merged by file name: the first directory (and, within one directory, the
+    first of NAMES) wins; a /dev/null symlink masks that file name. The result
+    is in lexical order of file name, the order systemd applies drop-ins in.
+    """
+    chosen: dict[str, Path] = {}
+    for d in dirs:
+        for name in names:
+            dropin_dir = d / f"{name}.vm.d"
+            try:
+                children = sorted(dropin_dir.iterdir())
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as e:
+                raise ConfigError(f"cannot list drop-ins: {e.strerror}", path=dropin_dir) from None
+            for child in children:
+                if child.name.endswith(".conf") and child.name not in chosen:
+                    if is_masked(child) or child.is_file():
+                        chosen[child.name] = child
+    return tuple(p for _, p in sorted(chosen.items()) if not is_masked(p))
+
+
+def _source(name: str, dirs: tuple[Path, ...]) -> Source | None:
+    """The Source for valid NAME, None when nothing defines it."""
+    split = split_template(name)
+    if split is not None and not split[1]:
+        raise ConfigError(f"{name!r} is a template: run an instance of it, e.g. {name}NAME")
+    found = _find_file(name, dirs)
+    instance = None
+    # The template's drop-ins apply to every instance, as systemd's foo@.service.d.
+    dropin_names = [name]
+    if split is not None:
+        template = f"{split[0]}@"
+        instance = split[1]
+        dropin_names.append(template)
+        if found is None:
+            found = _find_file(template, dirs)
+    if found is None:
+        return None
+    kind, path = found
+    if is_masked(path):
+        raise ConfigError(f"VM {name!r} is masked", path=path)
+    return Source(name, kind, path, find_dropins(dropin_names, dirs), instance)
+
+
+def find_source(name: str, path: Sequence[str | os.PathLike[str]] | None = None) -> Source:
+    """Find the definition of VM NAME in the search path, or raise ConfigError."""
+    check_name(name)
+    dirs = search_path(path)
+    source = _source(name, dirs)
+    if source is None:
+        raise ConfigError(
+            f"no {name}.vm or {name}.xml in the search path {_format_path(dirs)}"
+        )
+    return source
+
+
+def list_sources(
+    path: Sequence[str | os.PathLike[str]] | None = None,
+    *,
+    errors: list[ConfigError] | None = None,
+) -> list[Source]:
+    """Every VM visible in the search path, sorted by name (the first directory wins).
+
+    Masked VMs and templates ('base@.vm', which need an instance) are left
+    out. A file whose name is not a valid VM name is reported in ERRORS when
+    given, so that one bad file does not hide the others.
+    """
+    dirs = search_path(path)
+    names: dict[str, None] = {}
+    for d in dirs:
+        try:
+            children = sorted(d.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            if errors is not None:
+                errors.append(ConfigError(f"cannot list: {e.strerror}", path=d))
+            continue
+        for child in children:
+            stem, dot, suffix = child.name.rpartition(".")
+            if not dot or suffix not in SUFFIXES or stem.endswith("@"):
+                continue
+            if child.is_dir() and not is_masked(child):
+                continue
+            try:
+                check_name(stem)
+            except ConfigError as e:
+                if errors is not None:
+                    errors.append(ConfigError(e.message, path=child))
+                continue
+            names.setdefault(stem)
+    sources = []
+    for name in sorted(names):
+        try:
+            source = _source(name, dirs)
+        except ConfigError as e:
+            if errors is not None and "masked" not in e.message:
+                errors.append(e)
+            continue
+        if source is not None:
+            sources.append(source)
+    return sources
