@@ -1,0 +1,779 @@
+"""The .vm language: one table of keys (SETTINGS) and the typed VMConfig it builds.
+
+Each row of SETTINGS drives parsing, the default, validation, error messages
+and the key reference in qemu-run.vm(5). Import-light, because the generator
+imports this at every boot: stdlib, errors, unitfile, source, names; never
+libvirt.
+
+Semantics are systemd's: a repeated list key appends, an empty assignment
+resets a list (or a single-valued key to its default), for a repeated
+single-valued key the last assignment wins.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import os
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from qemu_unit.errors import ConfigError
+from qemu_unit.names import check_name, split_template
+from qemu_unit.source import Source
+from qemu_unit.unitfile import Entry, UnitFile, read
+
+VM_SECTION = "VM"
+# Sections handed to the generator untouched.
+PASSTHROUGH_SECTIONS = ("Unit", "Service", "Install")
+
+# Stable per-VM defaults (UUID, MAC) are derived from the name in this namespace.
+UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/qemu-unit/qemu-unit")
+MAC_PREFIX = "52:54:00"  # QEMU/KVM's locally administered OUI.
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+class Accel(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class Firmware(StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+class Console(StrEnum):
+    JOURNAL = "journal"
+    NONE = "none"
+
+
+class ShutdownMethod(StrEnum):
+    ACPI = "acpi"
+    AGENT = "agent"
+
+
+class NetworkKind(StrEnum):
+    USER = "user"
+    TAP = "tap"
+    BRIDGE = "bridge"
+
+
+DISK_FORMATS = ("raw", "qcow2", "qed", "vmdk", "vdi", "vpc", "vhdx")
+DISK_BUSES = ("virtio", "sata", "scsi", "ide")
+DISK_CACHES = ("default", "none", "writeback", "writethrough", "directsync", "unsafe")
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: Path
+    # None: not given; read from the file's magic when the domain is rendered.
+    format: str | None = None
+    readonly: bool = False
+    bus: str = "virtio"
+    cache: str | None = None
+    entry: Entry | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Network:
+    kind: NetworkKind
+    target: str | None  # the tap interface or the bridge; None for user
+    mac: str
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file the VM needs, and the assignment that named it (None: the source itself)."""
+
+    path: Path
+    entry: Entry | None
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    name: str
+    source_path: Path
+    dropins: tuple[Path, ...] = ()
+    memory: int = 512 * 1024**2  # bytes
+    cpus: int = 1
+    machine: str = "q35"
+    accel: Accel = Accel.AUTO
+    cpu_model: str | None = None  # None: host-passthrough under KVM, QEMU's default under TCG
+    firmware: Firmware = Firmware.BIOS
+    kernel: Path | None = None
+    initrd: Path | None = None
+    kernel_cmdline: str | None = None
+    disks: tuple[Disk, ...] = ()
+    cdroms: tuple[Path, ...] = ()
+    networks: tuple[Network, ...] = ()
+    uuid: str = ""
+    console: Console = Console.JOURNAL
+    shutdown_mode: tuple[ShutdownMethod, ...] = (ShutdownMethod.ACPI,)
+    shutdown_timeout: float = 60.0  # seconds
+    ready: str | None = None  # None: ready once started; else a regex on console lines
+    domain_xml: Path | None = None
+    unit: tuple[Entry, ...] = ()
+    service: tuple[Entry, ...] = ()
+    install: tuple[Entry, ...] = ()
+    # Every file named by the configuration, for check_files().
+    files: tuple[FileRef, ...] = ()
+
+    @property
+    def instance(self) -> str | None:
+        split = split_template(self.name)
+        return split[1] if split else None
+
+    @property
+    def wanted_by(self) -> tuple[str, ...]:
+        return _install_list(self.install, "WantedBy")
+
+    @property
+    def required_by(self) -> tuple[str, ...]:
+        return _install_list(self.install, "RequiredBy")
+
+
+def _install_list(entries: tuple[Entry, ...], key: str) -> tuple[str, ...]:
+    """A whitespace-separated [Install] list: assignments append, an empty one resets."""
+    out: list[str] = []
+    for e in entries:
+        if e.key != key:
+            continue
+        if not e.value:
+            out.clear()
+        out.extend(w for w in e.value.split() if w not in out)
+    return tuple(out)
+
+
+# Parsers: (value, entry) -> typed value. The entry is only for messages.
+
+
+def _fail(entry: Entry, message: str) -> ConfigError:
+    return ConfigError(message, path=entry.path, line=entry.line, key=entry.key)
+
+
+_SIZE = re.compile(r"([0-9]{1,20}(?:\.[0-9]{1,20})?|\.[0-9]{1,20})\s*([KMGTPEB]?)")
+_SIZE_FACTORS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE_FACTORS |= {"P": 1024**5, "E": 1024**6}
+
+
+def parse_size(value: str, entry: Entry) -> int:
+    """A size in bytes as systemd reads one: '512M', '1.5G', '1073741824' (base 1024)."""
+    match = _SIZE.fullmatch(value.strip())
+    if not match:
+        raise _fail(entry, f"invalid size {value!r}: expected a number with K, M, G or T")
+    size = int(Fraction(match.group(1)) * _SIZE_FACTORS[match.group(2)])
+    if not 1024**2 <= size <= 1024**5:
+        raise _fail(entry, f"invalid size {value!r}: expected from 1M to 1P")
+    return size
+
+
+def parse_cpus(value: str, entry: Entry) -> int:
+    if not re.fullmatch(r"[0-9]{1,4}", value) or not 1 <= int(value) <= 1024:
+        raise _fail(entry, f"invalid CPU count {value!r}: expected a number from 1 to 1024")
+    return int(value)
+
+
+_MACHINE = re.compile(r"[a-z][a-z0-9._-]*")
+
+
+def parse_machine(value: str, entry: Entry) -> str:
+    if not _MACHINE.fullmatch(value):
+        raise _fail(entry, f"invalid machine type {value!r}: expected e.g. q35 or pc")
+    return value
+
+
+def _enum_parser(enum: type[StrEnum]) -> Callable[[str, Entry], Any]:
+    def parse(value: str, entry: Entry) -> Any:
+        try:
+            return enum(value)
+        except ValueError:
+            choices = "|".join(enum)
+            raise _fail(entry, f"invalid value {value!r}: expected {choices}") from None
+
+    return parse
+
+
+_CPU_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def parse_cpu_model(value: str, entry: Entry) -> str:
+    if not _CPU_MODEL.fullmatch(value):
+        raise _fail(entry, f"invalid CPU model {value!r}")
+    return value
+
+
+def parse_path(value: str, entry: Entry) -> Path:
+    if not value.startswith("/"):
+        raise _fail(entry, f"path {value!r} is not absolute")
+    return Path(value)
+
+
+def parse_cmdline(value: str, entry: Entry) -> str:
+    return value
+
+
+def _split_options(value: str) -> list[str]:
+    """Split on ',' where ',,' is a literal comma, as QEMU's -drive does."""
+    parts = [""]
+    i = 0
+    while i < len(value):
+        if value[i] == ",":
+            if value[i + 1 : i + 2] == ",":
+                parts[-1] += ","
+                i += 2
+                continue
+            parts.append("")
+        else:
+            parts[-1] += value[i]
+        i += 1
+    return parts
+
+
+def parse_disk(value: str, entry: Entry) -> Disk:
+    path, *options = _split_options(value)
+    parse_path(path, entry)
+    opts: dict[str, Any] = {}
+    for option in options:
+        name, eq, arg = option.partition("=")
+        allowed = {"format": DISK_FORMATS, "bus": DISK_BUSES, "cache": DISK_CACHES}
+        if name == "readonly" and not eq:
+            opts["readonly"] = True
+        elif name in allowed and eq:
+            if arg not in allowed[name]:
+                choices = "|".join(allowed[name])
+                raise _fail(entry, f"invalid {name} {arg!r}: expected {choices}")
+            opts[name] = arg
+        else:
+            raise _fail(
+                entry,
+                f"unknown disk option {option!r}: expected format=, bus=, cache= or readonly",
+            )
+    return Disk(Path(path), entry=entry, **opts)
+
+
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def parse_network(value: str, entry: Entry) -> tuple[NetworkKind, str | None] | None:
+    """'none' -> None; 'user' | 'tap:IFACE' | 'bridge:BRIDGE' -> (kind, target)."""
+    kind, colon, target = value.partition(":")
+    if value == "none":
+        return None
+    if value == "user":
+        return NetworkKind.USER, None
+    if kind in ("tap", "bridge") and colon:
+        if not _IFNAME.fullmatch(target) or target in (".", ".."):
+            raise _fail(entry, f"invalid interface name {target!r} (at most 15 of A-Za-z0-9_.-)")
+        return NetworkKind(kind), target
+    raise _fail(entry, f"invalid network {value!r}: expected none, user, tap:IFACE or bridge:NAME")
+
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def parse_mac(value: str, entry: Entry) -> str:
+    mac = value.lower()
+    if not _MAC.fullmatch(mac):
+        raise _fail(entry, f"invalid MAC address {value!r}: expected e.g. 52:54:00:12:34:56")
+    if int(mac[:2], 16) & 1:
+        raise _fail(entry, f"MAC address {value!r} is a multicast address")
+    if mac == "00:00:00:00:00:00":
+        raise _fail(entry, "MAC address 00:00:00:00:00:00 is not usable")
+    return mac
+
+
+def parse_uuid(value: str, entry: Entry) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise _fail(entry, f"invalid UUID {value!r}") from None
+
+
+def parse_shutdown_mode(value: str, entry: Entry) -> tuple[ShutdownMethod, ...]:
+    parse = _enum_parser(ShutdownMethod)
+    methods = tuple(parse(word, entry) for word in value.split())
+    if len(set(methods)) != len(methods):
+        raise _fail(entry, f"{value!r} names a method twice")
+    return methods
+
+
+_TIME_UNITS: dict[str, float] = {}
+for _factor, _names in (
+    (1e-6, "usec us µs"),
+    (1e-3, "msec ms"),
+    (1.0, "seconds second sec s"),
+    (60.0, "minutes minute min m"),
+    (3600.0, "hours hour hr h"),
+    (86400.0, "days day d"),
+    (604800.0, "weeks week w"),
+    (2629800.0, "months month M"),
+    (31557600.0, "years year y"),
+):
+    _TIME_UNITS |= dict.fromkeys(_names.split(), _factor)
+_TIME_PART = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Zµ]*)")
+
+
+def parse_timespan(value: str, entry: Entry) -> float:
+    """A systemd time span in seconds: '90s', '2min', '1min 30s', '90' (seconds)."""
+    text = value.strip()
+    total, pos = 0.0, 0
+    while pos < len(text):
+        match = _TIME_PART.match(text, pos)
+        if not match or match.group(2) not in _TIME_UNITS and match.group(2):
+            raise _fail(entry, f"invalid time span {value!r}: expected e.g. 90s, 2min, 1min 30s")
+        total += float(match.group(1)) * _TIME_UNITS.get(match.group(2), 1.0)
+        pos = match.end()
+    if pos == 0 or not math.isfinite(total):
+        raise _fail(entry, f"invalid time span {value!r}: expected e.g. 90s, 2min, 1min 30s")
+    return total
+
+
+def parse_ready(value: str, entry: Entry) -> str | None:
+    if value == "started":
+        return None
+    kind, colon, regex = value.partition(":")
+    if kind != "console" or not colon:
+        raise _fail(entry, f"invalid value {value!r}: expected started or console:REGEX")
+    if not regex:
+        raise _fail(entry, "console: needs a regular expression")
+    try:
+        re.compile(regex)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise _fail(entry, f"invalid regular expression {regex!r}: {e}") from None
+    return regex
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of a .vm file.
+
+    DEFAULT is written as in a .vm file and parsed like any value (None: the
+    default is derived, HELP says how). HELP is the man page paragraph.
+    """
+
+    name: str
+    field: str  # the VMConfig attribute it sets
+    parse: Callable[[str, Entry], Any]
+    default: str | None
+    metavar: str
+    help: str
+    section: str = VM_SECTION
+    repeatable: bool = False
+    choices: tuple[str, ...] = ()
+    specifiers: bool = False  # %i, %n, %p, %% are expanded
+    with_domain_xml: bool = False  # allowed next to DomainXML=
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "Memory", "memory", parse_size, "512M", "SIZE",
+        "Memory of the guest. A number of bytes, or with one of the suffixes K, M, G, T, "
+        "P, E (base 1024, as systemd reads sizes); fractions are allowed (1.5G). At "
+        "least 1M. Defaults to 512M.",
+    ),
+    Setting(
+        "CPUs", "cpus", parse_cpus, "1", "N",
+        "Number of virtual CPUs, from 1 to 1024. Defaults to 1.",
+    ),
+    Setting(
+        "Machine", "machine", parse_machine, "q35", "TYPE",
+        "QEMU machine type: q35 (a PCI Express chipset), pc (the older i440FX chipset), or "
+        "a versioned type such as pc-q35-7.2. Defaults to q35: it is what libvirt and "
+        "virt-install choose for new x86 guests, it has PCI Express and it is what UEFI "
+        "Secure Boot needs. IDE disks (bus=ide) exist only on pc; on q35 CD-ROMs are SATA.",
+    ),
+    Setting(
+        "Accel", "accel", _enum_parser(Accel), "auto", "auto|kvm|tcg",
+        "Accelerator. kvm needs a usable /dev/kvm and fails the start otherwise; tcg is "
+        "QEMU's portable (slow) emulation; auto uses KVM when the runner finds it usable "
+        "when the VM starts and falls back to TCG, saying so in the journal. Defaults to "
+        "auto. This key is allowed with DomainXML=.",
+        choices=tuple(Accel),
+        with_domain_xml=True,
+    ),
+    Setting(
+        "CPUModel", "cpu_model", parse_cpu_model, None, "MODEL",
+        "Guest CPU model: host-passthrough or host-model (both need KVM), max (every "
+        "feature the accelerator can offer), or a named QEMU model such as qemu64 or "
+        "Skylake-Server. By default host-passthrough under KVM and QEMU's default model "
+        "under TCG.",
+    ),
+    Setting(
+        "Firmware", "firmware", _enum_parser(Firmware), "bios", "bios|uefi",
+        "Guest firmware: bios (SeaBIOS) or uefi (OVMF, chosen by libvirt from the firmware "
+        "descriptors installed on the host, without Secure Boot). A UEFI guest keeps its "
+        "variables in NAME_VARS.fd in the VM's state directory, created from the firmware's "
+        "template on first start. Defaults to bios.",
+        choices=tuple(Firmware),
+    ),
+    Setting(
+        "Kernel", "kernel", parse_path, None, "PATH",
+        "Boot this Linux kernel directly instead of booting from a disk (absolute path; "
+        "specifiers are expanded). Not set by default.",
+        specifiers=True,
+    ),
+    Setting(
+        "Initrd", "initrd", parse_path, None, "PATH",
+        "Initial ramdisk for Kernel= (absolute path; specifiers are expanded). Needs "
+        "Kernel=. Not set by default.",
+        specifiers=True,
+    ),
+    Setting(
+        "KernelCmdline", "kernel_cmdline", parse_cmdline, None, "ARGS",
+        "Kernel command line for Kernel=. May be repeated: the values are joined with "
+        "spaces, and an empty assignment resets it, so a drop-in can add arguments. "
+        "Specifiers are expanded (write %% for a literal %). For the console to reach the "
+        "journal the guest must print to the first serial port (console=ttyS0). Needs "
+        "Kernel=. Empty by default.",
+        repeatable=True,
+        specifiers=True,
+    ),
+    Setting(
+        "Disk", "disks", parse_disk, None, "PATH[,OPTION...]",
+        "A disk image or block device (absolute path; specifiers are expanded), followed "
+        "by comma-separated options: format=raw|qcow2|qed|vmdk|vdi|vpc|vhdx, readonly, "
+        "bus=virtio|sata|scsi|ide (default virtio; ide only on Machine=pc), "
+        "cache=default|none|writeback|writethrough|directsync|unsafe. Write ,, for a comma "
+        "in the path. Without format= the format is read from the file when the VM "
+        "starts: qcow2 if it begins with the qcow2 magic, raw otherwise; a qcow2 image "
+        "with a backing file needs an explicit format=qcow2, because a guest that can "
+        "write a raw disk could otherwise plant a header that opens a host file. Give "
+        "format= for disks a guest can write. May be repeated, one disk each; an empty "
+        "assignment resets the list. The first disk is the boot disk.",
+        repeatable=True,
+        specifiers=True,
+    ),
+    Setting(
+        "CDROM", "cdroms", parse_path, None, "PATH",
+        "An ISO image attached as a read-only CD-ROM (absolute path; specifiers are "
+        "expanded). The VM boots from disks first, then from CD-ROMs. May be repeated; an "
+        "empty assignment resets the list.",
+        repeatable=True,
+        specifiers=True,
+    ),
+    Setting(
+        "Network", "networks", parse_network, "user", "none|user|tap:IFACE|bridge:BRIDGE",
+        "A network interface (virtio): user is QEMU's user-mode network (outgoing "
+        "connections through the host, no configuration, unprivileged); tap:IFACE uses an "
+        "existing tap device owned by the VM's user; bridge:BRIDGE attaches to a host "
+        "bridge through qemu-bridge-helper. none means no network interface at all. May "
+        "be repeated, one interface each; an empty assignment resets the list. Specifiers "
+        "are expanded (tap:vm-%i). Without any Network= a VM has one user interface.",
+        repeatable=True,
+        specifiers=True,
+    ),
+    Setting(
+        "MAC", "networks", parse_mac, None, "ADDRESS",
+        "MAC address of the interfaces, matched to Network= in order: the first MAC= "
+        "goes to the first interface. May be repeated; an empty assignment resets the "
+        "list. An interface without a MAC= gets a stable address derived from the VM "
+        "name and the interface's index, with the prefix 52:54:00.",
+        repeatable=True,
+    ),
+    Setting(
+        "UUID", "uuid", parse_uuid, None, "UUID",
+        "The domain's UUID (also the guest's SMBIOS system UUID). By default a stable "
+        "UUID derived from the VM name (UUID version 5), the same on every start and "
+        "every host.",
+    ),
+    Setting(
+        "Console", "console", _enum_parser(Console), "journal", "journal|none",
+        "Where the guest's first serial port goes: journal sends each line the guest "
+        "prints to the journal of the VM's unit; none gives the guest no serial port. "
+        "Defaults to journal. Allowed with DomainXML=, where journal takes the domain's "
+        "first serial port.",
+        choices=tuple(Console),
+        with_domain_xml=True,
+    ),
+    Setting(
+        "ShutdownMode", "shutdown_mode", parse_shutdown_mode, "acpi", "METHOD...",
+        "How the VM is asked to shut down when its unit stops: a space-separated list of "
+        "acpi (press the ACPI power button) and agent (ask the QEMU guest agent, which "
+        "adds a guest agent channel to the VM), tried in order until one is accepted; "
+        "agent acpi tries the agent first. The last assignment wins. When the guest has "
+        "not powered off after ShutdownTimeout=, it is destroyed. Defaults to acpi. "
+        "Allowed with DomainXML=.",
+        choices=tuple(ShutdownMethod),
+        with_domain_xml=True,
+    ),
+    Setting(
+        "ShutdownTimeout", "shutdown_timeout", parse_timespan, "60s", "TIMESPAN",
+        "How long to wait for the guest to power off before destroying it, as a systemd "
+        "time span: 90s, 2min, 1min 30s, 500ms; a plain number is seconds; 0 destroys at "
+        "once. The unit's TimeoutStopSec= is set a little longer. Defaults to 60s. "
+        "Allowed with DomainXML=.",
+        with_domain_xml=True,
+    ),
+    Setting(
+        "Ready", "ready", parse_ready, "started", "started|console:REGEX",
+        "When the unit reports readiness to systemd (Type=notify): started as soon as "
+        "QEMU runs the guest; console:REGEX once a line the guest prints on its console "
+        "matches the Python regular expression REGEX (searched anywhere in the line), "
+        "which needs Console=journal. Units ordered After= this one wait for that. "
+        "Defaults to started. Allowed with DomainXML=.",
+        with_domain_xml=True,
+    ),
+    Setting(
+        "DomainXML", "domain_xml", parse_path, None, "PATH",
+        "Use this complete libvirt domain XML file (absolute path; specifiers are "
+        "expanded) instead of describing the VM with the keys above. The runner sets the "
+        "domain's name and type. Only Accel=, Console=, ShutdownMode=, ShutdownTimeout= "
+        "and Ready= may be used with it: any other key is an error. A NAME.xml file in "
+        "the search path is the same as a NAME.vm with only DomainXML=.",
+        specifiers=True,
+    ),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+# Specifiers, as in systemd unit files, but only these. %i is what a template
+# VM is parameterised by: the instance of 'base@inst', else the whole name.
+SPECIFIERS = {
+    "n": "the full VM name",
+    "i": "the instance of a template VM (base@INSTANCE), else the full VM name",
+    "p": "the prefix of a template VM (PREFIX@instance), else the full VM name",
+    "%": "a literal %",
+}
+
+
+def expand_specifiers(value: str, name: str, entry: Entry) -> str:
+    split = split_template(name)
+    table = {
+        "n": name,
+        "i": split[1] if split else name,
+        "p": split[0] if split else name,
+        "%": "%",
+    }
+
+    def replace(match: re.Match[str]) -> str:
+        spec = match.group(1)
+        if spec not in table:
+            raise _fail(entry, f"unknown specifier %{spec} (known: %n %i %p %%)")
+        return table[spec]
+
+    return re.sub(r"%(.?)", replace, value, flags=re.DOTALL)
+
+
+def stable_mac(name: str, index: int) -> str:
+    digest = hashlib.sha256(f"{name}\0{index}".encode()).digest()
+    return MAC_PREFIX + "".join(f":{b:02x}" for b in digest[:3])
+
+
+def stable_uuid(name: str) -> str:
+    return str(uuid.uuid5(UUID_NAMESPACE, name))
+
+
+def _unknown_key(entry: Entry) -> ConfigError:
+    hint = difflib.get_close_matches(entry.key, BY_NAME, n=1)
+    if not hint:
+        hint = [n for n in BY_NAME if n.lower() == entry.key.lower()]
+    suggestion = f" (did you mean {hint[0]}=?)" if hint else ""
+    return _fail(entry, f"unknown key in [{VM_SECTION}]{suggestion}")
+
+
+def parse_vm(
+    name: str,
+    unit: UnitFile,
+    *,
+    source_path: Path | None = None,
+    dropins: tuple[Path, ...] = (),
+) -> VMConfig:
+    """Build the VMConfig of VM NAME from parsed UNIT (pure: reads no file)."""
+    check_name(name)
+    passthrough: dict[str, list[Entry]] = {s: [] for s in PASSTHROUGH_SECTIONS}
+    single: dict[str, tuple[Any, Entry]] = {}
+    lists: dict[str, list[tuple[Any, Entry]]] = {}
+    for entry in unit.entries:
+        if entry.section in passthrough:
+            passthrough[entry.section].append(entry)
+            continue
+        if entry.section != VM_SECTION:
+            known = ", ".join(f"[{s}]" for s in (VM_SECTION, *PASSTHROUGH_SECTIONS))
+            raise _fail(entry, f"unknown section [{entry.section}] (known: {known})")
+        setting = BY_NAME.get(entry.key)
+        if setting is None:
+            raise _unknown_key(entry)
+        value = entry.value
+        if setting.specifiers:
+            value = expand_specifiers(value, name, entry)
+        if setting.repeatable:
+            if not entry.value:
+                lists[setting.name] = []
+            else:
+                lists.setdefault(setting.name, []).append((setting.parse(value, entry), entry))
+        elif not entry.value:
+            single.pop(setting.name, None)
+        else:
+            single[setting.name] = (setting.parse(value, entry), entry)
+
+    def get(key: str) -> Any:
+        if key in single:
+            return single[key][0]
+        default = BY_NAME[key].default
+        return None if default is None else BY_NAME[key].parse(default, _DEFAULT_ENTRY)
+
+    def values(key: str) -> list[Any]:
+        return [v for v, _ in lists.get(key, [])]
+
+    domain_xml: Path | None = get("DomainXML")
+    if domain_xml is not None:
+        for key, (_, entry) in [*single.items(), *((k, v[0]) for k, v in lists.items() if v)]:
+            if not BY_NAME[key].with_domain_xml and key != "DomainXML":
+                raise _fail(entry, "not allowed with DomainXML=: the domain XML file says it")
+
+    for key in ("Initrd", "KernelCmdline"):
+        entries = [single[key][1]] if key in single else [e for _, e in lists.get(key, [])]
+        if entries and "Kernel" not in single:
+            raise _fail(entries[0], "needs Kernel=")
+
+    accel: Accel = get("Accel")
+    cpu_model: str | None = get("CPUModel")
+    if accel is Accel.TCG and cpu_model in ("host-passthrough", "host-model"):
+        raise _fail(single["CPUModel"][1], f"{cpu_model} needs KVM, but Accel=tcg")
+
+    console: Console = get("Console")
+    if get("Ready") is not None and console is Console.NONE:
+        raise _fail(single["Ready"][1], "console:REGEX needs Console=journal")
+
+    machine: str = get("Machine")
+    if machine == "q35" or machine.startswith("pc-q35"):
+        for disk, entry in lists.get("Disk", []):
+            if disk.bus == "ide":
+                raise _fail(entry, f"bus=ide is not available on Machine={machine}")
+
+    networks = _networks(name, lists.get("Network"), lists.get("MAC", []))
+    files = [FileRef(d.path, d.entry) for d in values("Disk")]
+    files += [FileRef(p, e) for p, e in lists.get("CDROM", [])]
+    files += [FileRef(single[k][0], single[k][1]) for k in ("Kernel", "Initrd", "DomainXML")
+              if k in single]
+    cmdline = values("KernelCmdline")
+    return VMConfig(
+        name=name,
+        source_path=Path(source_path if source_path is not None else unit.path),
+        dropins=dropins,
+        memory=get("Memory"),
+        cpus=get("CPUs"),
+        machine=machine,
+        accel=accel,
+        cpu_model=cpu_model,
+        firmware=get("Firmware"),
+        kernel=get("Kernel"),
+        initrd=get("Initrd"),
+        kernel_cmdline=" ".join(cmdline) if cmdline else None,
+        disks=tuple(values("Disk")),
+        cdroms=tuple(values("CDROM")),
+        networks=networks,
+        uuid=get("UUID") or stable_uuid(name),
+        console=console,
+        shutdown_mode=get("ShutdownMode"),
+        shutdown_timeout=get("ShutdownTimeout"),
+        ready=get("Ready"),
+        domain_xml=domain_xml,
+        unit=tuple(passthrough["Unit"]),
+        service=tuple(passthrough["Service"]),
+        install=tuple(passthrough["Install"]),
+        files=tuple(files),
+    )
+
+
+# Defaults are parsed like values; a bad default is a bug, and this names it.
+_DEFAULT_ENTRY = Entry(VM_SECTION, "(default)", "", "<built-in default>", 0)
+
+
+def _networks(
+    name: str,
+    networks: list[tuple[Any, Entry]] | None,
+    macs: list[tuple[str, Entry]],
+) -> tuple[Network, ...]:
+    """Pair Network= with MAC= in order; no Network= at all means one user interface."""
+    if networks is None:
+        default = BY_NAME["Network"].default or "none"
+        networks = [(parse_network(default, _DEFAULT_ENTRY), _DEFAULT_ENTRY)]
+    nics = [v for v, _ in networks if v is not None]
+    if len(nics) != len(networks) and nics:
+        none_entry = next(e for v, e in networks if v is None)
+        raise _fail(none_entry, "none cannot be combined with other Network= interfaces")
+    if len(macs) > len(nics):
+        raise _fail(macs[len(nics)][1], f"more MAC= than Network= interfaces ({len(nics)})")
+    seen: dict[str, Entry] = {}
+    for mac, entry in macs:
+        if mac in seen:
+            raise _fail(entry, f"MAC address {mac} is already used (line {seen[mac].line})")
+        seen[mac] = entry
+    out = []
+    for index, (kind, target) in enumerate(nics):
+        mac = macs[index][0] if index < len(macs) else stable_mac(name, index)
+        out.append(Network(kind, target, mac))
+    return tuple(out)
+
+
+def load_vm(source: Source) -> VMConfig:
+    """Read SOURCE (and its drop-ins) and build its VMConfig."""
+    if source.kind == "vm":
+        unit = read(source.path, source.dropins)
+    else:
+        # A NAME.xml is a NAME.vm with only DomainXML=; its drop-ins still apply.
+        own = Entry(VM_SECTION, "DomainXML", str(source.path).replace("%", "%%"),
+                    str(source.path), 0)
+        dropins = [e for d in source.dropins for e in read(d).entries]
+        unit = UnitFile(str(source.path), (own, *dropins))
+    vm = parse_vm(source.name, unit, source_path=source.path, dropins=source.dropins)
+    if source.kind == "xml":
+        # The XML file is not an assignment: errors about it name the file alone.
+        files = tuple(FileRef(f.path, None) if f.entry is own else f for f in vm.files)
+        vm = replace(vm, files=files)
+    return vm
+
+
+def detect_format(disk: Disk) -> str:
+    """DISK's format: as given, else qcow2 or raw from the file's first bytes.
+
+    An unreadable file counts as raw: QEMU will say why it cannot open it.
+    """
+    if disk.format is not None:
+        return disk.format
+    try:
+        with open(disk.path, "rb") as f:
+            header = f.read(16)
+    except OSError:
+        return "raw"
+    if header[:4] != QCOW2_MAGIC:
+        return "raw"
+    if int.from_bytes(header[8:16], "big") != 0:
+        # A probed backing file is how a guest writing a raw disk could read host files.
+        raise ConfigError(
+            f"{disk.path} is a qcow2 image with a backing file: write format=qcow2",
+            path=disk.entry.path if disk.entry else None,
+            line=disk.entry.line if disk.entry else None,
+            key="Disk",
+        )
+    return "qcow2"
+
+
+def check_files(vm: VMConfig) -> None:
+    """Check that every file VM needs exists and is readable; raise ConfigError if not."""
+    for ref in vm.files:
+        problem = None
+        if not ref.path.exists():
+            problem = "does not exist"
+        elif ref.path.is_dir():
+            problem = "is a directory"
+        elif not os.access(ref.path, os.R_OK):
+            problem = "is not readable"
+        if problem is not None:
+            if ref.entry is None:
+                raise ConfigError(problem, path=ref.path)
+            raise _fail(ref.entry, f"{ref.path} {problem}")
+    for disk in vm.disks:
+        detect_format(disk)
+
