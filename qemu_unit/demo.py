@@ -1,0 +1,351 @@
+"""A tiny bootable guest built from Debian's own packages: no image download.
+
+The kernel is Debian's cloud kernel (`apt-get download`), the initramfs is
+busybox-static, a shell `/init` and the few kernel modules it needs (the ACPI
+power button, evdev, ...). The result is cached: a second build with the same
+kernel package version, init script and modules costs two file lookups.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import gzip
+import hashlib
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu_unit.errors import QemuUnitError
+
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+BASE_CMDLINE = "console=ttyS0 quiet"
+# What the ACPI power button needs; everything else is opt-in.
+DEFAULT_MODULES: tuple[str, ...] = ("button", "evdev")
+
+# Sourced by every /init: mounts, busybox applets, modules, and the helpers
+# init scripts use (cmdline_arg, wait_power_button).
+GUEST_LIB = r"""# qemu-unit guest library, sourced by /init
+PATH=/bin
+export PATH
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for m in $(cat /lib/modules/order); do
+    # efivarfs refuses to load without UEFI firmware
+    [ "$m" = efivarfs ] && [ ! -d /sys/firmware/efi ] && continue
+    insmod "/lib/modules/$m.ko" || echo "insmod $m failed"
+done
+
+# cmdline_arg NAME: the value of NAME= on the kernel command line (empty if absent)
+cmdline_arg() {
+    for word in $(cat /proc/cmdline); do
+        case "$word" in "$1="*) echo "${word#*=}"; return 0;; esac
+    done
+}
+
+# power_buttons: the event devices named "Power Button" (ACPI may offer two)
+power_buttons() {
+    for d in /sys/class/input/event*; do
+        [ "$(cat "$d/device/name" 2>/dev/null)" = "Power Button" ] && echo "/dev/input/${d##*/}"
+    done
+}
+
+# wait_power_button [SECONDS]: succeeds once the button is pressed, fails on timeout.
+# One evdev event (24 bytes on x86_64) is enough to know it was pressed.
+wait_power_button() {
+    fifo=/tmp/power-button.$$
+    rm -f "$fifo"; mkfifo "$fifo"
+    pids=""
+    for dev in $(power_buttons); do
+        (dd if="$dev" of=/dev/null bs=24 count=1 2>/dev/null && echo pressed) >"$fifo" &
+        pids="$pids $!"
+    done
+    if [ -z "$pids" ]; then echo "no power button found"; fi
+    if [ -n "$1" ]; then
+        (sleep "$1"; echo timeout) >"$fifo" &
+        pids="$pids $!"
+    fi
+    # with neither buttons nor a timeout this blocks forever, which is what "wait" means
+    read -r what <"$fifo"
+    kill $pids 2>/dev/null
+    rm -f "$fifo"
+    [ "$what" = pressed ]
+}
+"""
+
+# busybox udhcpc only reports a lease; this applies it (for guests on a DHCP network).
+UDHCPC_SCRIPT = r"""#!/bin/sh
+case "$1" in
+bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}"
+    ;;
+esac
+"""
+
+DEMO_INIT = r"""#!/bin/sh
+. /lib/guest.sh
+echo
+echo "qemu-unit demo guest: hello from $(uname -r)"
+runfor=$(cmdline_arg qemu_unit.runfor)
+if [ -n "$runfor" ]; then
+    echo "qemu-unit demo guest: powering off by itself in $runfor s (or on the power button)"
+    if wait_power_button "$runfor"; then
+        echo "qemu-unit demo guest: power button pressed, powering off"
+    else
+        echo "qemu-unit demo guest: $runfor s are over, powering off"
+    fi
+else
+    echo "qemu-unit demo guest: press the power button (systemctl stop) to power off"
+    wait_power_button
+    echo "qemu-unit demo guest: power button pressed, powering off"
+fi
+poweroff -f
+"""
+
+
+@dataclass(frozen=True)
+class Guest:
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+def _run(cmd: Sequence[str], what: str, cwd: Path | None = None) -> str:
+    try:
+        proc = subprocess.run(
+            cmd, cwd=cwd, capture_output=True, text=True, check=False,
+            env={**os.environ, "LC_ALL": "C"},
+        )
+    except FileNotFoundError as e:
+        raise QemuUnitError(f"{what}: {cmd[0]} is not installed") from e
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        raise QemuUnitError(f"{what}: {' '.join(cmd)} failed ({proc.returncode}): {detail}")
+    return proc.stdout
+
+
+@functools.cache
+def _kernel_candidate() -> tuple[str, str]:
+    """(package, version) of the kernel the metapackage depends on, from one apt-cache call."""
+    hint = "run `apt-get update` once (as root) so that apt knows the package lists"
+    try:
+        out = _run(["apt-cache", "show", "--no-all-versions", KERNEL_METAPACKAGE],
+                   f"looking up {KERNEL_METAPACKAGE}")
+    except QemuUnitError as e:
+        raise QemuUnitError(f"{e}; {hint}") from e
+    m = re.search(r"^Depends:.*?\b(linux-image-[0-9][^\s,(]*-cloud-amd64)\s*\(=\s*([^)\s]+)\)",
+                  out, re.MULTILINE)
+    if m is None:
+        raise QemuUnitError(f"{KERNEL_METAPACKAGE} names no linux-image-*-cloud-amd64 "
+                            f"dependency; {hint}")
+    return m.group(1), m.group(2)
+
+
+def find_kernel_package() -> str:
+    """The versioned kernel package `linux-image-cloud-amd64` depends on."""
+    return _kernel_candidate()[0]
+
+
+def _find_busybox() -> Path:
+    try:
+        listing = _run(["dpkg", "-L", BUSYBOX_PACKAGE], "finding busybox")
+    except QemuUnitError as e:
+        raise QemuUnitError(f"{e} (install the Debian package {BUSYBOX_PACKAGE})") from e
+    for line in listing.splitlines():
+        if line.endswith("bin/busybox") and Path(line).is_file():
+            return Path(line)
+    raise QemuUnitError(f"{BUSYBOX_PACKAGE} ships no bin/busybox")
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    # Tests and users may build into the same cache at once; one builds, the others wait.
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _make_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)  # QEMU runs as the unprivileged qemu-run user
+    return path
+
+
+def _download(package: str, version: str, debs: Path) -> Path:
+    deb = debs / f"{package}_{version.replace(':', '%3a')}_amd64.deb"
+    if deb.is_file():
+        return deb
+    with tempfile.TemporaryDirectory(dir=debs) as tmp:
+        _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+              f"{package}={version}"],
+             f"downloading {package} {version} (apt-get update may be needed)", cwd=Path(tmp))
+        got = list(Path(tmp).glob("*.deb"))
+        if len(got) != 1:
+            raise QemuUnitError(f"apt-get download {package} left {len(got)} files, not one")
+        got[0].chmod(0o644)
+        os.replace(got[0], deb)
+    return deb
+
+
+def _module_depends(ko: bytes) -> list[str]:
+    # modinfo's "depends=" lives NUL-separated in the module's .modinfo section.
+    m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", ko)
+    return [d for d in m.group(1).decode().split(",") if d] if m else []
+
+
+def _read_module(path: Path) -> bytes:
+    # busybox insmod reads plain ELF only, so undo whatever compression Debian chose.
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".ko.zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+    return data
+
+
+def _collect_modules(tree: Path, wanted: Sequence[str]) -> list[tuple[str, bytes]]:
+    """WANTED and their dependencies, each after what it depends on."""
+    index: dict[str, Path] = {}
+    for path in tree.glob("lib/modules/*/kernel/**/*.ko*"):
+        index[re.sub(r"\.ko(\.\w+)?$", "", path.name).replace("-", "_")] = path
+    ordered: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        name = name.replace("-", "_")
+        if name in seen:
+            return
+        seen.add(name)
+        if name not in index:
+            raise QemuUnitError(f"kernel module {name} is not in the kernel package "
+                                "(built in, or misspelt?)")
+        data = _read_module(index[name])
+        for dep in _module_depends(data):
+            visit(dep)
+        ordered.append((name, data))
+
+    for name in wanted:
+        visit(name)
+    return ordered
+
+
+def _write_cpio_gz(root: Path, dest: Path) -> None:
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    cpio = subprocess.run(
+        ["cpio", "-o", "-H", "newc", "-R", "0:0", "--reproducible", "--quiet"],
+        cwd=root, input=("\n".join(names) + "\n").encode(), capture_output=True, check=False,
+    )
+    if cpio.returncode != 0:
+        raise QemuUnitError(f"cpio failed: {cpio.stderr.decode(errors='replace').strip()}")
+    dest.write_bytes(gzip.compress(cpio.stdout, compresslevel=6, mtime=0))
+
+
+def _build_initrd(tree: Path, init_script: str, modules: Sequence[str], busybox: Path,
+                  dest: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        root = Path(tmp, "root")
+        for d in ("bin", "dev", "proc", "sys", "tmp", "etc", "lib/modules"):
+            (root / d).mkdir(parents=True)
+        shutil.copyfile(busybox, root / "bin/busybox")
+        (root / "bin/busybox").chmod(0o755)
+        (root / "bin/sh").symlink_to("busybox")  # /init's interpreter; the rest come at boot
+        (root / "init").write_text(init_script)
+        (root / "init").chmod(0o755)
+        (root / "lib/guest.sh").write_text(GUEST_LIB)
+        (root / "etc/udhcpc.script").write_text(UDHCPC_SCRIPT)
+        (root / "etc/udhcpc.script").chmod(0o755)
+        order = []
+        for name, data in _collect_modules(tree, modules):
+            (root / f"lib/modules/{name}.ko").write_bytes(data)
+            order.append(name)
+        (root / "lib/modules/order").write_text("".join(f"{n}\n" for n in order))
+        part = Path(tmp, "initrd.img")
+        _write_cpio_gz(root, part)
+        part.chmod(0o644)
+        os.replace(part, dest)
+
+
+def build_guest(dest: Path, init_script: str,
+                modules: Sequence[str] = DEFAULT_MODULES) -> Guest:
+    """Build (or reuse) a kernel and an initramfs running INIT_SCRIPT as /init under DEST.
+
+    MODULES are kernel modules to put in the initramfs, with their dependencies;
+    the guest library loads them all at boot.
+    """
+    package, version = _kernel_candidate()
+    busybox = _find_busybox()
+    _make_dir(dest)
+    key = hashlib.sha256()
+    for part in (init_script, GUEST_LIB, "\0".join(modules)):
+        key.update(part.encode() + b"\0")
+    key.update(busybox.read_bytes())
+    key.update(Path(__file__).read_bytes())  # a change to this builder is a change of initrd
+    kdir = dest / f"{package}_{version.replace(':', '%3a')}"
+    kernel = kdir / "vmlinuz"
+    initrd = kdir / f"initrd-{key.hexdigest()[:16]}.img"
+    guest = Guest(kernel=kernel, initrd=initrd, cmdline=BASE_CMDLINE)
+    if kernel.is_file() and initrd.is_file():
+        return guest
+
+    with _locked(dest):
+        if kernel.is_file() and initrd.is_file():  # built while we waited
+            return guest
+        _make_dir(kdir)
+        deb = _download(package, version, _make_dir(dest / "debs"))
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            tree = Path(tmp)
+            _run(["dpkg-deb", "-x", str(deb), str(tree)], f"unpacking {deb.name}")
+            if not kernel.is_file():
+                found = sorted(tree.glob("boot/vmlinuz-*"))
+                if not found:
+                    raise QemuUnitError(f"{deb.name} contains no boot/vmlinuz-*")
+                shutil.copyfile(found[0], kdir / "vmlinuz.part")
+                (kdir / "vmlinuz.part").chmod(0o644)
+                os.replace(kdir / "vmlinuz.part", kernel)
+            _build_initrd(tree, init_script, modules, busybox, initrd)
+    return guest
+
+
+def write_demo(config_dir: Path, data_dir: Path, runfor: int | None = None) -> Path:
+    """Build the demo guest in DATA_DIR and write CONFIG_DIR/demo.vm; return its path.
+
+    With RUNFOR the guest powers itself off after that many seconds.
+    """
+    guest = build_guest(data_dir, DEMO_INIT)
+    cmdline = guest.cmdline
+    if runfor is not None:
+        if runfor < 0:
+            raise QemuUnitError(f"runfor must not be negative, not {runfor}")
+        cmdline += f" qemu_unit.runfor={runfor}"
+    text = (
+        "[Unit]\n"
+        "Description=qemu-unit demo VM\n"
+        "\n"
+        "[VM]\n"
+        "Memory=256M\n"
+        "CPUs=1\n"
+        f"Kernel={guest.kernel}\n"
+        f"Initrd={guest.initrd}\n"
+        f"KernelCmdline={cmdline}\n"
+    )
+    _make_dir(config_dir)
+    path = config_dir / "demo.vm"
+    part = config_dir / ".demo.vm.part"
+    part.write_text(text)
+    part.chmod(0o644)
+    os.replace(part, path)
+    return path

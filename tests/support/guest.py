@@ -1,0 +1,203 @@
+"""The test guest: one initramfs whose /init does what `qemu_unit.mode=` says.
+
+Every console line a test looks for starts with `qemu-unit-guest:`. Modes:
+poweroff, wait, ignore, reboot, ready, net, efivar (see TEST_INIT).
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from qemu_unit import demo
+
+# Outside /tmp: a container booted by the harness gets a fresh /tmp.
+CACHE_DIR = Path("/var/tmp/qemu-unit-tests/guest")
+PREFIX = "qemu-unit-guest:"
+# virtio_pci/virtio_net for `net`, efivarfs for `efivar` (all modules in Debian's cloud kernel).
+MODULES = ("button", "evdev", "virtio_pci", "virtio_net", "efivarfs")
+EFIVAR_GUID = "5d1b7a0e-4c1f-4e0b-9a53-7c2f3e8d9b10"
+EFIVAR_NAME = f"QemuUnitTest-{EFIVAR_GUID}"
+
+TEST_INIT = r"""#!/bin/sh
+. /lib/guest.sh
+say() { echo "qemu-unit-guest: $*"; }
+
+off() {
+    say "powering off"
+    poweroff -f
+}
+
+# wait for the power button, then power off
+wait_then_off() {
+    if wait_power_button; then say "power button pressed"; fi
+    off
+}
+
+net() {
+    ip link set lo up
+    ip link set eth0 up || { say "no eth0"; return; }
+    if [ "$(cmdline_arg qemu_unit.ip)" = dhcp ]; then
+        udhcpc -i eth0 -n -q -t 5 -s /etc/udhcpc.script >/dev/null 2>&1 || say "dhcp failed"
+    else
+        # QEMU user networking (slirp): guest 10.0.2.15, gateway/host 10.0.2.2
+        ip addr add 10.0.2.15/24 dev eth0
+        ip route add default via 10.0.2.2
+    fi
+    addr=$(ip -4 -o addr show dev eth0 | sed -n 's/.* inet \([0-9.]*\)\/.*/\1/p')
+    say "ip ${addr:-none}"
+    # slirp forwards 10.0.2.2 to the host's loopback: a test serves something there
+    url=$(cmdline_arg qemu_unit.url)
+    if [ -n "$url" ]; then
+        if body=$(wget -q -T 10 -O - "$url"); then
+            say "fetched $body"
+        else
+            say "fetch failed $url"
+        fi
+    fi
+}
+
+efivar() {
+    dir=/sys/firmware/efi/efivars
+    if [ ! -d /sys/firmware/efi ]; then say "efivar: not booted with UEFI"; return; fi
+    mount -t efivarfs efivarfs "$dir" || { say "efivar: cannot mount efivarfs"; return; }
+    var="$dir/@EFIVAR_NAME@"
+    if [ -e "$var" ]; then
+        # the first 4 bytes are the attributes
+        say "efivar=$(tail -c +5 "$var")"
+    else
+        value=$(cmdline_arg qemu_unit.efivar)
+        # attributes NV|BS|RT, then the data; efivarfs wants it in a single write
+        printf '\007\000\000\000%s' "${value:-hello}" >/tmp/efivar
+        if dd if=/tmp/efivar of="$var" bs=4096 count=1 2>/dev/null; then
+            say "efivar created"
+        else
+            say "efivar: write failed"
+        fi
+    fi
+}
+
+mode=$(cmdline_arg qemu_unit.mode)
+say "booted"
+say "mode=${mode:-none}"
+case "$mode" in
+poweroff)
+    off
+    ;;
+ignore)
+    say "ignoring power button"
+    while true; do
+        if wait_power_button; then say "power button pressed"; fi
+    done
+    ;;
+reboot)
+    if wait_power_button 3; then
+        say "power button pressed"
+        off
+    fi
+    say "rebooting"
+    reboot -f
+    ;;
+ready)
+    sleep 3
+    say "service ready"
+    wait_then_off
+    ;;
+net)
+    net
+    wait_then_off
+    ;;
+efivar)
+    efivar
+    wait_then_off
+    ;;
+*)
+    wait_then_off
+    ;;
+esac
+off
+""".replace("@EFIVAR_NAME@", EFIVAR_NAME)
+
+
+@functools.cache
+def build_test_guest() -> demo.Guest:
+    """The test guest, built once per process (and cached on disk across runs)."""
+    return demo.build_guest(CACHE_DIR, TEST_INIT, modules=MODULES)
+
+
+def cmdline(mode: str, *extra: str) -> str:
+    """A kernel command line for the test guest in MODE."""
+    return " ".join((build_test_guest().cmdline, f"qemu_unit.mode={mode}", *extra))
+
+
+class BareQemu:
+    """The test guest under bare QEMU (TCG), no libvirt: proves the guest itself works.
+
+    The serial console is read line by line; `monitor()` sends HMP commands
+    (e.g. `system_powerdown`). Leaving the block kills QEMU if it still runs.
+    """
+
+    def __init__(self, mode: str, *extra: str, qemu_args: Sequence[str] = ()) -> None:
+        guest = build_test_guest()
+        self._tmp = tempfile.TemporaryDirectory(prefix="qemu-unit-bare-")
+        self._monitor_path = Path(self._tmp.name, "monitor.sock")
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nodefaults", "-no-reboot",
+             "-display", "none", "-serial", "stdio",
+             "-monitor", f"unix:{self._monitor_path},server=on,wait=off",
+             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+             "-append", cmdline(mode, *extra), *qemu_args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\r\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 30) -> str:
+        """The first console line containing TEXT; fails after TIMEOUT seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self._proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no console line with {text!r} in {timeout} s; got:\n"
+                                         + "\n".join(self.lines[-40:]))
+                self._cond.wait(min(left, 0.2))
+
+    def monitor(self, command: str) -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self._monitor_path))
+            s.sendall(command.encode() + b"\n")
+            time.sleep(0.2)  # HMP has no reply framing; give it time to act before closing
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        return self._proc.wait(timeout)
+
+    def __enter__(self) -> BareQemu:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._reader.join(5)
+        assert self._proc.stdout is not None
+        self._proc.stdout.close()
+        self._tmp.cleanup()
