@@ -1,0 +1,5 @@
+import sys
+
+from qemu_unit.cli import main
+
+sys.exit(main())

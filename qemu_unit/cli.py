@@ -1,0 +1,211 @@
+"""The `qemu-unit` command. The only place that turns errors into exit statuses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from qemu_unit import log
+from qemu_unit.errors import EX_CONFIG, QemuUnitError
+
+PROG = "qemu-unit"
+DESCRIPTION = (
+    "Run QEMU virtual machines as systemd units (qemu-run@NAME.service) through libvirt's "
+    "embedded QEMU driver: no libvirtd, one private libvirt root per VM."
+)
+
+
+def _search_path(args: argparse.Namespace) -> list[Path] | None:
+    if getattr(args, "config_dir", None):
+        return [Path(d) for d in args.config_dir]
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def config_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config-dir",
+            action="append",
+            metavar="DIR",
+            help="look for NAME.vm/NAME.xml in DIR instead of the search path "
+            "(repeatable; default: $QEMU_RUN_PATH or /etc/qemu-run, /run/qemu-run, "
+            "/usr/local/lib/qemu-run, /usr/lib/qemu-run)",
+        )
+
+    p = sub.add_parser(
+        "run",
+        help="run the VM NAME in the foreground (the ExecStart of qemu-run@NAME.service)",
+        description="Start the VM NAME through qemu:///embed, report readiness with sd_notify, "
+        "forward its serial console to the journal (stderr outside systemd) and, on SIGTERM, "
+        "SIGINT or SIGRTMIN+4, shut the guest down gracefully, destroying it after the "
+        "shutdown timeout or on a second signal. Exits 0 when the guest powers off, 78 on a "
+        "configuration error, 1 on any other failure.",
+    )
+    p.add_argument("name", metavar="NAME", help="the VM: NAME.vm or NAME.xml on the search path")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="override the VM's ShutdownTimeout= (default 60)",
+    )
+    config_dir(p)
+
+    p = sub.add_parser(
+        "render",
+        help="print the libvirt domain XML a VM produces",
+        description="Print the domain XML the runner would start for NAME (before it attaches "
+        "its console socket). Accel=auto is resolved on this host.",
+    )
+    p.add_argument("name", metavar="NAME")
+    config_dir(p)
+
+    p = sub.add_parser(
+        "validate",
+        help="check .vm files without starting anything",
+        description="Check each FILE (a path to a .vm file) or NAME (looked up on the search "
+        "path) and report every problem with file, line and key. With no argument, every VM on "
+        "the search path is checked. Exits 78 if any is invalid.",
+    )
+    p.add_argument("targets", nargs="*", metavar="FILE|NAME")
+    config_dir(p)
+
+    for verb, what in (("install", "install"), ("uninstall", "remove")):
+        p = sub.add_parser(
+            verb,
+            help=f"{what} the template unit, generator, sysusers.d and tmpfiles.d entries",
+            description=f"{what.capitalize()} qemu-run@.service (ExecStart resolved to this "
+            "installation), the systemd generator, the qemu-run user (sysusers.d), "
+            "tmpfiles.d and man pages. Reloads systemd when it runs.",
+        )
+        p.add_argument(
+            "--root", metavar="DIR", default="/", help="operate on the tree under DIR (default /)"
+        )
+        p.add_argument(
+            "--prefix",
+            metavar="DIR",
+            default="/usr/local",
+            help="where the files go: DIR/lib/systemd/system etc. (default /usr/local)",
+        )
+        p.add_argument(
+            "--no-reload", action="store_true", help="do not run systemctl daemon-reload"
+        )
+
+    p = sub.add_parser(
+        "demo",
+        help="build a tiny demo guest from distribution packages and write demo.vm",
+        description="Build a kernel + busybox guest from Debian's own packages (no image "
+        "download) and write demo.vm into the first configuration directory, so that "
+        "'systemctl start qemu-run@demo' works; with --run, also run it in the foreground.",
+    )
+    p.add_argument(
+        "--config-dir", metavar="DIR", default="/etc/qemu-run", help="where to write demo.vm"
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default="/var/lib/qemu-unit/demo",
+        help="where the guest's kernel and initrd go",
+    )
+    p.add_argument(
+        "--run",
+        action="store_true",
+        help="run the demo VM in the foreground after building it",
+    )
+    p.add_argument(
+        "--run-for",
+        type=int,
+        metavar="SECONDS",
+        help="make the guest power itself off after SECONDS (implies --run)",
+    )
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qemu_unit import runner
+
+    if os.geteuid() == 0 and not os.environ.get("INVOCATION_ID"):
+        runner.prepare_root_dirs_as_root(args.name)
+        runner.drop_privileges()
+    return runner.run(
+        args.name, shutdown_timeout=args.shutdown_timeout, search_path=_search_path(args)
+    )
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from qemu_unit import render
+
+    sys.stdout.write(render.render_name(args.name, _search_path(args)))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from qemu_unit import render
+
+    problems = render.validate(args.targets, _search_path(args))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return EX_CONFIG if problems else 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from qemu_unit import install
+
+    install.install(Path(args.root), Path(args.prefix), reload=not args.no_reload)
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from qemu_unit import install
+
+    install.uninstall(Path(args.root), Path(args.prefix), reload=not args.no_reload)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qemu_unit import demo
+
+    path = demo.write_demo(Path(args.config_dir), Path(args.data_dir), runfor=args.run_for)
+    print(f"wrote {path}", file=sys.stderr)
+    if not (args.run or args.run_for):
+        return 0
+    run_args = argparse.Namespace(
+        name="demo", shutdown_timeout=None, config_dir=[args.config_dir]
+    )
+    return cmd_run(run_args)
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "render": cmd_render,
+    "validate": cmd_validate,
+    "install": cmd_install,
+    "uninstall": cmd_uninstall,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log.setup(verbose=args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except QemuUnitError as e:
+        log.log.error("%s", e)
+        if args.command == "run":
+            from qemu_unit.notify import Notifier
+
+            Notifier().status(f"Failed: {e}")
+        return e.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""`qemu-unit install`: what a distribution package installs, for a pip installation.
+
+The template unit (ExecStart resolved to this installation), the generator, the
+qemu-run user (sysusers.d), tmpfiles.d and man pages, below PREFIX (default
+/usr/local, which systemd searches too).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu_unit.errors import QemuUnitError
+from qemu_unit.log import log
+
+UNIT = "qemu-run@.service"
+GENERATOR = "qemu-unit-generator"
+SERVICE_USER = "qemu-run"
+
+
+@dataclass(frozen=True)
+class Layout:
+    unit: Path
+    generator: Path
+    sysusers: Path
+    tmpfiles: Path
+    mandir: Path
+
+
+def layout(root: Path, prefix: Path) -> Layout:
+    base = root / prefix.relative_to("/")
+    return Layout(
+        unit=base / "lib/systemd/system" / UNIT,
+        generator=base / "lib/systemd/system-generators" / GENERATOR,
+        sysusers=base / "lib/sysusers.d/qemu-unit.conf",
+        tmpfiles=base / "lib/tmpfiles.d/qemu-unit.conf",
+        mandir=base / "share/man",
+    )
+
+
+def find_units_dir() -> Path:
+    """units/ of a source checkout, or the copy a wheel installs under share/."""
+    for candidate in (
+        Path(__file__).resolve().parent.parent / "units",
+        Path(sys.prefix) / "share/qemu-unit/units",
+    ):
+        if (candidate / UNIT).is_file():
+            return candidate
+    raise QemuUnitError(f"cannot find {UNIT}: neither a source tree nor {sys.prefix}/share")
+
+
+def finalize_command() -> str:
+    """How systemd should start this installation's qemu-unit."""
+    script = Path(sys.executable).parent / "qemu-unit"
+    if script.is_file() and os.access(script, os.X_OK):
+        return os.fspath(script)
+    return f"{sys.executable} -m qemu_unit"
+
+
+def world_executable(path: Path) -> bool:
+    """Whether a non-root service user can reach and run PATH."""
+    path = path.resolve()
+    for p in (path, *path.parents):
+        mode = p.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            return False
+    return bool(path.stat().st_mode & stat.S_IROTH) or path.is_dir()
+
+
+def render_unit(text: str, command: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("ExecStart="):
+            line = f"ExecStart={command} run %i"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def render_generator(text: str) -> str:
+    # -I: no user site, no PYTHON* variables; the venv (if any) still applies.
+    body = text.split("\n", 1)[1]
+    return f"#!{sys.executable} -I\n{body}"
+
+
+def _write(path: Path, content: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(content)
+    tmp.chmod(mode)
+    tmp.replace(path)
+    log.info("installed %s", path)
+
+
+def _run(*cmd: str) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise QemuUnitError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
+
+
+def systemd_running(root: Path) -> bool:
+    return root == Path("/") and Path("/run/systemd/system").is_dir()
+
+
+def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
+    units = find_units_dir()
+    lay = layout(root, prefix)
+    command = finalize_command()
+    interpreter = Path(sys.executable)
+    if not world_executable(interpreter):
+        log.warning(
+            "%s cannot be run by the unprivileged user %s: the unit will fail. Install "
+            "qemu-unit into a venv made from /usr/bin/python3 (see README).",
+            interpreter,
+            SERVICE_USER,
+        )
+    _write(lay.unit, render_unit((units / UNIT).read_text(), command))
+    _write(lay.generator, render_generator((units / GENERATOR).read_text()), 0o755)
+    _write(lay.sysusers, (units / "qemu-unit.sysusers").read_text())
+    _write(lay.tmpfiles, (units / "qemu-unit.tmpfiles").read_text())
+    from qemu_unit import manpages
+
+    for page in manpages.write_pages(lay.mandir / "tmp"):
+        section = page.name.rsplit(".", 1)[1]
+        dest = lay.mandir / f"man{section}" / page.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        page.replace(dest)
+    shutil.rmtree(lay.mandir / "tmp", ignore_errors=True)
+
+    rootarg = [] if root == Path("/") else [f"--root={root}"]
+    _run("systemd-sysusers", *rootarg, os.fspath(lay.sysusers))
+    if root == Path("/"):
+        _run("systemd-tmpfiles", "--create", os.fspath(lay.tmpfiles))
+    else:
+        (root / "etc/qemu-run").mkdir(parents=True, exist_ok=True)
+    if reload and systemd_running(root):
+        _run("systemctl", "daemon-reload")
+    return lay
+
+
+def uninstall(root: Path, prefix: Path, reload: bool = True) -> None:
+    lay = layout(root, prefix)
+    paths = [lay.unit, lay.generator, lay.sysusers, lay.tmpfiles]
+    paths += [lay.mandir / f"man{p[-1]}" / p for p in _manpage_names()]
+    for path in paths:
+        try:
+            path.unlink()
+            log.info("removed %s", path)
+        except FileNotFoundError:
+            pass
+    # The user, /etc/qemu-run and VM state stay: they may hold what an administrator made.
+    if reload and systemd_running(root):
+        _run("systemctl", "daemon-reload")
+
+
+def _manpage_names() -> tuple[str, ...]:
+    from qemu_unit import manpages
+
+    return manpages.PAGES

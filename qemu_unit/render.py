@@ -1,0 +1,170 @@
+"""From a VM's configuration to the domain XML the runner starts; `render` and `validate`.
+
+No libvirt here: `qemu-unit render`/`validate` and the runner share this path.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from qemu_unit import domain, settings, source
+from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.log import log as logger
+from qemu_unit.names import check_name
+
+
+def kvm_problem() -> str | None:
+    """Why /dev/kvm cannot be used by this process, or None when it can."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"/dev/kvm: {e.strerror}"
+    os.close(fd)
+    return None
+
+
+def finalize_accel(vm: settings.VMConfig) -> str:
+    wanted = vm.accel.value
+    if wanted == "tcg":
+        return "tcg"
+    problem = kvm_problem()
+    if problem is None:
+        return "kvm"
+    if wanted == "kvm":
+        raise ConfigError(f"KVM requested but unusable ({problem})", **_origin(vm, "Accel"))
+    logger.warning("KVM is unusable (%s); falling back to TCG, which is much slower", problem)
+    return "tcg"
+
+
+def _origin(vm: settings.VMConfig, key: str) -> dict[str, Any]:
+    entry = settings.origin(vm, key)
+    if entry is None:
+        return {"path": vm.source_path, "key": key}
+    return {"path": entry.path, "line": entry.line, "key": key}
+
+
+def load_domain_xml(vm: settings.VMConfig, accel: str, nvram_dir: Path) -> str:
+    """The XML `qemu-unit render` prints: from the .vm, or the full XML file."""
+    if vm.domain_xml is not None:
+        try:
+            return vm.domain_xml.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read domain XML: {e}", path=vm.domain_xml) from None
+    return domain.render(vm, accel, nvram_dir=nvram_dir)  # type: ignore[arg-type]
+
+
+def adapt_xml(
+    xml: str,
+    *,
+    name: str,
+    path: str,
+    console: Path | None,
+    agent: Path,
+    kvm: str | None,
+) -> tuple[str, str]:
+    """Make a domain ours: our name, our console socket; refuse KVM when unusable.
+
+    Returns the XML and the domain type. `kvm` is None when KVM is usable, else why not.
+    """
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise ConfigError(f"malformed domain XML: {e}", path=path, line=e.position[0]) from None
+    if root.tag != "domain":
+        raise ConfigError(f"root element is <{root.tag}>, expected <domain>", path=path)
+    virt = root.get("type", "")
+    if virt == "kvm" and kvm is not None:
+        raise ConfigError(f"<domain type='kvm'> but KVM is unusable ({kvm})", path=path)
+    name_el = root.find("name")
+    if name_el is None:
+        name_el = ET.SubElement(root, "name")
+    name_el.text = name
+    devices = root.find("devices")
+    if devices is None:
+        devices = ET.SubElement(root, "devices")
+    for chan in devices.findall("channel"):
+        target = chan.find("target")
+        if target is not None and target.get("name") == "org.qemu.guest_agent.0":
+            chan.set("type", "unix")
+            for old in chan.findall("source"):
+                chan.remove(old)
+            chan.insert(0, ET.Element("source", mode="bind", path=os.fspath(agent)))
+    if console is not None:
+        _take_console(devices, console)
+    return ET.tostring(root, encoding="unicode"), virt
+
+
+def _take_console(devices: ET.Element, path: Path) -> None:
+    """Point serial port 0 at our socket; libvirt mirrors it as the console again."""
+    for cons in devices.findall("console"):
+        target = cons.find("target")
+        if target is None or target.get("type", "serial") == "serial":
+            devices.remove(cons)
+    serial = devices.find("serial")
+    if serial is None:
+        serial = ET.SubElement(devices, "serial")
+        ET.SubElement(serial, "target", port="0")
+    serial.attrib.clear()
+    serial.set("type", "unix")
+    for child in list(serial):
+        if child.tag != "target":
+            serial.remove(child)
+    serial.insert(0, ET.Element("source", mode="connect", path=os.fspath(path)))
+
+
+def load_vm(name: str, search_path: Sequence[Path] | None = None) -> settings.VMConfig:
+    src = source.find_source(check_name(name), search_path)
+    return settings.load_vm(src)
+
+
+def render_name(name: str, search_path: Sequence[Path] | None = None) -> str:
+    vm = load_vm(name, search_path)
+    accel = finalize_accel(vm) if vm.domain_xml is None else "kvm"
+    nvram = Path("/var/lib/qemu-run") / vm.name
+    xml = load_domain_xml(vm, accel, nvram)
+    return xml if xml.endswith("\n") else xml + "\n"
+
+
+def _load_target(target: str, search_path: Sequence[Path] | None) -> settings.VMConfig:
+    path = Path(target)
+    if "/" in target or path.suffix in (".vm", ".xml") and path.exists():
+        if not path.exists():
+            raise ConfigError("no such file", path=path)
+        kind = "xml" if path.suffix == ".xml" else "vm"
+        name = path.name.rsplit(".", 1)[0]
+        dropins = tuple(sorted(Path(f"{path}.d").glob("*.conf"))) if kind == "vm" else ()
+        return settings.load_vm(source.Source(name=name, kind=kind, path=path, dropins=dropins))
+    return load_vm(target, search_path)
+
+
+def validate(targets: Sequence[str], search_path: Sequence[Path] | None = None) -> list[str]:
+    """Check each target; one message per invalid one. No target: everything visible."""
+    problems: list[str] = []
+    vms: list[Any] = []
+    if not targets:
+        errors: list[ConfigError] = []
+        vms = list(source.list_sources(search_path, errors=errors))
+        problems += [str(e) for e in errors]
+    for target in (*targets, *vms):
+        try:
+            if isinstance(target, source.Source):
+                vm = settings.load_vm(target)
+            else:
+                vm = _load_target(target, search_path)
+            settings.check_files(vm)
+            if vm.domain_xml is not None:
+                adapt_xml(
+                    load_domain_xml(vm, "tcg", Path("/nonexistent")),
+                    name=vm.name,
+                    path=os.fspath(vm.domain_xml),
+                    console=None,
+                    agent=Path("/nonexistent"),
+                    kvm=None,
+                )
+        except QemuUnitError as e:
+            problems.append(str(e))
+    return problems

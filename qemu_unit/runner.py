@@ -1,0 +1,498 @@
+"""`qemu-unit run NAME`: one VM in the foreground, through libvirt's embedded driver.
+
+Checks everything that can fail before acquiring anything, then holds the VM in
+`running_domain()`, whose exit path is always: graceful shutdown, bounded wait,
+destroy. Signals, libvirt lifecycle events and console matches all arrive on one
+queue, so the main loop is the only place that decides anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import queue
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from qemu_unit import log, render, settings, source
+from qemu_unit.console import Console
+from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.names import check_name
+from qemu_unit.notify import Notifier
+
+logger = log.log
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 4)
+# systemd's sun_path limit; the deepest socket libvirt makes is the monitor's.
+SUN_PATH_MAX = 107
+MONITOR_SUFFIX = len("/lib/qemu/domain-999-") + 20 + len("/monitor.sock")
+QEMU_CONF = """\
+# Written by qemu-unit at every start; edits are lost.
+stdio_handler = "file"
+"""
+
+
+@dataclass(frozen=True)
+class Dirs:
+    state: Path  # persistent: NVRAM, libvirt's lib/
+    root: Path  # the embed root; volatile
+    cache: Path  # shared by every VM of the host: QEMU capabilities
+
+
+def _first(env: str) -> Path | None:
+    value = os.environ.get(env)
+    return Path(value.split(":")[0]) if value else None
+
+
+def finalize_dirs(name: str) -> Dirs:
+    """The unit's StateDirectory=/RuntimeDirectory=/CacheDirectory=, or per-user defaults."""
+    home = Path(os.environ.get("HOME") or "/")
+    if os.geteuid() == 0:
+        state, root, cache = Path("/var/lib/qemu-run"), Path("/run/qemu-run"), Path(
+            "/var/cache/qemu-run"
+        )
+    else:
+        state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local/state") / "qemu-run"
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        root = Path(runtime) / "qemu-run" if runtime else Path(f"/tmp/qemu-run-{os.getuid()}")
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "qemu-run"
+    return Dirs(
+        state=_first("STATE_DIRECTORY") or state / name,
+        root=_first("RUNTIME_DIRECTORY") or root / name,
+        cache=_first("CACHE_DIRECTORY") or cache,
+    )
+
+
+# -- libvirt --------------------------------------------------------------------------------
+
+_loop_started = False
+
+
+def start_event_loop() -> None:
+    """The embed driver needs an event loop registered before the connection opens."""
+    global _loop_started
+    if _loop_started:
+        return
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    libvirt.virEventRegisterDefaultImpl()
+
+    def run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+    _loop_started = True
+
+
+@contextlib.contextmanager
+def locked_root(root: Path) -> Iterator[None]:
+    """One runner per embed root; say so clearly instead of libvirt's pid-file error."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(root / "qemu-unit.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise ConfigError(
+                f"embed root is in use by another runner (pid {holder or '?'})", path=root
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def prepare_root(dirs: Dirs) -> None:
+    for d in (dirs.state, dirs.cache):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (dirs.root / "etc").mkdir(exist_ok=True, mode=0o700)
+    (dirs.root / "etc" / "qemu.conf").write_text(QEMU_CONF)
+    (dirs.state / "lib").mkdir(exist_ok=True, mode=0o700)
+    for link, target in (("cache", dirs.cache), ("lib", dirs.state / "lib")):
+        path = dirs.root / link
+        if path.is_symlink() and path.readlink() == target:
+            continue
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            raise QemuUnitError(f"{path} is a directory; expected a link to {target}")
+        path.symlink_to(target)
+    # Unprivileged libvirt writes below $HOME and XDG dirs; keep all of it in our dirs.
+    os.environ["HOME"] = os.fspath(dirs.state)
+    os.environ["XDG_CACHE_HOME"] = os.fspath(dirs.root / "xdg-cache")
+    os.environ["XDG_CONFIG_HOME"] = os.fspath(dirs.root / "xdg-config")
+    os.environ["XDG_RUNTIME_DIR"] = os.fspath(dirs.root)
+
+
+@contextlib.contextmanager
+def probe_lock(cache: Path) -> Iterator[None]:
+    """Serialize the first start on a cold capability cache, so the probe runs once per host."""
+    caps = cache / "qemu" / "capabilities"
+    if caps.is_dir() and any(caps.glob("*.xml")):
+        yield
+        return
+    fd = os.open(cache / "probe.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _libvirt_message(e: libvirt.libvirtError) -> str:
+    return str(e.get_error_message() or e)
+
+
+def _is_config_error(e: libvirt.libvirtError) -> bool:
+    return e.get_error_code() in (
+        libvirt.VIR_ERR_XML_ERROR,
+        libvirt.VIR_ERR_XML_DETAIL,
+        libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+        libvirt.VIR_ERR_NO_DOMAIN,
+        libvirt.VIR_ERR_INVALID_ARG,
+    )
+
+
+# -- the runner ------------------------------------------------------------------------------
+
+_STOPPED_REASONS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "the guest powered off",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "the domain was destroyed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "the guest crashed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "QEMU exited unexpectedly",
+}
+
+
+class Runner:
+    def __init__(
+        self,
+        name: str,
+        *,
+        shutdown_timeout: float | None = None,
+        search_path: list[Path] | None = None,
+    ) -> None:
+        self.name = check_name(name)
+        self.search_path = search_path
+        self.shutdown_timeout_override = shutdown_timeout
+        self.notify = Notifier()
+        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.dom: libvirt.virDomain | None = None
+        self.stop_requested = False
+        self.destroy_started = False
+
+    # Everything that can fail on bad input, before anything is acquired.
+    def check(self) -> tuple[settings.VMConfig, Dirs, str, str]:
+        src = source.find_source(self.name, self.search_path)
+        vm = settings.load_vm(src)
+        settings.check_files(vm)
+        dirs = finalize_dirs(self.name)
+        if len(os.fspath(dirs.root)) + MONITOR_SUFFIX > SUN_PATH_MAX:
+            raise ConfigError(
+                f"embed root {dirs.root} is too long for QEMU's monitor socket path "
+                f"({SUN_PATH_MAX} bytes max): use a shorter VM name"
+            )
+        if vm.domain_xml is None:
+            accel = render.finalize_accel(vm)
+            kvm = None
+        else:
+            kvm = render.kvm_problem()
+            accel = "kvm" if kvm is None else "tcg"
+        xml = render.load_domain_xml(vm, accel, dirs.state)
+        console = dirs.root / "console.sock" if vm.console.value == "journal" else None
+        xml, virt = render.adapt_xml(
+            xml,
+            name=self.name,
+            path=os.fspath(vm.domain_xml or vm.source_path),
+            console=console,
+            agent=dirs.root / "agent.sock",
+            kvm=kvm,
+        )
+        return vm, dirs, xml, ("kvm" if virt == "kvm" else "tcg")
+
+    def run(self) -> int:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.notify.status("Checking configuration")
+        vm, dirs, xml, accel = self.check()
+        self.vm = vm
+        self.shutdown_timeout = (
+            self.shutdown_timeout_override
+            if self.shutdown_timeout_override is not None
+            else vm.shutdown_timeout
+        )
+        log.set_vm_fields(self.name, str(vm.uuid) if vm.uuid else None)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(locked_root(dirs.root))
+            prepare_root(dirs)
+            self.notify.status("Starting")
+            start_event_loop()
+            conn = self._open(dirs)
+            stack.callback(self._close, conn)
+            console = None
+            if vm.console.value == "journal":
+                console = Console(dirs.root / "console.sock", log.console_sink(self.name))
+                if vm.ready:
+                    pattern = re.compile(vm.ready)
+                    console.watchers.append(
+                        lambda line: self.events.put(("ready",)) if pattern.search(line) else None
+                    )
+                console.listen()
+                stack.callback(console.close)
+            with self.running_domain(conn, xml, dirs):
+                assert self.dom is not None
+                uuid = self.dom.UUIDString()
+                log.set_vm_fields(self.name, uuid)
+                logger.info("Started VM %s (%s, uuid %s)", self.name, accel.upper(), uuid)
+                if not vm.ready:
+                    self.notify.ready(f"Running ({accel.upper()})")
+                else:
+                    self.notify.status(f"Waiting for the guest's console to match {vm.ready!r}")
+                return self.loop(dirs)
+        return 1  # pragma: no cover - loop() returns
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # SimpleQueue.put is reentrant: safe from a signal handler.
+        self.events.put(("signal", signum))
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        if dom.name() == self.name:
+            self.events.put(("lifecycle", event, detail))
+
+    def _on_reboot(self, _conn: Any, dom: Any, _opaque: Any) -> None:
+        if dom.name() == self.name:
+            self.events.put(("reboot",))
+
+    def _open(self, dirs: Dirs) -> libvirt.virConnect:
+        uri = f"qemu:///embed?root={dirs.root}"
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            msg = _libvirt_message(e)
+            if "pid" in msg.lower() and "lock" in msg.lower() or "acquire" in msg.lower():
+                raise ConfigError(f"embed root is locked: {msg}", path=dirs.root) from None
+            raise QemuUnitError(f"cannot open {uri}: {msg}") from None
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+        )
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None)
+        return conn
+
+    def _close(self, conn: libvirt.virConnect) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    @contextlib.contextmanager
+    def running_domain(
+        self, conn: libvirt.virConnect, xml: str, dirs: Dirs
+    ) -> Iterator[libvirt.virDomain]:
+        # A runner killed with SIGKILL outside systemd leaves its QEMU running; libvirt
+        # reconnects to it when the root is opened again. It is stale: remove it.
+        with contextlib.suppress(libvirt.libvirtError):
+            stale = conn.lookupByName(self.name)
+            if stale.isActive():
+                logger.warning("Destroying a stale instance of %s left by an earlier runner",
+                               self.name)
+                stale.destroy()
+        try:
+            with probe_lock(dirs.cache):
+                self.dom = conn.createXML(xml, 0)
+        except libvirt.libvirtError as e:
+            msg = _libvirt_message(e)
+            log_tail = _qemu_log_tail(dirs, self.name)
+            if log_tail:
+                logger.error("QEMU log:\n%s", log_tail)
+            if _is_config_error(e):
+                raise ConfigError(f"libvirt refused the domain: {msg}") from None
+            raise QemuUnitError(f"starting the domain failed: {msg}") from None
+        try:
+            yield self.dom
+        finally:
+            self._ensure_gone()
+
+    def _ensure_gone(self) -> None:
+        assert self.dom is not None
+        try:
+            if self.dom.isActive():
+                logger.warning("Destroying %s on the way out", self.name)
+                self.dom.destroy()
+        except libvirt.libvirtError:
+            pass
+
+    def loop(self, dirs: Dirs) -> int:
+        assert self.dom is not None
+        wd = self.notify.watchdog_usec
+        wd_interval = wd / 2e6 if wd else None
+        next_wd = time.monotonic()
+        deadline: float | None = None
+        next_extend = 0.0
+        ready = not self.vm.ready
+        while True:
+            now = time.monotonic()
+            wakeups = [t for t in (deadline, next_extend if deadline else None) if t]
+            if wd_interval:
+                wakeups.append(next_wd)
+            timeout = max(0.0, min(wakeups) - now) if wakeups else None
+            try:
+                item = self.events.get(timeout=timeout)
+            except queue.Empty:
+                item = ("tick",)
+            kind = item[0]
+            if kind == "lifecycle":
+                event, detail = item[1], item[2]
+                if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+                    return self._stopped(detail, dirs)
+                if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN:
+                    logger.info("Guest shut down")
+            elif kind == "reboot":
+                logger.info("Guest rebooted")
+            elif kind == "ready" and not ready:
+                ready = True
+                logger.info("Guest console matched %r: ready", self.vm.ready)
+                self.notify.ready("Running")
+            elif kind == "signal":
+                signame = signal.Signals(item[1]).name
+                if not self.stop_requested:
+                    self.stop_requested = True
+                    deadline = time.monotonic() + self.shutdown_timeout
+                    logger.info(
+                        "Received %s: shutting the guest down (timeout %gs)",
+                        signame,
+                        self.shutdown_timeout,
+                    )
+                    self.notify.stopping(f"Shutting down (received {signame})")
+                    next_extend = 0.0
+                    self._request_shutdown()
+                elif not self.destroy_started:
+                    logger.warning("Received %s again: destroying the VM now", signame)
+                    self._destroy()
+            now = time.monotonic()
+            if deadline is not None and not self.destroy_started:
+                if now >= deadline:
+                    logger.warning(
+                        "Guest did not shut down within %gs: destroying it", self.shutdown_timeout
+                    )
+                    self._destroy()
+                elif now >= next_extend:
+                    # Keep systemd's stop timeout ahead of ours, however they are configured.
+                    self.notify.extend_timeout(deadline - now + 15)
+                    next_extend = now + 5
+            if wd_interval and now >= next_wd:
+                next_wd = now + wd_interval
+                try:
+                    self.dom.info()
+                except libvirt.libvirtError as e:
+                    logger.error("libvirt does not answer for the domain: %s", e)
+                else:
+                    self.notify.watchdog()
+
+    def _request_shutdown(self) -> None:
+        assert self.dom is not None
+        for mode in self.vm.shutdown_mode:
+            flag = (
+                libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
+                if mode.value == "agent"
+                else libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+            )
+            try:
+                self.dom.shutdownFlags(flag)
+            except libvirt.libvirtError as e:
+                logger.warning("Shutdown via %s failed: %s", mode.value, _libvirt_message(e))
+                continue
+            logger.info("Asked the guest to shut down (%s)", mode.value)
+            return
+        logger.warning("No shutdown method worked; waiting for the timeout")
+
+    def _destroy(self) -> None:
+        assert self.dom is not None
+        self.destroy_started = True
+        self.notify.status("Destroying")
+        try:
+            self.dom.destroy()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                logger.error("Destroying the domain failed: %s", _libvirt_message(e))
+
+    def _stopped(self, detail: int, dirs: Dirs) -> int:
+        reason = _STOPPED_REASONS.get(detail, f"stopped (reason {detail})")
+        if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN or (
+            detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED and self.destroy_started
+        ):
+            logger.info("VM %s stopped: %s", self.name, reason)
+            self.notify.status(f"Stopped: {reason}")
+            return 0
+        tail = _qemu_log_tail(dirs, self.name)
+        logger.error(
+            "VM %s stopped: %s%s", self.name, reason, f"\nQEMU log:\n{tail}" if tail else ""
+        )
+        self.notify.status(f"Failed: {reason}")
+        return 1
+
+
+def _qemu_log_tail(dirs: Dirs, name: str, lines: int = 15) -> str:
+    path = dirs.root / "log" / "qemu" / f"{name}.log"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def drop_privileges(user: str = "qemu-run") -> None:
+    """Run as the VM user when started as root by hand (the unit sets User= itself)."""
+    import grp
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise QemuUnitError(
+            f"running as root needs the user {user!r} (run 'qemu-unit install' first)"
+        ) from None
+    groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+    os.setgroups(groups)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    os.environ["HOME"] = pw.pw_dir
+    os.environ["USER"] = os.environ["LOGNAME"] = user
+
+
+def prepare_root_dirs_as_root(name: str, user: str = "qemu-run") -> None:
+    """Create and hand over the system directories before privileges are dropped."""
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    dirs = finalize_dirs(name)
+    for d in (dirs.state, dirs.root, dirs.cache):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        with contextlib.suppress(OSError):
+            if d.parent.stat().st_uid == 0:
+                os.chmod(d.parent, 0o755)
+    for var, d in (
+        ("STATE_DIRECTORY", dirs.state),
+        ("RUNTIME_DIRECTORY", dirs.root),
+        ("CACHE_DIRECTORY", dirs.cache),
+    ):
+        os.environ.setdefault(var, os.fspath(d))
+
+
+def run(name: str, **kwargs: Any) -> int:
+    try:
+        return Runner(name, **kwargs).run()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise QemuUnitError(f"no space left: {e}") from None
+        raise
