@@ -41,10 +41,17 @@ def finalize_accel(vm: settings.VMConfig) -> str:
 
 
 def _origin(vm: settings.VMConfig, key: str) -> dict[str, Any]:
-    entry = settings.origin(vm, key)
-    if entry is None:
+    """Where KEY was set: the last assignment in the file or its drop-ins."""
+    from qemu_unit import unitfile
+
+    try:
+        unit = unitfile.read(vm.source_path, vm.dropins)
+    except QemuUnitError:
         return {"path": vm.source_path, "key": key}
-    return {"path": entry.path, "line": entry.line, "key": key}
+    entries = unit.lookup("VM", key)
+    if not entries:
+        return {"path": vm.source_path, "key": key}
+    return {"path": entries[-1].path, "line": entries[-1].line, "key": key}
 
 
 def load_domain_xml(vm: settings.VMConfig, accel: str, nvram_dir: Path) -> str:
