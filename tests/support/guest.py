@@ -55,7 +55,8 @@ net() {
     # slirp forwards 10.0.2.2 to the host's loopback: a test serves something there
     url=$(cmdline_arg qemu_unit.url)
     if [ -n "$url" ]; then
-        if body=$(wget -q -T 10 -O - "$url"); then
+        # not `wget -T`: it segfaults in Debian 12's busybox-static (1.35)
+        if body=$(timeout 15 wget -q -O - "$url"); then
             say "fetched $body"
         else
             say "fetch failed $url"
@@ -84,6 +85,7 @@ efivar() {
 }
 
 mode=$(cmdline_arg qemu_unit.mode)
+echo  # firmware may leave escape codes on the current console line
 say "booted"
 say "mode=${mode:-none}"
 case "$mode" in
