@@ -185,6 +185,11 @@ def parse_cpus(value: str, entry: Entry) -> int:
 _MACHINE = re.compile(r"[a-z][a-z0-9._-]*")
 
 
+def is_q35(machine: str) -> bool:
+    """Whether MACHINE is a Q35 type (no IDE; CD-ROMs go on SATA)."""
+    return machine == "q35" or machine.startswith("pc-q35")
+
+
 def parse_machine(value: str, entry: Entry) -> str:
     if not _MACHINE.fullmatch(value):
         raise _fail(entry, f"invalid machine type {value!r}: expected e.g. q35 or pc")
@@ -646,7 +651,7 @@ def parse_vm(
         raise _fail(single["Ready"][1], "console:REGEX needs Console=journal")
 
     machine: str = get("Machine")
-    if machine == "q35" or machine.startswith("pc-q35"):
+    if is_q35(machine):
         for disk, entry in lists.get("Disk", []):
             if disk.bus == "ide":
                 raise _fail(entry, f"bus=ide is not available on Machine={machine}")
