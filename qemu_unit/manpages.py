@@ -21,9 +21,6 @@ from typing import Any
 
 PAGES = ("qemu-unit.1", "qemu-run@.service.8", "qemu-run.vm.5")
 
-# Where administrators put NAME.vm files, in search order (source.py owns the real list).
-_SEARCH_PATH = ("/etc/qemu-run", "/run/qemu-run", "/usr/local/lib/qemu-run", "/usr/lib/qemu-run")
-
 
 def _escape(text: str) -> str:
     """Plain text -> roff text: backslashes, option dashes, control characters at line start."""
@@ -115,75 +112,129 @@ def _show(value: Any) -> str:
 
 # qemu-run.vm(5)
 
+_VM_DESCRIPTION = r"""
+.SH DESCRIPTION
+A
+.I NAME.vm
+file describes one virtual machine in systemd unit-file syntax: sections in
+brackets, one
+.IB KEY = VALUE
+assignment per line, lines starting with
+.B #
+or
+.B ;
+are comments, a trailing backslash continues a line.
+Files ending in
+.I .conf
+in a directory
+.I NAME.vm.d/
+(in any directory of the search path) are drop-ins, read after the main file in
+lexical order of their names; a drop-in of the same name in an earlier directory
+replaces a later one.
+.PP
+The first directory of the search path that holds
+.I NAME.vm
+or
+.I NAME.xml
+(a complete libvirt domain, the same as a
+.I NAME.vm
+with only
+.BR DomainXML= )
+defines the machine; a symbolic link to
+.I /dev/null
+masks it.
+.B $QEMU_RUN_PATH
+(colon-separated) replaces the search path.
+.PP
+The systemd generator reads these files at boot and on
+.BR "systemctl daemon\-reload" ;
+the machine then runs as
+.BR qemu\-run@ \fINAME\fB.service ,
+see
+.BR qemu\-run@.service (8).
+.B qemu\-unit validate
+checks files without starting anything.
+.PP
+Keys that take one value may be repeated: the last assignment wins, and an empty
+assignment restores the default.
+Keys described as repeatable add one value per assignment, and an empty assignment
+resets the list, so a drop-in can replace what the main file set.
+An unknown section, an unknown key or an invalid value is an error naming the
+file, the line and the key: the machine does not start with a default in its place.
+.SH NAMES
+A VM name is at most 40 characters of letters, digits and
+.BR _.@:\- ,
+and does not start with
+.BR . ,
+.B \-
+or
+.BR @ .
+A file
+.I BASE@.vm
+is a template: the instance
+.BI qemu\-run@ BASE@INSTANCE .service
+reads it, and
+.B %i
+in it expands to
+.IR INSTANCE .
+.SH "[Unit], [Service] AND [Install] SECTIONS"
+The
+.B [Unit]
+and
+.B [Service]
+sections are copied into the generated drop-in of
+.BI qemu\-run@ NAME .service
+as they are, after what the VM's configuration implies, so they win: for example
+.BR Description= ,
+.BR After= ,
+.B ReadWritePaths=
+for disk images outside the VM's state directory, or
+.BR CPUQuota= .
+In
+.BR [Install] ,
+.B WantedBy=
+and
+.B RequiredBy=
+make the generator create the
+.I .wants/
+and
+.I .requires/
+links itself: no
+.B systemctl enable
+is needed.
+"""
+
 
 def render_vm_page(settings: Sequence[Any] | None = None) -> str:
     """qemu-run.vm(5): the .vm file format, one entry per row of the key table."""
-    if settings is None:
-        from qemu_unit.settings import SETTINGS
+    from qemu_unit.source import DEFAULT_PATH
 
-        settings = SETTINGS
+    specifiers: dict[str, str] = {}
+    if settings is None:
+        from qemu_unit.settings import SETTINGS, SPECIFIERS
+
+        settings, specifiers = SETTINGS, SPECIFIERS
     out = _header("qemu-run.vm", 5, "virtual machine configuration for qemu-run@.service")
-    out += [
-        ".SH SYNOPSIS",
-        *[line for d in _SEARCH_PATH for line in (f".IR {_quote(d + '/')} NAME .vm", ".br")],
-        ".IR NAME .vm.d/*.conf",
-        ".SH DESCRIPTION",
-        "A",
-        ".I NAME.vm",
-        "file describes one virtual machine in systemd unit-file syntax: sections in",
-        "brackets, one",
-        ".IB KEY = VALUE",
-        "assignment per line,",
-        ".B #",
-        "and",
-        ".B ;",
-        "start comments, a trailing backslash continues a line.",
-        "Files in a",
-        ".I NAME.vm.d/",
-        "directory ending in",
-        ".I .conf",
-        "are drop-ins, read in lexical order after the main file.",
-        ".PP",
-        "The systemd generator",
-        ".B qemu-unit-generator",
-        "reads these files at boot and on",
-        ".BR \"systemctl daemon-reload\" ;",
-        "the machine then runs as",
-        ".BR qemu-run@ NAME .service ,",
-        "see",
-        ".BR qemu-run@.service (8).",
-        "The first directory of the search path above that holds",
-        ".I NAME.vm",
-        "(or a libvirt domain",
-        ".IR NAME .xml)",
-        "wins;",
-        ".B QEMU_RUN_PATH",
-        "replaces the search path for",
-        ".BR qemu-unit (1).",
-        ".PP",
-        "Keys that may be repeated add one value per assignment; an empty assignment",
-        "resets the list built so far, as in systemd units.",
-        "An unknown key or an invalid value is an error that names the file, the line",
-        "and the key: the machine is not started with defaults in its place.",
-        ".PP",
-        "The",
-        ".B [Unit]",
-        "and",
-        ".B [Install]",
-        "sections are passed to the generated unit as they are, so",
-        ".BR Description= ,",
-        ".B After=",
-        "and",
-        ".B WantedBy=multi-user.target",
-        "work as in any unit file.",
-    ]
+    out += [".SH SYNOPSIS"]
+    for directory in DEFAULT_PATH:
+        out += [f".IR {_quote(str(directory) + '/')} NAME .vm", ".br"]
+    out += [".IR NAME .vm.d/*.conf"]
+    out += _VM_DESCRIPTION.strip("\n").split("\n")
     sections: dict[str, list[Any]] = {}
     for row in settings:
         sections.setdefault(row.section, []).append(row)
     for section, rows in sections.items():
-        out += [f".SH {_quote('[' + section + '] SECTION OPTIONS')}"]
+        out += [f".SH {_quote('[' + section + '] SECTION')}"]
         for row in rows:
             out += _vm_key(row)
+    if specifiers:
+        out += [
+            ".SH SPECIFIERS",
+            "Keys whose description says so expand these specifiers, as systemd does in",
+            "unit files:",
+        ]
+        for letter, meaning in specifiers.items():
+            out += [".TP", f".B %{_escape(letter)}", _para(meaning)]
     out += [
         ".SH EXAMPLES",
         "Example files are installed in",
@@ -191,29 +242,36 @@ def render_vm_page(settings: Sequence[Any] | None = None) -> str:
         "To boot one at every start-up:",
         ".PP",
         ".EX",
-        "cp /usr/share/doc/qemu-unit/examples/web.vm /etc/qemu-run/web.vm",
+        "cp /usr/share/doc/qemu\\-unit/examples/web.vm /etc/qemu\\-run/",
         "systemctl daemon\\-reload",
         "systemctl start qemu\\-run@web",
         ".EE",
-        *_see_also([("qemu-unit", 1), ("qemu-run@.service", 8), ("systemd.unit", 5)]),
+        *_see_also([("qemu-unit", 1), ("qemu-run@.service", 8), ("systemd.unit", 5),
+                    ("systemd.exec", 5)]),
     ]
     return _page(out)
 
 
 def _vm_key(row: Any) -> list[str]:
-    choices = getattr(row, "choices", None)
+    """One key: NAME=METAVAR, its help, then what the table says and the help may not."""
+    choices = tuple(getattr(row, "choices", ()) or ())
     metavar = getattr(row, "metavar", None) or (
         "|".join(_show(c) for c in choices) if choices else "VALUE"
     )
-    lines = [".TP", f".BI {_quote(row.name + '=')} {_quote(metavar)}", _para(row.help or "")]
-    if choices:
-        shown = ", ".join(f"\\fB{_escape(_show(c))}\\fR" for c in choices)
-        lines += [".br", f"One of: {shown}."]
-    if getattr(row, "repeatable", False):
-        lines += [".br", "May be repeated; an empty assignment resets the list."]
+    help_text = " ".join((row.help or "").split())
+    lines = [".TP", f".BI {_quote(row.name + '=')} {_quote(metavar)}", _escape(help_text)]
+    notes = []
+    if choices and not all(_show(c) in metavar.split("|") for c in choices):
+        notes.append("One of: " + ", ".join(_show(c) for c in choices) + ".")
+    if getattr(row, "repeatable", False) and "repeated" not in help_text:
+        notes.append("May be repeated; an empty assignment resets the list.")
     default = getattr(row, "default", None)
-    if default is not None and default != "" and default != () and default != []:
-        lines += [".br", f"Default: \\fB{_escape(_show(default))}\\fR."]
+    if default not in (None, "", (), []) and "default" not in help_text.lower():
+        notes.append(f"Defaults to {_show(default)}.")
+    if getattr(row, "specifiers", False) and "pecifiers" not in help_text:
+        notes.append("Specifiers are expanded.")
+    for note in notes:
+        lines += [".br", _escape(note)]
     return lines
 
 
@@ -275,6 +333,8 @@ def _options(actions: Iterable[argparse.Action], prog: str) -> list[str]:
     for action in actions:
         if action.help is argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
             continue
+        if not action.option_strings and not action.help:
+            continue  # a bare positional says all it has to say in the synopsis
         if action.option_strings:
             value = f" \\fI{_escape(_metavar(action))}\\fR" if _takes_value(action) else ""
             head = ", ".join(f"\\fB{_escape(o)}\\fR{value}" for o in action.option_strings)
@@ -286,14 +346,17 @@ def _options(actions: Iterable[argparse.Action], prog: str) -> list[str]:
 
 def render_cli_page(parser: argparse.ArgumentParser | None = None) -> str:
     """qemu-unit(1), from the argparse parser the command itself uses."""
+    from qemu_unit.source import DEFAULT_PATH, PATH_ENV
+
     if parser is None:
         from qemu_unit.cli import build_parser
 
         parser = build_parser()
     prog = parser.prog
     sub = _subparsers(parser)
-    summary = (parser.description or "run QEMU virtual machines as systemd units").split("\n")[0]
-    out = _header(prog, 1, summary.rstrip("."))
+    # The NAME line is the description's first clause, with a lower-case start.
+    summary = re.split(r"[(:.;]", parser.description or prog)[0].strip()
+    out = _header(prog, 1, summary[:1].lower() + summary[1:])
     out += [".SH SYNOPSIS", f".B {_quote(prog)}"]
     top = [a for a in parser._actions if a.option_strings and a.help is not argparse.SUPPRESS]
     out += [" ".join(_synopsis_arg(a) for a in top) + (" \\fICOMMAND\\fR ..." if sub else "")]
@@ -341,12 +404,12 @@ def render_cli_page(parser: argparse.ArgumentParser | None = None) -> str:
         "file or argument. Retrying cannot help.",
         ".SH ENVIRONMENT",
         ".TP",
-        ".B QEMU_RUN_PATH",
+        f".B {PATH_ENV}",
         "Colon-separated directories searched for",
         ".I NAME.vm",
         "and",
         ".I NAME.xml",
-        "instead of " + _escape(":".join(_SEARCH_PATH)) + ".",
+        "instead of " + _escape(":".join(str(d) for d in DEFAULT_PATH)) + ".",
         *_see_also([("qemu-run@.service", 8), ("qemu-run.vm", 5), ("systemctl", 1),
                     ("journalctl", 1)]),
     ]
@@ -357,7 +420,7 @@ def render_cli_page(parser: argparse.ArgumentParser | None = None) -> str:
 
 _SERVICE_PAGE = r"""
 .SH SYNOPSIS
-.BI qemu-run@ NAME .service
+.BI qemu\-run@ NAME .service
 .PP
 /usr/lib/systemd/system/qemu\-run@.service
 .br
@@ -376,7 +439,9 @@ starts QEMU through libvirt's embedded driver
 no libvirtd is involved) and stays in the foreground until the guest is gone.
 The unit is
 .BR Type=notify :
-it becomes active once QEMU runs the guest, and its status line says what the
+it becomes active once the guest runs (or, with
+.BR Ready=console: \fIREGEX\fR,
+once the guest prints a matching line), and its status line says what the
 machine is doing.
 .PP
 The machine runs as the unprivileged system user
@@ -389,24 +454,43 @@ Both are created from
 .IR /usr/lib/sysusers.d/qemu\-unit.conf .
 QEMU stays inside the unit's control group:
 .B systemctl status qemu\-run@web
-shows it, and
+shows it, and with
 .B KillMode=mixed
-guarantees that no QEMU process outlives the unit.
+no QEMU process outlives the unit.
+.PP
+The unit is sandboxed: among others
+.B ProtectSystem=strict
+(the file system is read-only but for the directories under FILES),
+.BR PrivateUsers=yes ,
+no capabilities, and
+.B PrivateNetwork=yes
+for machines without a network.
+Disk images the guest writes belong to the user
+.B qemu\-run
+and live in the state directory, or in directories opened with
+.B ReadWritePaths=
+in the
+.B [Service]
+section of the
+.I .vm
+file.
 .SH STOPPING
 .BR SIGTERM " (sent by " "systemctl stop" "), " SIGINT " and " SIGRTMIN+4
-ask the guest to shut down: the runner presses the virtual ACPI power button and
-waits up to
+ask the guest to shut down: the runner presses the virtual ACPI power button (or
+asks the guest agent, see
+.BR ShutdownMode= )
+and waits up to
 .B ShutdownTimeout=
 (from the
 .I .vm
-file) for the guest to power off, then destroys it.
+file, 60 seconds by default) for the guest to power off, then destroys it.
 A second signal while waiting destroys the guest at once.
 A guest that powers itself off ends the unit with status 0.
-Keep
+The generator sets the unit's
 .B TimeoutStopSec=
-of the unit longer than
+a little longer than
 .BR ShutdownTimeout= ,
-or systemd kills the unit first.
+so systemd does not kill the runner while it waits.
 .SH EXIT STATUS
 .TP
 .B 0
@@ -414,16 +498,16 @@ The guest powered off, or was shut down on request.
 .TP
 .B 1
 Failure (QEMU or libvirt failed, the guest crashed).
+.B Restart=on\-failure
+starts the machine again.
 .TP
 .B 78
-Configuration error: the
+Configuration error (EX_CONFIG): the
 .I .vm
 file is missing or wrong.
 The unit lists 78 in
 .BR RestartPreventExitStatus= ,
-so
-.B Restart=
-never loops on a configuration that cannot work.
+so a configuration that cannot work is not restarted in a loop.
 .SH LOGGING
 The runner logs to the journal with
 .BR SYSLOG_IDENTIFIER=qemu\-unit .
@@ -433,7 +517,7 @@ Both carry the fields
 .BI QEMU_UNIT_VM= NAME
 and
 .BI QEMU_UNIT_UUID= UUID
-(the libvirt domain UUID), for example:
+(the domain's UUID), for example:
 .PP
 .EX
 journalctl \-u qemu\-run@web \-t qemu\-unit\-console
@@ -444,7 +528,7 @@ journalctl QEMU_UNIT_VM=web
 .IR /etc/qemu\-run/ NAME .vm ", " /etc/qemu\-run/ NAME .vm.d/*.conf
 The machine's configuration; see
 .BR qemu\-run.vm (5)
-for the full search path.
+for the whole search path.
 .TP
 .IR /var/lib/qemu\-run/ NAME
 Persistent state
@@ -459,7 +543,7 @@ with the console socket; removed when the unit stops, so stale state never
 survives a restart.
 .TP
 .I /var/cache/qemu\-run
-QEMU capability cache shared by all machines
+QEMU's capability cache, shared by all machines
 .RB ( CacheDirectory= ),
 filled on first use under a lock.
 .SH GENERATOR
@@ -468,24 +552,32 @@ runs at boot and on
 .BR "systemctl daemon\-reload" .
 For each
 .I NAME.vm
-it writes a drop-in for
-.BI qemu\-run@ NAME .service
-with the file's
-.B [Unit]
-section and
+(and
+.IR NAME .xml)
+it writes the drop-in
+.IR /run/systemd/generator/qemu\-run@ NAME .service.d/50\-qemu\-unit.conf
+with
 .B SourcePath=
-pointing at the file, and it creates the symlinks its
+naming the file, the file's
+.B [Unit]
+and
+.B [Service]
+entries, and what the machine's configuration implies: its
+.B TimeoutStopSec=
+and, for machines with a network, the sandbox settings that network needs.
+From the file's
 .B [Install]
-section asks for (for instance in
-.IR multi\-user.target.wants/ ).
-Those symlinks live in the generator's directory under
-.IR /run/systemd/ :
-.B systemctl enable
-is neither needed nor used; to stop a machine from booting, remove its
-.B WantedBy=
-line and reload.
-A file with errors is reported in the journal and skipped; every other file is
-still processed.
+section it creates the
+.I .wants/
+and
+.I .requires/
+links itself, so a machine with
+.B WantedBy=multi\-user.target
+starts at boot without
+.BR "systemctl enable" .
+A file with errors is reported in the journal
+.RB ( "journalctl \-b \-t qemu\-unit\-generator" )
+and skipped; every other file is still processed.
 .PP
 For example, with
 .I /etc/qemu\-run/web.vm
@@ -494,6 +586,10 @@ containing
 .EX
 [Unit]
 Description=Web server VM
+
+[VM]
+Memory=2G
+Disk=/var/lib/qemu\-run/web/disk.qcow2,format=qcow2
 
 [Install]
 WantedBy=multi\-user.target
