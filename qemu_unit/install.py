@@ -132,7 +132,11 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
     shutil.rmtree(lay.mandir / "tmp", ignore_errors=True)
 
     rootarg = [] if root == Path("/") else [f"--root={root}"]
-    _run("systemd-sysusers", *rootarg, os.fspath(lay.sysusers))
+    if root == Path("/") or (root / "etc/passwd").exists():
+        _run("systemd-sysusers", *rootarg, os.fspath(lay.sysusers))
+    else:
+        # An image or an overlay's upper layer: systemd-sysusers creates the user at boot.
+        log.info("no %s/etc/passwd: the user %s is left to systemd-sysusers", root, SERVICE_USER)
     if root == Path("/"):
         _run("systemd-tmpfiles", "--create", os.fspath(lay.tmpfiles))
     else:

@@ -86,6 +86,7 @@ def adapt_xml(
     virt = root.get("type", "")
     if virt == "kvm" and kvm is not None:
         raise ConfigError(f"<domain type='kvm'> but KVM is unusable ({kvm})", path=path)
+    check_xml_files(root, path)
     name_el = root.find("name")
     if name_el is None:
         name_el = ET.SubElement(root, "name")
@@ -103,6 +104,21 @@ def adapt_xml(
     if console is not None:
         _take_console(devices, console)
     return ET.tostring(root, encoding="unicode"), virt
+
+
+def check_xml_files(root: ET.Element, path: str) -> None:
+    """Files the domain names must exist: a clear error here beats QEMU's exit later."""
+    refs = [(el, "text") for el in root.findall("os/*") if el.tag in ("kernel", "initrd", "dtb")]
+    refs += [(el, "file") for el in root.findall("devices/disk/source")]
+    refs += [(el, "text") for el in root.findall("os/loader")]
+    for el, attr in refs:
+        value = (el.text if attr == "text" else el.get(attr)) or ""
+        value = value.strip()
+        if not value:
+            continue
+        if not os.access(value, os.R_OK):
+            what = "missing" if not os.path.exists(value) else "not readable"
+            raise ConfigError(f"<{el.tag}> names {value}, which is {what}", path=path)
 
 
 def _take_console(devices: ET.Element, path: Path) -> None:
