@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_DIR = Path("/var/tmp/qemu-unit-tests/venv")
+VENV_DIR = Path("/var/lib/qemu-unit-tests/venv")  # not /var/tmp: the unit has PrivateTmp=yes
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
