@@ -16,6 +16,10 @@ from qemu_unit.errors import ConfigError
 
 _SECTION = re.compile(r"\[([^\[\]]+)\]")
 _KEY = re.compile(r"[A-Za-z0-9_.-]+")
+# systemd's WHITESPACE and line ends: str.strip() and str.splitlines() would also
+# take form feeds, U+0085, U+2028 and friends, shifting line numbers and values.
+_WHITESPACE = " \t\n\r"
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -52,21 +56,21 @@ def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
     """Join continuation lines; yield (first line number, joined line)."""
     start = 0
     parts: list[str] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    for number, raw in enumerate(_LINE_END.split(text), 1):
+        line = raw.strip(_WHITESPACE)
         if parts and line[:1] in ("#", ";"):
             # systemd ignores comment lines inside a continuation.
             continue
         if not parts:
             start = number
         if line.endswith("\\"):
-            parts.append(line[:-1].rstrip())
+            parts.append(line[:-1].rstrip(_WHITESPACE))
             continue
         parts.append(line)
-        yield start, " ".join(parts).strip()
+        yield start, " ".join(parts).strip(_WHITESPACE)
         parts = []
     if parts:
-        yield start, " ".join(parts).strip()
+        yield start, " ".join(parts).strip(_WHITESPACE)
 
 
 def parse(text: str, path: str | Path) -> list[Entry]:
@@ -86,7 +90,7 @@ def parse(text: str, path: str | Path) -> list[Entry]:
             section = match.group(1)
             continue
         key, sep, value = line.partition("=")
-        key = key.strip()
+        key = key.strip(_WHITESPACE)
         if not sep:
             raise ConfigError(
                 f"expected KEY=VALUE, got {line!r}", path=path, line=number
@@ -97,7 +101,7 @@ def parse(text: str, path: str | Path) -> list[Entry]:
             raise ConfigError(
                 "assignment outside of any section", path=path, line=number, key=key
             )
-        entries.append(Entry(section, key, value.strip(), path, number))
+        entries.append(Entry(section, key, value.strip(_WHITESPACE), path, number))
     return entries
 
 
@@ -106,7 +110,8 @@ def read(path: Path, dropins: Iterable[Path] = ()) -> UnitFile:
     entries: list[Entry] = []
     for p in (path, *dropins):
         try:
-            text = p.read_text(encoding="utf-8")
+            # utf-8-sig: systemd skips a byte order mark at the start of a file.
+            text = p.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
             raise ConfigError(f"not valid UTF-8: {e.reason}", path=p) from None
         except OSError as e:
