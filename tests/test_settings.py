@@ -1,0 +1,269 @@
+"""settings.py: the key table, the value parsers and VMConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qemu_unit import settings
+from qemu_unit.errors import ConfigError
+from qemu_unit.settings import (
+    SETTINGS,
+    Disk,
+    VMConfig,
+    check_files,
+    detect_format,
+    load_vm,
+    parse_size,
+    parse_timespan,
+    parse_vm,
+    stable_mac,
+    stable_uuid,
+)
+from qemu_unit.source import Source
+from qemu_unit.unitfile import Entry, UnitFile, parse
+
+ENTRY = Entry("VM", "Key", "", "/x.vm", 1)
+
+
+def vm_of(text: str, name: str = "web") -> VMConfig:
+    return parse_vm(name, UnitFile("/x.vm", tuple(parse(text, "/x.vm"))))
+
+
+# The table.
+
+
+def test_one_row_per_key_with_everything_the_man_page_needs() -> None:
+    names = [s.name for s in SETTINGS]
+    assert len(names) == len(set(names))
+    fields = {f.name for f in dataclasses.fields(VMConfig)}
+    for s in SETTINGS:
+        assert s.section == "VM"
+        assert s.field in fields, s.name
+        assert s.metavar, s.name
+        assert len(s.help) > 40 and s.help.endswith("."), s.name
+        if s.default is not None:
+            assert s.default in s.help, f"{s.name}: help does not state the default"
+
+
+def test_choices_are_what_the_parser_accepts() -> None:
+    for s in SETTINGS:
+        for choice in s.choices:
+            s.parse(choice, ENTRY)
+        if s.choices:
+            with pytest.raises(ConfigError):
+                s.parse("no-such-choice", ENTRY)
+
+
+def test_dataclass_defaults_are_the_table_defaults() -> None:
+    # Code building a VMConfig by hand must agree with the parser.
+    empty = vm_of("[VM]\n")
+    plain = VMConfig(name="web", source_path=Path("/x.vm"))
+    for s in SETTINGS:
+        if s.default is not None and not s.repeatable:
+            assert getattr(plain, s.field) == getattr(empty, s.field), s.name
+
+
+def test_table_keys_are_the_only_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        vm_of("[VM]\nMemorySize=1G\n")
+    assert (info.value.line, info.value.key) == (2, "MemorySize")
+    assert "did you mean Memory=?" in str(info.value)
+
+
+# Value parsers.
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1048576", 1024**2),
+        ("1M", 1024**2),
+        ("512M", 512 * 1024**2),
+        ("2G", 2 * 1024**3),
+        ("1.5G", 3 * 512 * 1024**2),
+        ("0.5T", 512 * 1024**3),
+        ("1024K", 1024**2),
+        ("1 G", 1024**3),
+        ("1P", 1024**5),
+        ("2097152B", 2 * 1024**2),
+    ],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text, ENTRY) == size
+
+
+@pytest.mark.parametrize(
+    "text", ["", "G", "1g", "1GiB", "1GB", "-1G", "1e9", "lots", "1023K", "2P", "１G", "1,5G"]
+)
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_size(text, ENTRY)
+    assert (info.value.path, info.value.line, info.value.key) == ("/x.vm", 1, "Key")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90.0),
+        ("90s", 90.0),
+        ("2min", 120.0),
+        ("1min 30s", 90.0),
+        ("1min30s", 90.0),
+        ("500ms", 0.5),
+        ("1h 1m 1s", 3661.0),
+        ("2.5", 2.5),
+        ("1 min", 60.0),
+        ("0", 0.0),
+        ("1d", 86400.0),
+        ("250us", 0.00025),
+    ],
+)
+def test_timespans(text: str, seconds: float) -> None:
+    assert parse_timespan(text, ENTRY) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "s", "-1s", "1x", "1e5", "infinity", "1 parsec", "9" * 400])
+def test_bad_timespans(text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid time span"):
+        parse_timespan(text, ENTRY)
+
+
+def test_stable_defaults_depend_on_the_name_only() -> None:
+    assert vm_of("[VM]\n").uuid == vm_of("[VM]\nCPUs=2\n").uuid == stable_uuid("web")
+    assert stable_uuid("web") != stable_uuid("db")
+    macs = {stable_mac("web", i) for i in range(50)} | {stable_mac("db", 0)}
+    assert len(macs) == 51
+    for mac in macs:
+        first = int(mac[:2], 16)
+        assert mac.startswith("52:54:00:") and not first & 1
+
+
+def test_specifiers() -> None:
+    vm = vm_of("[VM]\nKernel=/k/%n/%i/%p/100%%\n", name="tmpl@blue")
+    assert vm.kernel == Path("/k/tmpl@blue/blue/tmpl/100%")
+    assert vm_of("[VM]\nKernel=/k/%i-%p\n").kernel == Path("/k/web-web")
+    for bad in ("%", "%z", "%I"):
+        with pytest.raises(ConfigError, match="unknown specifier"):
+            vm_of(f"[VM]\nKernel=/k/{bad}\n")
+
+
+def test_no_specifiers_where_systemd_would_not() -> None:
+    # A regex may well contain %; passthrough sections are the generator's.
+    vm = vm_of("[VM]\nReady=console:100%i\n[Unit]\nDescription=%i\n")
+    assert vm.ready == "100%i"
+    assert vm.unit[0].value == "%i"
+
+
+def test_passthrough_entries_are_kept_with_their_lines() -> None:
+    vm = vm_of("[Unit]\nAfter=a\n[Service]\nNice=5\n[Install]\nWantedBy=x y\nRequiredBy=z\n")
+    assert [(e.key, e.line) for e in vm.unit] == [("After", 2)]
+    assert [(e.key, e.value) for e in vm.service] == [("Nice", "5")]
+    assert (vm.wanted_by, vm.required_by) == (("x", "y"), ("z",))
+
+
+def test_name_is_checked() -> None:
+    with pytest.raises(ConfigError, match="'/'"):
+        vm_of("[VM]\n", name="a/b")
+
+
+# Disk formats.
+
+
+def test_detect_format(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(b"\0" * 4096)
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "1M"], check=True)
+    assert detect_format(Disk(raw)) == "raw"
+    assert detect_format(Disk(qcow2)) == "qcow2"
+    assert detect_format(Disk(qcow2, format="raw")) == "raw"  # as given, never probed
+    assert detect_format(Disk(tmp_path / "missing")) == "raw"
+    assert detect_format(Disk(Path("/dev/null"))) == "raw"
+
+
+def test_probed_qcow2_with_a_backing_file_is_refused(tmp_path: Path) -> None:
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\0" * 4096)
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay)],
+        check=True,
+    )
+    vm = vm_of(f"[VM]\n\nDisk={overlay}\n")
+    with pytest.raises(ConfigError, match="backing file: write format=qcow2") as info:
+        check_files(vm)
+    assert (info.value.line, info.value.key) == (3, "Disk")
+    explicit = vm_of(f"[VM]\nDisk={overlay},format=qcow2\n")
+    check_files(explicit)
+    assert detect_format(explicit.disks[0]) == "qcow2"
+
+
+# Files.
+
+
+def test_check_files_names_the_assignment(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    vm = vm_of(f"[VM]\nCDROM=/dev/null\nCDROM={tmp_path}/dir\n")
+    with pytest.raises(ConfigError, match="is a directory") as info:
+        check_files(vm)
+    assert (info.value.path, info.value.line, info.value.key) == ("/x.vm", 3, "CDROM")
+
+
+def test_check_files_passes_for_readable_files() -> None:
+    check_files(vm_of("[VM]\nKernel=/dev/null\nInitrd=/dev/null\nDisk=/dev/null\n"))
+
+
+def test_load_vm_reads_the_file_and_its_dropins(tmp_path: Path) -> None:
+    main = tmp_path / "web.vm"
+    main.write_text("[VM]\nMemory=1G\nNetwork=user\n")
+    dropin = tmp_path / "10.conf"
+    dropin.write_text("[VM]\nMemory=2G\nNetwork=\n")
+    vm = load_vm(Source("web", "vm", main, (dropin,)))
+    assert (vm.memory, vm.networks, vm.source_path, vm.dropins) == (
+        2 * 1024**3, (), main, (dropin,)
+    )
+
+
+def test_load_vm_of_an_xml_source(tmp_path: Path) -> None:
+    xml = tmp_path / "web%.xml"
+    xml.write_text("<domain/>")
+    dropin = tmp_path / "10.conf"
+    dropin.write_text("[VM]\nShutdownTimeout=3s\n")
+    vm = load_vm(Source("web", "xml", xml, (dropin,)))
+    assert (vm.domain_xml, vm.shutdown_timeout, vm.source_path) == (xml, 3.0, xml)
+    check_files(vm)
+    xml.unlink()
+    with pytest.raises(ConfigError, match="does not exist") as info:
+        check_files(vm)
+    # The XML file is not an assignment: no line, no key.
+    assert (info.value.path, info.value.line, info.value.key) == (str(xml), None, None)
+
+
+def test_load_vm_of_an_xml_source_refuses_other_keys(tmp_path: Path) -> None:
+    xml = tmp_path / "web.xml"
+    xml.write_text("<domain/>")
+    dropin = tmp_path / "10.conf"
+    dropin.write_text("[VM]\nCPUs=2\n")
+    with pytest.raises(ConfigError, match="not allowed with DomainXML=") as info:
+        load_vm(Source("web", "xml", xml, (dropin,)))
+    assert (info.value.path, info.value.line, info.value.key) == (str(dropin), 2, "CPUs")
+
+
+def test_module_stays_import_light() -> None:
+    # The generator imports settings at every boot: no libvirt, nothing heavy.
+    code = (
+        "import sys, qemu_unit.settings;"
+        "bad = [m for m in ('libvirt', 'systemd', 'xml.etree.ElementTree') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run(["/usr/bin/python3", "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_enums_compare_as_strings() -> None:
+    vm = vm_of("[VM]\nAccel=tcg\nNetwork=tap:t0\n")
+    assert vm.accel == "tcg" and vm.networks[0].kind == "tap"
+    assert settings.Accel.AUTO == "auto"
