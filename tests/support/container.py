@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -71,8 +71,9 @@ class Container:
     """
 
     def __init__(self, name: str, prepare: Callable[[Path], None] | None = None,
-                 boot_timeout: float = 60) -> None:
+                 boot_timeout: float = 60, nspawn_args: Sequence[str] = ()) -> None:
         self.name = name
+        self._nspawn_args = tuple(nspawn_args)  # e.g. "--bind=/dev/kvm": no devices by default
         self._prepare = prepare
         self._boot_timeout = boot_timeout
         self.dir = Path()
@@ -131,7 +132,7 @@ class Container:
         with open(self.log, "wb") as log:
             self._nspawn = subprocess.Popen(
                 ["systemd-nspawn", "-D", str(self.root), "--register=no", "--keep-unit",
-                 "-M", self.name, "--console=pipe", "-b"],
+                 "-M", self.name, "--console=pipe", *self._nspawn_args, "-b"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**INSIDE_ENV, "SYSTEMD_LOG_LEVEL": "info"},
             )
@@ -239,6 +240,19 @@ class Container:
     def journal(self, *args: str) -> str:
         """journalctl inside, e.g. `journal("-u", "qemu-run@web", "-o", "cat")`."""
         return self.run("journalctl", "--no-pager", *args, check=False).stdout
+
+    def wait_journal(self, text: str, *args: str, timeout: float = 30) -> str:
+        """Poll `journalctl ARGS` until its output contains TEXT; return that output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.journal(*args)
+            if text in out:
+                return out
+            if time.monotonic() > deadline:
+                tail = "\n".join(out.splitlines()[-30:])
+                raise ContainerError(f"{text!r} not in `journalctl {' '.join(args)}` after "
+                                     f"{timeout} s; it ends with:\n{tail}")
+            time.sleep(0.2)
 
     def dump_journal(self, lines: int = 300) -> str:
         """The end of the whole boot's journal, for the output of a failed test."""

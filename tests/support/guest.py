@@ -139,14 +139,13 @@ def cmdline(mode: str, *extra: str) -> str:
 
 
 class BareQemu:
-    """The test guest under bare QEMU (TCG), no libvirt: proves the guest itself works.
+    """A guest under bare QEMU (TCG), no libvirt: proves the guest itself works.
 
     The serial console is read line by line; `monitor()` sends HMP commands
     (e.g. `system_powerdown`). Leaving the block kills QEMU if it still runs.
     """
 
-    def __init__(self, mode: str, *extra: str, qemu_args: Sequence[str] = ()) -> None:
-        guest = build_test_guest()
+    def __init__(self, guest: demo.Guest, append: str, qemu_args: Sequence[str] = ()) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="qemu-unit-bare-")
         self._monitor_path = Path(self._tmp.name, "monitor.sock")
         self.lines: list[str] = []
@@ -156,7 +155,7 @@ class BareQemu:
              "-display", "none", "-serial", "stdio",
              "-monitor", f"unix:{self._monitor_path},server=on,wait=off",
              "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
-             "-append", cmdline(mode, *extra), *qemu_args],
+             "-append", append, *qemu_args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -203,3 +202,8 @@ class BareQemu:
         assert self._proc.stdout is not None
         self._proc.stdout.close()
         self._tmp.cleanup()
+
+
+def bare_qemu(mode: str, *extra: str, qemu_args: Sequence[str] = ()) -> BareQemu:
+    """The test guest in MODE under bare QEMU."""
+    return BareQemu(build_test_guest(), cmdline(mode, *extra), qemu_args)

@@ -68,3 +68,6 @@ def test_install() -> Path:
     if not script.is_file():
         raise RuntimeError(f"pip installed no {script}")
     return script
+
+
+test_install.__test__ = False  # type: ignore[attr-defined]  # a helper, not a pytest test
