@@ -1,0 +1,464 @@
+"""The systemd generator: NAME.vm files -> drop-ins and .wants/ links for qemu-run@NAME.service.
+
+Called by systemd at boot and on every daemon-reload as
+`qemu-unit-generator NORMAL_DIR [EARLY_DIR LATE_DIR]` (systemd.generator(7)).
+Only NORMAL_DIR is written: generated configuration loses against /etc but
+wins over the vendor template in /usr.
+
+For each valid VM it writes `qemu-run@NAME.service.d/50-qemu-unit.conf` (the
+file's [Unit] and [Service] entries plus what the VM configuration needs from
+the template's sandbox) and, from [Install], `TARGET.wants/qemu-run@NAME.service`
+and `TARGET.requires/...` symlinks. A bad file is reported with file, line and
+key and skipped; every other file is still generated; the exit status is 1 if
+anything failed (as Quadlet does).
+
+Generators run before /var is mounted and must not talk to other processes:
+this module imports the standard library and the .vm parser only, never
+libvirt, and checks syntax and values only (disks may live on file systems
+that are not mounted yet).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from qemu_unit import settings, source
+from qemu_unit.errors import ConfigError, QemuUnitError
+
+PROGRAM = "qemu-unit-generator"
+TEMPLATE = "qemu-run@.service"
+DROPIN = "50-qemu-unit.conf"
+
+# Seconds systemd waits beyond ShutdownTimeout=: after the guest's own timeout the
+# runner still destroys the domain and tears down the embed root; systemd must
+# not SIGKILL it in the middle of that.
+STOP_MARGIN_SEC = 10
+
+# The system manager's unit search path (systemd 252), without the generator,
+# .control, .attached and transient directories no installer puts a template in.
+UNIT_DIRS = (
+    "/etc/systemd/system",
+    "/run/systemd/system",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+)
+# Where a distribution package puts the template. systemd resolves a .wants/
+# link by its own name (the target only needs a compatible name), so a link
+# here still starts the right unit once the template is installed anywhere.
+FALLBACK_TEMPLATE = f"/usr/lib/systemd/system/{TEMPLATE}"
+
+# systemd's unit-name alphabet (basic/unit-name.c); "@" is allowed in instances.
+_INSTANCE_CHARS = re.compile(r"[A-Za-z0-9:_.\\@-]+")
+_UNIT_NAME = re.compile(
+    r"[A-Za-z0-9:_.\\-]+(?:@(?P<instance>[A-Za-z0-9:_.\\@-]*))?"
+    r"\.(?:service|socket|device|mount|automount|swap|target|path|timer|slice|scope)"
+)
+UNIT_NAME_MAX = 255
+
+# [Install] keys the generator turns into links: key -> directory suffix.
+INSTALL_LINKS = {"WantedBy": "wants", "RequiredBy": "requires"}
+
+# Where ProtectHome=yes hides files, and where PrivateTmp=yes does.
+_HOME_DIRS = ("/home/", "/root/", "/run/user/")
+_TMP_DIRS = ("/tmp/", "/var/tmp/")
+
+# libvirt <interface type=...> -> the .vm network kind with the same needs on
+# the host. Types not listed (network, direct, ...) get the widest: bridge.
+_XML_INTERFACES = {"user": "user", "ethernet": "tap", "bridge": "bridge"}
+
+# A /dev/kmsg record is at most ~1 KiB; a longer write fails with EINVAL.
+_KMSG_MAX = 1000
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What one VM turns into, relative to the output directory. Writes nothing."""
+
+    files: tuple[tuple[str, str], ...] = ()
+    symlinks: tuple[tuple[str, str], ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostNeeds:
+    """What a VM touches on the host, as far as the sandbox is concerned."""
+
+    networks: tuple[str, ...] = ()  # 'user', 'tap', 'bridge'
+    # (path, writable) of every file QEMU opens: disks, CD-ROMs, kernel, NVRAM...
+    files: tuple[tuple[str, bool], ...] = ()
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+def instance_unit(name: str) -> str:
+    """`qemu-run@NAME.service`, or ConfigError if NAME cannot be used verbatim as an instance.
+
+    The template passes `%i` (the raw instance) to the runner, so NAME must be
+    a valid instance string whose meaning systemd's escaping does not change:
+    no backslash (an escape sequence would make `%I` differ from NAME), no "/",
+    no whitespace or control characters. "-" and "@" are fine: "-" only
+    changes `%I`, which the template does not use.
+    """
+    if not _INSTANCE_CHARS.fullmatch(name) or "\\" in name:
+        raise ConfigError(f"VM name {name!r} is not usable as a unit instance")
+    unit = f"qemu-run@{name}.service"
+    if len(unit) > UNIT_NAME_MAX:
+        raise ConfigError(f"unit name {unit!r} is longer than {UNIT_NAME_MAX} characters")
+    return unit
+
+
+def is_unit_name(name: str) -> bool:
+    """Whether NAME is a unit name that may name a .wants/ directory (no template)."""
+    match = _UNIT_NAME.fullmatch(name)
+    return bool(match) and len(name) <= UNIT_NAME_MAX and match.group("instance") != ""
+
+
+def quote(value: str) -> str:
+    """VALUE as one word of a unit-file setting that expands %-specifiers."""
+    value = value.replace("%", "%%")
+    if re.search(r"[\s\"'\\]", value):
+        value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return value
+
+
+def _format_seconds(seconds: float) -> str:
+    if float(seconds).is_integer():
+        return str(int(seconds))
+    return f"{round(seconds * 1000)}ms"
+
+
+def _vm_needs(vm: settings.VMConfig) -> HostNeeds:
+    """HostNeeds of a VM described by [VM] keys."""
+    files = [(str(d.path), not d.readonly) for d in vm.disks]
+    files += [(str(p), False) for p in vm.cdroms]
+    files += [(str(p), False) for p in (vm.kernel, vm.initrd) if p is not None]
+    return HostNeeds(tuple(str(n.kind) for n in vm.networks), tuple(files))
+
+
+def _xml_needs(path: Path) -> HostNeeds:
+    """HostNeeds of a domain XML file; ConfigError if it is not XML.
+
+    An unreadable file (e.g. on a file system not mounted yet at boot) is only
+    a warning: the VM is then assumed to need the host network and /dev/net/tun.
+    """
+    # Imported here: only VMs with DomainXML= pay for it.
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except OSError as e:
+        warning = (
+            f"{path}: cannot read ({e.strerror}); assuming the VM needs the host network"
+        )
+        return HostNeeds(("tap",), (), (warning,))
+    except ET.ParseError as e:
+        raise ConfigError(f"invalid XML: {e}", path=path) from None
+    networks = [
+        _XML_INTERFACES.get(i.get("type", ""), "bridge")
+        for i in root.iterfind("./devices/interface")
+    ]
+    files: list[tuple[str, bool]] = []
+    for disk in root.iterfind("./devices/disk"):
+        src = disk.find("source")
+        where = None if src is None else (src.get("file") or src.get("dev"))
+        if where:
+            writable = disk.find("readonly") is None and disk.get("device") != "cdrom"
+            files.append((where, writable))
+    for tag, writable in (("kernel", False), ("initrd", False), ("loader", False),
+                          ("nvram", True)):
+        element = root.find(f"./os/{tag}")
+        if element is not None and element.text and element.text.strip().startswith("/"):
+            files.append((element.text.strip(), writable))
+    return HostNeeds(tuple(networks), tuple(files))
+
+
+def host_needs(vm: settings.VMConfig) -> HostNeeds:
+    if vm.domain_xml is not None:
+        return _xml_needs(vm.domain_xml)
+    return _vm_needs(vm)
+
+
+def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, str]]:
+    """[Service] settings the VM needs on top of the template's sandbox.
+
+    The template sandboxes every VM as if it had no network and no files
+    outside its state directory: PrivateNetwork=yes, IPAddressDeny=any,
+    DevicePolicy=closed with /dev/kvm only, no capabilities, ProtectSystem=strict,
+    ProtectHome=yes, PrivateTmp=yes. Each need undoes exactly what it must:
+
+    user    QEMU's user-mode stack opens ordinary host sockets: the host's
+            network namespace, IP traffic allowed.
+    tap     and /dev/net/tun; the tap device must already exist and belong to
+            the qemu-run user (made by the administrator, e.g. systemd-networkd).
+    bridge  and what qemu-bridge-helper needs to gain CAP_NET_ADMIN from its
+            setuid bit or file capability: NoNewPrivileges=no, the capability in
+            the bounding set, no user namespace (PrivateUsers= leaves root
+            unmapped, so the setuid bit would not count). The helper itself must
+            be setuid or `setcap cap_net_admin+ep` and /etc/qemu/bridge.conf must
+            allow the bridge: that is host setup, not done here.
+    files   a writable disk becomes ReadWritePaths= (with "-": a missing file is
+            the runner's error to report, not a namespace failure); a block
+            device becomes DeviceAllow=; anything under /home, /root or
+            /run/user needs ProtectHome=read-only, under /tmp or /var/tmp
+            PrivateTmp=no (the private /tmp would hide it).
+    """
+    out: list[tuple[str, str]] = [
+        ("TimeoutStopSec", _format_seconds(vm.shutdown_timeout + STOP_MARGIN_SEC)),
+    ]
+    kinds = set(needs.networks)
+    if kinds:
+        # The empty assignment resets the template's IPAddressDeny=any.
+        out += [("PrivateNetwork", "no"), ("IPAddressDeny", "")]
+    if kinds & {"tap", "bridge"}:
+        out.append(("DeviceAllow", "/dev/net/tun rw"))
+    if "bridge" in kinds:
+        out += [
+            ("NoNewPrivileges", "no"),
+            ("PrivateUsers", "no"),
+            ("CapabilityBoundingSet", "CAP_NET_ADMIN"),
+        ]
+    paths = sorted(dict.fromkeys(needs.files))
+    if any(p.startswith(_HOME_DIRS) for p, _ in paths):
+        out.append(("ProtectHome", "read-only"))
+    if any(p.startswith(_TMP_DIRS) for p, _ in paths):
+        out.append(("PrivateTmp", "no"))
+    for path, writable in paths:
+        if path.startswith("/dev/"):
+            out.append(("DeviceAllow", f"{quote(path)} {'rw' if writable else 'r'}"))
+        elif writable:
+            out.append(("ReadWritePaths", f"-{quote(path)}"))
+    return out
+
+
+def _section(name: str, lines: Iterable[tuple[str, str]]) -> str:
+    return f"[{name}]\n" + "".join(f"{key}={value}\n" for key, value in lines)
+
+
+def install_links(vm: settings.VMConfig, unit: str, template: str) -> list[tuple[str, str]]:
+    """The [Install] symlinks: TARGET.wants/UNIT -> TEMPLATE, as `systemctl enable` makes."""
+    for entry in vm.install:
+        if entry.key not in INSTALL_LINKS:
+            known = "=, ".join(INSTALL_LINKS)
+            raise ConfigError(
+                f"not supported in [Install] of a VM (only {known}=)",
+                path=entry.path, line=entry.line, key=entry.key,
+            )
+    links = []
+    for key, targets in (("WantedBy", vm.wanted_by), ("RequiredBy", vm.required_by)):
+        for target in targets:
+            if not is_unit_name(target):
+                # It names a directory: no "/" or "..", no template without instance.
+                entry = next(e for e in vm.install if e.key == key and target in e.value.split())
+                raise ConfigError(
+                    f"invalid unit name {target!r}",
+                    path=entry.path, line=entry.line, key=entry.key,
+                )
+            links.append((f"{target}.{INSTALL_LINKS[key]}/{unit}", template))
+    return links
+
+
+def convert(vm: settings.VMConfig, *, template: str = FALLBACK_TEMPLATE) -> Generated:
+    """The drop-in and [Install] links for VM; TEMPLATE is what the links point at.
+
+    Pure apart from reading a DomainXML= file. The file's own [Service] entries
+    come after the implied ones, so an explicit TimeoutStopSec= or
+    PrivateNetwork= in the .vm file wins.
+    """
+    unit = instance_unit(vm.name)
+    path = str(vm.source_path)
+    if "\n" in path or any("\n" in str(d) for d in vm.dropins):
+        raise ConfigError("file name contains a newline", path=path)
+    needs = host_needs(vm)
+    header = f"# Automatically generated by {PROGRAM} from {path}\n"
+    header += "".join(f"# with drop-in {d}\n" for d in vm.dropins)
+    unit_lines = [("SourcePath", quote(path)), *((e.key, e.value) for e in vm.unit)]
+    service_lines = [*implied_service(vm, needs), *((e.key, e.value) for e in vm.service)]
+    text = "\n".join([header, _section("Unit", unit_lines), _section("Service", service_lines)])
+    return Generated(
+        files=((f"{unit}.d/{DROPIN}", text),),
+        symlinks=tuple(install_links(vm, unit, template)),
+        warnings=needs.warnings,
+    )
+
+
+def unit_search_path() -> list[str]:
+    """The directories systemd loads units from; $SYSTEMD_UNIT_PATH as systemd reads it."""
+    env = os.environ.get("SYSTEMD_UNIT_PATH")
+    if env is None:
+        return list(UNIT_DIRS)
+    dirs = [d for d in env.split(":") if d]
+    # A trailing ":" means "and then the defaults".
+    if env.endswith(":"):
+        dirs += UNIT_DIRS
+    return dirs
+
+
+class UnitFiles:
+    """The qemu-run@ unit files in the search path, each directory listed once.
+
+    One listing per directory instead of a stat() per VM and directory: this
+    runs at every boot, possibly for a thousand VMs.
+    """
+
+    def __init__(self, dirs: Sequence[str]) -> None:
+        self._first: dict[str, str] = {}
+        for d in dirs:
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if name.startswith("qemu-run@"):
+                    self._first.setdefault(name, os.path.join(d, name))
+
+    def find(self, name: str) -> str | None:
+        """The first DIR/NAME in the search path (a link to /dev/null, a mask, counts)."""
+        return self._first.get(name)
+
+    def link_target(self, unit: str) -> str:
+        """What `systemctl enable` would link to: the instance's own file, else the template."""
+        return self.find(unit) or self.find(TEMPLATE) or FALLBACK_TEMPLATE
+
+
+class Log:
+    """Messages for the administrator: /dev/kmsg at boot (no syslog yet), else stderr.
+
+    SYSTEMD_LOG_TARGET=console (as systemd's tools read it) forces stderr.
+    """
+
+    def __init__(self, *, to_stderr: bool = False, stderr: TextIO | None = None) -> None:
+        self._stderr = stderr if stderr is not None else sys.stderr
+        self._kmsg: int | None = None
+        self.errors = 0
+        if to_stderr or os.environ.get("SYSTEMD_LOG_TARGET") == "console":
+            return
+        try:
+            self._kmsg = os.open("/dev/kmsg", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            self._kmsg = None
+
+    def close(self) -> None:
+        if self._kmsg is not None:
+            os.close(self._kmsg)
+            self._kmsg = None
+
+    def error(self, message: str) -> None:
+        self.errors += 1
+        self._emit(3, message)
+
+    def warning(self, message: str) -> None:
+        self._emit(4, message)
+
+    def _emit(self, level: int, message: str) -> None:
+        message = message.replace("\n", " ")
+        if self._kmsg is not None:
+            record = f"<{level}>{PROGRAM}[{os.getpid()}]: {message}".encode(errors="replace")
+            try:
+                # One write() is one kernel log record.
+                os.write(self._kmsg, record[:_KMSG_MAX] + b"\n")
+                return
+            except OSError:
+                pass
+        self._stderr.write(f"{PROGRAM}: {message}\n")
+        self._stderr.flush()
+
+
+def write(generated: Generated, outdir: Path) -> None:
+    """Create GENERATED under OUTDIR, replacing what an earlier run left there."""
+    for rel, text in generated.files:
+        target = outdir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".#{target.name}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    for rel, link_target in generated.symlinks:
+        link = outdir / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".#{link.name}")
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(link_target, tmp)
+        os.replace(tmp, link)
+
+
+def render_dryrun(generated: Generated, out: TextIO) -> None:
+    for rel, text in generated.files:
+        out.write(f"---{rel}---\n{text}\n")
+    for rel, link_target in generated.symlinks:
+        out.write(f"---{rel} -> {link_target}---\n\n")
+
+
+USAGE = f"usage: {PROGRAM} NORMAL_DIR [EARLY_DIR LATE_DIR] | {PROGRAM} --dryrun"
+
+
+def _parse_args(argv: Sequence[str]) -> tuple[bool, Path | None]:
+    """(dryrun, NORMAL_DIR); ValueError with a message on bad usage."""
+    dryrun = "--dryrun" in argv
+    rest = [a for a in argv if a != "--dryrun"]
+    options = [a for a in rest if a.startswith("-")]
+    if options:
+        raise ValueError(f"unknown option {options[0]}")
+    if dryrun:
+        # Output directories are accepted and left alone, like `quadlet -dryrun`.
+        return True, None
+    if len(rest) not in (1, 3):
+        raise ValueError("expected 1 or 3 output directories")
+    return False, Path(rest[0])
+
+
+def run(outdir: Path | None, log: Log, out: TextIO) -> int:
+    """Generate for every VM in the search path into OUTDIR (None: print to OUT).
+
+    Returns 1 if any file failed, else 0.
+    """
+    problems: list[ConfigError] = []
+    sources = source.list_sources(errors=problems)
+    for problem in problems:
+        log.error(f"{problem} (skipped)")
+    unit_files = UnitFiles(unit_search_path())
+    for src in sources:
+        try:
+            vm = settings.load_vm(src)
+            generated = convert(vm, template=unit_files.link_target(instance_unit(vm.name)))
+        except QemuUnitError as e:
+            log.error(f"{e} (skipped)")
+            continue
+        for warning in generated.warnings:
+            log.warning(warning)
+        if outdir is None:
+            render_dryrun(generated, out)
+            continue
+        try:
+            write(generated, outdir)
+        except OSError as e:
+            log.error(f"{src.path}: cannot write the generated files: {e}")
+    return 1 if log.errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(USAGE)
+        return 0
+    try:
+        dryrun, outdir = _parse_args(args)
+    except ValueError as e:
+        print(f"{PROGRAM}: {e}\n{USAGE}", file=sys.stderr)
+        return 2
+    log = Log(to_stderr=dryrun)
+    try:
+        return run(outdir, log, sys.stdout)
+    except QemuUnitError as e:
+        log.error(str(e))
+        return 1
+    finally:
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
