@@ -17,6 +17,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -262,7 +263,11 @@ def parse_disk(value: str, entry: Entry) -> Disk:
                 entry,
                 f"unknown disk option {option!r}: expected format=, bus=, cache= or readonly",
             )
-    return Disk(Path(path), entry=entry, **opts)
+    disk = Disk(Path(path), entry=entry, **opts)
+    if disk.readonly and disk.bus in ("sata", "ide"):
+        # libvirt: "readonly sata disks are not supported" (the same for IDE).
+        raise _fail(entry, f"readonly needs bus=virtio or bus=scsi, not bus={disk.bus}")
+    return disk
 
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -445,7 +450,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "Disk", "disks", parse_disk, None, "PATH[,OPTION...]",
         "A disk image or block device (absolute path; specifiers are expanded), followed "
-        "by comma-separated options: format=raw|qcow2|qed|vmdk|vdi|vpc|vhdx, readonly, "
+        "by comma-separated options: format=raw|qcow2|qed|vmdk|vdi|vpc|vhdx, readonly (only "
+        "on virtio and scsi), "
         "bus=virtio|sata|scsi|ide (default virtio; ide only on Machine=pc), "
         "cache=default|none|writeback|writethrough|directsync|unsafe. Write ,, for a comma "
         "in the path. Without format= the format is read from the file when the VM "
@@ -578,6 +584,9 @@ def stable_uuid(name: str) -> str:
     return str(uuid.uuid5(UUID_NAMESPACE, name))
 
 
+_UNSAFE_CHAR = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+
+
 def _unknown_key(entry: Entry) -> ConfigError:
     hint = difflib.get_close_matches(entry.key, BY_NAME, n=1)
     if not hint:
@@ -609,6 +618,9 @@ def parse_vm(
         if setting is None:
             raise _unknown_key(entry)
         value = entry.value
+        if _UNSAFE_CHAR.search(value):
+            # Not representable in XML 1.0, and never meant.
+            raise _fail(entry, f"value {value!r} contains a control character")
         if setting.specifiers:
             value = expand_specifiers(value, name, entry)
         if setting.repeatable:
@@ -748,6 +760,10 @@ def detect_format(disk: Disk) -> str:
     if disk.format is not None:
         return disk.format
     try:
+        # Only files and block devices: opening a FIFO or a tty could block forever.
+        mode = disk.path.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return "raw"
         with open(disk.path, "rb") as f:
             header = f.read(16)
     except OSError:
