@@ -127,6 +127,13 @@ class VMConfig:
     install: tuple[Entry, ...] = ()
     # Every file named by the configuration, for check_files().
     files: tuple[FileRef, ...] = ()
+    # The assignments that set the [VM] keys, for messages about them (see origin()).
+    origins: tuple[Entry, ...] = ()
+
+    def origin(self, key: str) -> Entry | None:
+        """The last assignment of [VM] KEY still in effect, None when KEY is at its default."""
+        found = [e for e in self.origins if e.key == key]
+        return found[-1] if found else None
 
     @property
     def instance(self) -> str | None:
@@ -700,6 +707,9 @@ def parse_vm(
         service=tuple(passthrough["Service"]),
         install=tuple(passthrough["Install"]),
         files=tuple(files),
+        origins=tuple(
+            [e for _, e in single.values()] + [e for items in lists.values() for _, e in items]
+        ),
     )
 
 

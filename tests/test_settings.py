@@ -267,3 +267,13 @@ def test_enums_compare_as_strings() -> None:
     vm = vm_of("[VM]\nAccel=tcg\nNetwork=tap:t0\n")
     assert vm.accel == "tcg" and vm.networks[0].kind == "tap"
     assert settings.Accel.AUTO == "auto"
+
+
+def test_origin_names_the_assignment_in_effect() -> None:
+    vm = vm_of("[VM]\nMemory=1G\nMemory=2G\nDisk=/a\nDisk=\nDisk=/b\nCPUs=2\nCPUs=\n")
+    memory = vm.origin("Memory")
+    assert memory is not None and (memory.line, memory.value) == (3, "2G")
+    disk = vm.origin("Disk")
+    assert disk is not None and disk.line == 6
+    assert vm.origin("CPUs") is None  # reset to the default
+    assert vm.origin("Accel") is None
