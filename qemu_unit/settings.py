@@ -130,6 +130,11 @@ class VMConfig:
     # The assignments that set the [VM] keys, for messages about them (see origin()).
     origins: tuple[Entry, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not self.uuid:
+            # Built by hand without one: the same stable UUID the parser gives.
+            object.__setattr__(self, "uuid", stable_uuid(self.name))
+
     def origin(self, key: str) -> Entry | None:
         """The last assignment of [VM] KEY still in effect, None when KEY is at its default."""
         found = [e for e in self.origins if e.key == key]
@@ -573,13 +578,13 @@ def expand_specifiers(value: str, name: str, entry: Entry) -> str:
         "%": "%",
     }
 
-    def replace(match: re.Match[str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
         spec = match.group(1)
         if spec not in table:
             raise _fail(entry, f"unknown specifier %{spec} (known: %n %i %p %%)")
         return table[spec]
 
-    return re.sub(r"%(.?)", replace, value, flags=re.DOTALL)
+    return re.sub(r"%(.?)", substitute, value, flags=re.DOTALL)
 
 
 def stable_mac(name: str, index: int) -> str:
@@ -602,6 +607,67 @@ def _unknown_key(entry: Entry) -> ConfigError:
     return _fail(entry, f"unknown key in [{VM_SECTION}]{suggestion}")
 
 
+class _Assignments:
+    """The [VM] values in effect, each with the assignment that set it."""
+
+    def __init__(self) -> None:
+        self.single: dict[str, tuple[Any, Entry]] = {}
+        self.lists: dict[str, list[tuple[Any, Entry]]] = {}
+
+    def assign(self, setting: Setting, value: str, entry: Entry) -> None:
+        if setting.repeatable:
+            if not value:
+                self.lists[setting.name] = []
+            else:
+                parsed = setting.parse(value, entry)
+                self.lists.setdefault(setting.name, []).append((parsed, entry))
+        elif not value:
+            self.single.pop(setting.name, None)
+        else:
+            self.single[setting.name] = (setting.parse(value, entry), entry)
+
+    def get(self, key: str) -> Any:
+        """A single-valued key's value, or its parsed default."""
+        if key in self.single:
+            return self.single[key][0]
+        default = BY_NAME[key].default
+        return None if default is None else BY_NAME[key].parse(default, _DEFAULT_ENTRY)
+
+    def values(self, key: str) -> list[Any]:
+        return [v for v, _ in self.lists.get(key, [])]
+
+    def entries(self, key: str) -> list[Entry]:
+        """The assignments of KEY in effect (for a list key, one per item)."""
+        if key in self.single:
+            return [self.single[key][1]]
+        return [e for _, e in self.lists.get(key, [])]
+
+    def keys(self) -> list[str]:
+        return [*self.single, *(k for k, items in self.lists.items() if items)]
+
+
+def _check_combinations(a: _Assignments) -> None:
+    """Refuse what each key allows alone but not together."""
+    if a.get("DomainXML") is not None:
+        for key in a.keys():
+            if not BY_NAME[key].with_domain_xml and key != "DomainXML":
+                raise _fail(a.entries(key)[0], "not allowed with DomainXML=: the domain XML "
+                            "file says it")
+    for key in ("Initrd", "KernelCmdline"):
+        if a.entries(key) and not a.entries("Kernel"):
+            raise _fail(a.entries(key)[0], "needs Kernel=")
+    cpu_model = a.get("CPUModel")
+    if a.get("Accel") is Accel.TCG and cpu_model in ("host-passthrough", "host-model"):
+        raise _fail(a.entries("CPUModel")[0], f"{cpu_model} needs KVM, but Accel=tcg")
+    if a.get("Ready") is not None and a.get("Console") is Console.NONE:
+        raise _fail(a.entries("Ready")[0], "console:REGEX needs Console=journal")
+    machine = a.get("Machine")
+    if is_q35(machine):
+        for disk, entry in a.lists.get("Disk", []):
+            if disk.bus == "ide":
+                raise _fail(entry, f"bus=ide is not available on Machine={machine}")
+
+
 def parse_vm(
     name: str,
     unit: UnitFile,
@@ -612,8 +678,7 @@ def parse_vm(
     """Build the VMConfig of VM NAME from parsed UNIT (pure: reads no file)."""
     check_name(name)
     passthrough: dict[str, list[Entry]] = {s: [] for s in PASSTHROUGH_SECTIONS}
-    single: dict[str, tuple[Any, Entry]] = {}
-    lists: dict[str, list[tuple[Any, Entry]]] = {}
+    a = _Assignments()
     for entry in unit.entries:
         if entry.section in passthrough:
             passthrough[entry.section].append(entry)
@@ -624,92 +689,47 @@ def parse_vm(
         setting = BY_NAME.get(entry.key)
         if setting is None:
             raise _unknown_key(entry)
-        value = entry.value
-        if _UNSAFE_CHAR.search(value):
+        if _UNSAFE_CHAR.search(entry.value):
             # Not representable in XML 1.0, and never meant.
-            raise _fail(entry, f"value {value!r} contains a control character")
+            raise _fail(entry, f"value {entry.value!r} contains a control character")
+        value = entry.value
         if setting.specifiers:
             value = expand_specifiers(value, name, entry)
-        if setting.repeatable:
-            if not entry.value:
-                lists[setting.name] = []
-            else:
-                lists.setdefault(setting.name, []).append((setting.parse(value, entry), entry))
-        elif not entry.value:
-            single.pop(setting.name, None)
-        else:
-            single[setting.name] = (setting.parse(value, entry), entry)
+        a.assign(setting, value, entry)
+    _check_combinations(a)
 
-    def get(key: str) -> Any:
-        if key in single:
-            return single[key][0]
-        default = BY_NAME[key].default
-        return None if default is None else BY_NAME[key].parse(default, _DEFAULT_ENTRY)
-
-    def values(key: str) -> list[Any]:
-        return [v for v, _ in lists.get(key, [])]
-
-    domain_xml: Path | None = get("DomainXML")
-    if domain_xml is not None:
-        for key, (_, entry) in [*single.items(), *((k, v[0]) for k, v in lists.items() if v)]:
-            if not BY_NAME[key].with_domain_xml and key != "DomainXML":
-                raise _fail(entry, "not allowed with DomainXML=: the domain XML file says it")
-
-    for key in ("Initrd", "KernelCmdline"):
-        entries = [single[key][1]] if key in single else [e for _, e in lists.get(key, [])]
-        if entries and "Kernel" not in single:
-            raise _fail(entries[0], "needs Kernel=")
-
-    accel: Accel = get("Accel")
-    cpu_model: str | None = get("CPUModel")
-    if accel is Accel.TCG and cpu_model in ("host-passthrough", "host-model"):
-        raise _fail(single["CPUModel"][1], f"{cpu_model} needs KVM, but Accel=tcg")
-
-    console: Console = get("Console")
-    if get("Ready") is not None and console is Console.NONE:
-        raise _fail(single["Ready"][1], "console:REGEX needs Console=journal")
-
-    machine: str = get("Machine")
-    if is_q35(machine):
-        for disk, entry in lists.get("Disk", []):
-            if disk.bus == "ide":
-                raise _fail(entry, f"bus=ide is not available on Machine={machine}")
-
-    networks = _networks(name, lists.get("Network"), lists.get("MAC", []))
-    files = [FileRef(d.path, d.entry) for d in values("Disk")]
-    files += [FileRef(p, e) for p, e in lists.get("CDROM", [])]
-    files += [FileRef(single[k][0], single[k][1]) for k in ("Kernel", "Initrd", "DomainXML")
-              if k in single]
-    cmdline = values("KernelCmdline")
+    files = [FileRef(d.path, d.entry) for d in a.values("Disk")]
+    for key in ("CDROM", "Kernel", "Initrd", "DomainXML"):
+        paths = [a.get(key)] if key in a.single else a.values(key)
+        files += [FileRef(p, e) for p, e in zip(paths, a.entries(key), strict=True)]
+    cmdline = a.values("KernelCmdline")
     return VMConfig(
         name=name,
         source_path=Path(source_path if source_path is not None else unit.path),
         dropins=dropins,
-        memory=get("Memory"),
-        cpus=get("CPUs"),
-        machine=machine,
-        accel=accel,
-        cpu_model=cpu_model,
-        firmware=get("Firmware"),
-        kernel=get("Kernel"),
-        initrd=get("Initrd"),
+        memory=a.get("Memory"),
+        cpus=a.get("CPUs"),
+        machine=a.get("Machine"),
+        accel=a.get("Accel"),
+        cpu_model=a.get("CPUModel"),
+        firmware=a.get("Firmware"),
+        kernel=a.get("Kernel"),
+        initrd=a.get("Initrd"),
         kernel_cmdline=" ".join(cmdline) if cmdline else None,
-        disks=tuple(values("Disk")),
-        cdroms=tuple(values("CDROM")),
-        networks=networks,
-        uuid=get("UUID") or stable_uuid(name),
-        console=console,
-        shutdown_mode=get("ShutdownMode"),
-        shutdown_timeout=get("ShutdownTimeout"),
-        ready=get("Ready"),
-        domain_xml=domain_xml,
+        disks=tuple(a.values("Disk")),
+        cdroms=tuple(a.values("CDROM")),
+        networks=_networks(name, a.lists.get("Network"), a.lists.get("MAC", [])),
+        uuid=a.get("UUID") or "",
+        console=a.get("Console"),
+        shutdown_mode=a.get("ShutdownMode"),
+        shutdown_timeout=a.get("ShutdownTimeout"),
+        ready=a.get("Ready"),
+        domain_xml=a.get("DomainXML"),
         unit=tuple(passthrough["Unit"]),
         service=tuple(passthrough["Service"]),
         install=tuple(passthrough["Install"]),
         files=tuple(files),
-        origins=tuple(
-            [e for _, e in single.values()] + [e for items in lists.values() for _, e in items]
-        ),
+        origins=tuple(e for key in a.keys() for e in a.entries(key)),
     )
 
 
@@ -758,7 +778,7 @@ def load_vm(source: Source) -> VMConfig:
     if source.kind == "xml":
         # The XML file is not an assignment: errors about it name the file alone.
         files = tuple(FileRef(f.path, None) if f.entry is own else f for f in vm.files)
-        vm = replace(vm, files=files)
+        vm = replace(vm, files=files, origins=tuple(e for e in vm.origins if e is not own))
     return vm
 
 

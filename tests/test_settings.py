@@ -235,6 +235,9 @@ def test_load_vm_of_an_xml_source(tmp_path: Path) -> None:
     dropin.write_text("[VM]\nShutdownTimeout=3s\n")
     vm = load_vm(Source("web", "xml", xml, (dropin,)))
     assert (vm.domain_xml, vm.shutdown_timeout, vm.source_path) == (xml, 3.0, xml)
+    timeout = vm.origin("ShutdownTimeout")
+    assert vm.origin("DomainXML") is None and timeout is not None
+    assert (timeout.path, timeout.line) == (str(dropin), 2)
     check_files(vm)
     xml.unlink()
     with pytest.raises(ConfigError, match="does not exist") as info:
