@@ -485,7 +485,8 @@ and waits up to
 .I .vm
 file, 60 seconds by default) for the guest to power off, then destroys it.
 A second signal while waiting destroys the guest at once.
-A guest that powers itself off ends the unit with status 0.
+A guest that powers itself off ends the unit with status 0; a guest that reboots
+stays in the same unit.
 The generator sets the unit's
 .B TimeoutStopSec=
 a little longer than
