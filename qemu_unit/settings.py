@@ -399,8 +399,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "Memory", "memory", parse_size, "512M", "SIZE",
         "Memory of the guest. A number of bytes, or with one of the suffixes K, M, G, T, "
-        "P, E (base 1024, as systemd reads sizes); fractions are allowed (1.5G). At "
-        "least 1M. Defaults to 512M.",
+        "P (base 1024, as systemd reads sizes; case matters); fractions are allowed (1.5G). "
+        "From 1M to 1P. Defaults to 512M.",
     ),
     Setting(
         "CPUs", "cpus", parse_cpus, "1", "N",
@@ -418,7 +418,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Accelerator. kvm needs a usable /dev/kvm and fails the start otherwise; tcg is "
         "QEMU's portable (slow) emulation; auto uses KVM when the runner finds it usable "
         "when the VM starts and falls back to TCG, saying so in the journal. Defaults to "
-        "auto. This key is allowed with DomainXML=.",
+        "auto. Allowed with DomainXML=.",
         choices=tuple(Accel),
         with_domain_xml=True,
     ),
@@ -497,7 +497,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "MAC", "networks", parse_mac, None, "ADDRESS",
         "MAC address of the interfaces, matched to Network= in order: the first MAC= "
-        "goes to the first interface. May be repeated; an empty assignment resets the "
+        "goes to the first interface (without Network=, to the default user interface). "
+        "More MAC= than interfaces, or one address twice, is an error. May be repeated; "
+        "an empty assignment resets the "
         "list. An interface without a MAC= gets a stable address derived from the VM "
         "name and the interface's index, with the prefix 52:54:00.",
         repeatable=True,
