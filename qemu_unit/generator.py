@@ -368,22 +368,36 @@ class Log:
         self._stderr.flush()
 
 
-def write(generated: Generated, outdir: Path) -> None:
-    """Create GENERATED under OUTDIR, replacing what an earlier run left there."""
-    for rel, text in generated.files:
-        target = outdir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".#{target.name}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    for rel, link_target in generated.symlinks:
-        link = outdir / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        tmp = link.with_name(f".#{link.name}")
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.symlink(link_target, tmp)
-        os.replace(tmp, link)
+class Writer:
+    """Creates generated files under OUTDIR.
+
+    systemd hands generators empty directories, so files are written in place;
+    a rerun by hand into a used directory replaces what is there.
+    """
+
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
+        # A thousand VMs share one multi-user.target.wants/: make it once.
+        self._made: set[Path] = set()
+
+    def _parent(self, rel: str) -> Path:
+        path = self.outdir / rel
+        if path.parent not in self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
+        return path
+
+    def write(self, generated: Generated) -> None:
+        for rel, text in generated.files:
+            with open(self._parent(rel), "w", encoding="utf-8") as f:
+                f.write(text)
+        for rel, target in generated.symlinks:
+            link = self._parent(rel)
+            try:
+                os.symlink(target, link)
+            except FileExistsError:
+                os.unlink(link)
+                os.symlink(target, link)
 
 
 def render_dryrun(generated: Generated, out: TextIO) -> None:
@@ -421,6 +435,7 @@ def run(outdir: Path | None, log: Log, out: TextIO) -> int:
     for problem in problems:
         log.error(f"{problem} (skipped)")
     unit_files = UnitFiles(unit_search_path())
+    writer = Writer(outdir) if outdir is not None else None
     for src in sources:
         try:
             vm = settings.load_vm(src)
@@ -430,11 +445,11 @@ def run(outdir: Path | None, log: Log, out: TextIO) -> int:
             continue
         for warning in generated.warnings:
             log.warning(warning)
-        if outdir is None:
+        if writer is None:
             render_dryrun(generated, out)
             continue
         try:
-            write(generated, outdir)
+            writer.write(generated)
         except OSError as e:
             log.error(f"{src.path}: cannot write the generated files: {e}")
     return 1 if log.errors else 0

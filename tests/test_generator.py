@@ -1,0 +1,647 @@
+"""The systemd generator, run as systemd runs it: a fresh `/usr/bin/python3 -I` process.
+
+Golden output trees live in tests/fixtures/generator/CASE/{input,expected};
+`QEMU_UNIT_REGENERATE=1` rewrites expected/, stderr and exit-status from the
+current output (review the diff). Absolute paths of the input directory are
+written as @INPUT@ there.
+
+The generator verbs of the .vm corpus (tests/fixtures/vm, registered in
+test_fixtures.FOREIGN_VERBS) are checked here:
+
+  ## assert-key-is SECTION KEY [VALUE]     the last KEY= in SECTION of the drop-in is VALUE
+  ## assert-key-contains SECTION KEY VALUE some KEY= in SECTION of the drop-in is VALUE
+  ## assert-symlink LINK TARGET            the output has LINK (relative) -> TARGET
+  ## assert-failed                         the file is reported and gets no drop-in
+  ## assert-stderr-contains TEXT           the generator's messages contain TEXT
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qemu_unit import generator, names, unitfile
+from qemu_unit.errors import ConfigError
+from tests.test_fixtures import FIXTURE_DIR, Fixture, fixtures, load_fixture
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = "/usr/bin/python3"
+GOLDEN = REPO / "tests" / "fixtures" / "generator"
+TEMPLATE_UNIT = REPO / "units" / "qemu-run@.service"
+REGENERATE = os.environ.get("QEMU_UNIT_REGENERATE") == "1"
+# What the installed script does (units/qemu-unit-generator), with this checkout
+# on sys.path because -I ignores PYTHONPATH and the current directory.
+BOOTSTRAP = (
+    f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+    "from qemu_unit.generator import main; sys.exit(main())"
+)
+DROPIN = generator.DROPIN
+
+
+def run_generator(
+    search: list[Path] | Path,
+    *args: str | Path,
+    unit_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Run the generator over SEARCH (QEMU_RUN_PATH) with ARGS, messages on stderr."""
+    dirs = [search] if isinstance(search, Path) else search
+    full_env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "QEMU_RUN_PATH": ":".join(str(d) for d in dirs),
+        "SYSTEMD_LOG_TARGET": "console",
+        # No template installed: links point at the fallback unless a test says otherwise.
+        "SYSTEMD_UNIT_PATH": str(unit_path or "/nonexistent/qemu-unit-test-units"),
+    }
+    full_env.update(env or {})
+    return subprocess.run(
+        [*prefix, PYTHON, "-I", "-c", BOOTSTRAP, *map(str, args)],
+        env=full_env, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file (its text) and symlink ('-> TARGET') below ROOT, by relative path."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]):
+            path = Path(dirpath, name)
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                out[rel] = f"-> {os.readlink(path)}"
+            else:
+                out[rel] = path.read_text(encoding="utf-8")
+    return out
+
+
+def dropin(out: Path, name: str) -> Path:
+    return out / f"qemu-run@{name}.service.d" / DROPIN
+
+
+def entries(path: Path, section: str, key: str) -> list[str]:
+    """Every value of KEY in SECTION of the generated file PATH, in order."""
+    parsed = unitfile.parse(path.read_text(encoding="utf-8"), path)
+    return [e.value for e in parsed if e.section == section and e.key == key]
+
+
+def write_vm(directory: Path, name: str, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# Golden output trees
+
+
+def golden_cases() -> list[str]:
+    return sorted(p.name for p in GOLDEN.iterdir() if (p / "input").is_dir())
+
+
+def _placeholder(text: str, input_dir: Path) -> str:
+    return text.replace(str(input_dir), "@INPUT@")
+
+
+@pytest.mark.parametrize("case", golden_cases())
+def test_golden(case: str, tmp_path: Path) -> None:
+    case_dir = GOLDEN / case
+    input_dir = case_dir / "input"
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_generator(input_dir, out, out, out)
+    got = {rel: _placeholder(text, input_dir) for rel, text in tree(out).items()}
+    stderr = _placeholder(result.stderr, input_dir)
+    expected_dir = case_dir / "expected"
+    if REGENERATE:
+        shutil.rmtree(expected_dir, ignore_errors=True)
+        expected_dir.mkdir()
+        for rel, text in got.items():
+            path = expected_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if text.startswith("-> "):
+                path.symlink_to(text[3:])
+            else:
+                path.write_text(text, encoding="utf-8")
+        (case_dir / "stderr").write_text(stderr, encoding="utf-8")
+        (case_dir / "exit-status").write_text(f"{result.returncode}\n", encoding="utf-8")
+    assert got == tree(expected_dir)
+    assert stderr == (case_dir / "stderr").read_text(encoding="utf-8")
+    assert result.returncode == int((case_dir / "exit-status").read_text())
+
+
+def test_golden_cases_cover_success_and_failure() -> None:
+    statuses = {int((GOLDEN / c / "exit-status").read_text()) for c in golden_cases()}
+    assert statuses == {0, 1}
+    assert len(golden_cases()) >= 5
+
+
+# Error isolation, logging
+
+
+def test_bad_file_is_skipped_and_others_are_generated(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_vm(src, "a.vm", "[VM]\nNetwork=none\n[Install]\nWantedBy=multi-user.target\n")
+    write_vm(src, "bad.vm", "[VM]\nCPUs=2\nMemory=lots\n[Install]\nWantedBy=multi-user.target\n")
+    write_vm(src, "c.vm", "[VM]\nMemory=1G\n")
+    out.mkdir()
+    result = run_generator(src, out)
+    assert result.returncode == 1
+    assert dropin(out, "a").is_file() and dropin(out, "c").is_file()
+    assert not (out / "qemu-run@bad.service.d").exists()
+    assert not (out / "multi-user.target.wants" / "qemu-run@bad.service").exists()
+    assert (out / "multi-user.target.wants" / "qemu-run@a.service").is_symlink()
+    # File, line and key, in the format of every qemu-unit message.
+    assert f"{src}/bad.vm:3: Memory=: invalid size 'lots'" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_hostile_install_target_writes_nothing_outside(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "deep" / "out"
+    write_vm(src, "x.vm", "[VM]\n[Install]\nWantedBy=../../escaped.target\n")
+    out.mkdir(parents=True)
+    result = run_generator(src, out)
+    assert result.returncode == 1
+    assert "x.vm:3: WantedBy=: invalid unit name '../../escaped.target'" in result.stderr
+    assert tree(tmp_path / "deep") == {}
+    assert not list(tmp_path.glob("**/escaped*"))
+
+
+def test_only_the_normal_dir_is_written(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_vm(src, "web.vm", "[VM]\n[Install]\nWantedBy=multi-user.target\n")
+    normal, early, late = (tmp_path / d for d in ("normal", "early", "late"))
+    for d in (normal, early, late):
+        d.mkdir()
+    result = run_generator(src, normal, early, late)
+    assert result.returncode == 0, result.stderr
+    assert set(tree(normal)) == {
+        f"qemu-run@web.service.d/{DROPIN}",
+        "multi-user.target.wants/qemu-run@web.service",
+    }
+    assert tree(early) == {} and tree(late) == {}
+
+
+def test_rerun_into_a_used_directory_replaces(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_vm(src, "web.vm", "[Unit]\nDescription=one\n[VM]\n[Install]\nWantedBy=a.target\n")
+    out.mkdir()
+    assert run_generator(src, out).returncode == 0
+    write_vm(src, "web.vm", "[Unit]\nDescription=two\n[VM]\n[Install]\nWantedBy=a.target\n")
+    units = tmp_path / "units"
+    units.mkdir()
+    shutil.copy(TEMPLATE_UNIT, units)
+    result = run_generator(src, out, unit_path=units)
+    assert result.returncode == 0, result.stderr
+    assert entries(dropin(out, "web"), "Unit", "Description") == ["two"]
+    assert os.readlink(out / "a.target.wants/qemu-run@web.service") == str(
+        units / "qemu-run@.service"
+    )
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    for args in ((), (tmp_path, tmp_path), ("--frobnicate", tmp_path)):
+        result = run_generator(tmp_path, *args)
+        assert result.returncode == 2
+        assert "usage: qemu-unit-generator" in result.stderr
+    assert tree(tmp_path) == {}
+
+
+def test_kmsg_records(tmp_path: Path) -> None:
+    """Without SYSTEMD_LOG_TARGET, messages are /dev/kmsg records with level and PID.
+
+    A private mount namespace puts a plain file over /dev/kmsg, so the real
+    write path runs and nothing reaches the host's kernel log.
+    """
+    assert os.geteuid() == 0, "needs root for a private mount namespace"
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_vm(src, "bad.vm", "[VM]\nMemroy=1G\n")
+    write_vm(src, "ok.vm", "[VM]\n")
+    out.mkdir()
+    kmsg = tmp_path / "kmsg"
+    kmsg.touch()
+    script = f'mount --bind {kmsg} /dev/kmsg && exec "$@"'
+    result = run_generator(
+        src, out, env={"SYSTEMD_LOG_TARGET": ""},
+        prefix=("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"),
+    )
+    assert result.returncode == 1
+    assert result.stderr == ""
+    records = kmsg.read_text().splitlines()
+    assert len(records) == 1, records
+    assert re.fullmatch(
+        rf"<3>qemu-unit-generator\[\d+\]: {src}/bad\.vm:2: Memroy=: unknown key in \[VM\] "
+        r"\(did you mean Memory=\?\) \(skipped\)",
+        records[0],
+    ), records[0]
+    assert dropin(out, "ok").is_file()
+
+
+def test_stderr_when_kmsg_cannot_be_opened() -> None:
+    """An unprivileged user cannot open /dev/kmsg for writing: messages go to stderr."""
+    assert os.geteuid() == 0, "needs root to switch to an unprivileged user"
+    # Not below pytest's tmp_path: its parent is private to root.
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        root = Path(tmp)
+        root.chmod(0o755)
+        src, out = root / "src", root / "out"
+        write_vm(src, "bad.vm", "[VM]\nCPUs=many\n")
+        write_vm(src, "good.vm", "[VM]\n")
+        out.mkdir()
+        shutil.chown(out, "nobody")
+        result = run_generator(
+            src, out, env={"SYSTEMD_LOG_TARGET": ""},
+            prefix=("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"),
+        )
+        assert dropin(out, "good").is_file()
+    assert result.returncode == 1, result.stderr
+    assert f"qemu-unit-generator: {src}/bad.vm:2: CPUs=: invalid CPU count" in result.stderr
+
+
+# --dryrun
+
+
+def test_dryrun_writes_nothing_and_prints_what_it_would(tmp_path: Path) -> None:
+    src = GOLDEN / "networks" / "input"
+    out = tmp_path / "out"
+    out.mkdir()
+    dry = run_generator(src, "--dryrun", out, out, out)
+    assert dry.returncode == 0, dry.stderr
+    assert tree(out) == {}
+    real = run_generator(src, out)
+    assert real.returncode == 0
+    printed = ""
+    for rel, text in sorted(tree(out).items()):
+        if text.startswith("-> "):
+            continue
+        printed += f"---{rel}---\n{text}\n"
+    files_part = "".join(
+        block for block in re.split(r"(?m)^(?=---)", dry.stdout) if " -> " not in block
+    )
+    assert files_part == printed
+    links = re.findall(r"(?m)^---(\S+) -> (\S+)---$", dry.stdout)
+    assert sorted(links) == sorted(
+        (rel, text[3:]) for rel, text in tree(out).items() if text.startswith("-> ")
+    )
+
+
+def test_dryrun_messages_go_to_stderr(tmp_path: Path) -> None:
+    src = GOLDEN / "errors" / "input"
+    result = run_generator(src, "--dryrun", env={"SYSTEMD_LOG_TARGET": ""})
+    assert result.returncode == 1
+    assert f"{src}/memory.vm:3: Memory=: invalid size 'lots'" in result.stderr
+    assert "---qemu-run@good.service.d/50-qemu-unit.conf---" in result.stdout
+
+
+def test_runs_as_python_module(tmp_path: Path) -> None:
+    src = GOLDEN / "basic" / "input"
+    result = subprocess.run(
+        [PYTHON, "-m", "qemu_unit.generator", "--dryrun"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        env={"PATH": "/usr/bin:/bin", "QEMU_RUN_PATH": str(src)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"SourcePath={src}/web.vm" in result.stdout
+
+
+# Search path: precedence, masking, drop-ins
+
+
+def test_first_directory_wins(tmp_path: Path) -> None:
+    etc, usr, out = tmp_path / "etc", tmp_path / "usr", tmp_path / "out"
+    write_vm(etc, "web.vm", "[Unit]\nDescription=etc\n[VM]\n")
+    write_vm(usr, "web.vm", "[Unit]\nDescription=usr\n[VM]\n[Install]\nWantedBy=a.target\n")
+    write_vm(usr, "db.vm", "[Unit]\nDescription=usr db\n[VM]\n")
+    out.mkdir()
+    result = run_generator([etc, usr], out)
+    assert result.returncode == 0, result.stderr
+    assert entries(dropin(out, "web"), "Unit", "SourcePath") == [str(etc / "web.vm")]
+    assert entries(dropin(out, "web"), "Unit", "Description") == ["etc"]
+    assert not (out / "a.target.wants").exists()
+    assert entries(dropin(out, "db"), "Unit", "SourcePath") == [str(usr / "db.vm")]
+
+
+def test_masked_vm_is_not_generated(tmp_path: Path) -> None:
+    etc, usr, out = tmp_path / "etc", tmp_path / "usr", tmp_path / "out"
+    etc.mkdir()
+    (etc / "web.vm").symlink_to(os.devnull)
+    write_vm(usr, "web.vm", "[VM]\n[Install]\nWantedBy=multi-user.target\n")
+    write_vm(usr, "db.vm", "[VM]\n")
+    out.mkdir()
+    result = run_generator([etc, usr], out)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert set(tree(out)) == {f"qemu-run@db.service.d/{DROPIN}"}
+
+
+def test_dropins_merge_across_directories(tmp_path: Path) -> None:
+    etc, usr, out = tmp_path / "etc", tmp_path / "usr", tmp_path / "out"
+    write_vm(usr, "web.vm", "[VM]\nNetwork=none\n")
+    write_vm(usr / "web.vm.d", "10-a.conf", "[Service]\nEnvironment=A=usr\n")
+    write_vm(usr / "web.vm.d", "20-b.conf", "[Service]\nEnvironment=B=usr\n")
+    # The same file name in an earlier directory replaces the later one.
+    write_vm(
+        etc / "web.vm.d", "20-b.conf",
+        "[Service]\nEnvironment=B=etc\n[VM]\nNetwork=\nNetwork=user\n",
+    )
+    out.mkdir()
+    result = run_generator([etc, usr], out)
+    assert result.returncode == 0, result.stderr
+    path = dropin(out, "web")
+    assert entries(path, "Service", "Environment") == ["A=usr", "B=etc"]
+    assert entries(path, "Service", "PrivateNetwork") == ["no"]
+    text = path.read_text()
+    assert f"# with drop-in {usr}/web.vm.d/10-a.conf\n" in text
+    assert f"# with drop-in {etc}/web.vm.d/20-b.conf\n" in text
+
+
+def test_bad_dropin_fails_its_vm(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_vm(src, "web.vm", "[VM]\n")
+    write_vm(src / "web.vm.d", "50-bad.conf", "[VM]\n\nShutdownTimeout=soon\n")
+    write_vm(src, "db.vm", "[VM]\n")
+    out.mkdir()
+    result = run_generator(src, out)
+    assert result.returncode == 1
+    assert f"{src}/web.vm.d/50-bad.conf:3: ShutdownTimeout=: invalid time span" in result.stderr
+    assert set(tree(out)) == {f"qemu-run@db.service.d/{DROPIN}"}
+
+
+# Where the [Install] links point
+
+
+def test_links_point_at_the_template_found_in_the_unit_path(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_vm(src, "web.vm", "[VM]\n[Install]\nWantedBy=multi-user.target\n")
+    write_vm(src, "db.vm", "[VM]\n[Install]\nRequiredBy=web.target\n")
+    first, second = tmp_path / "etc-units", tmp_path / "lib-units"
+    for d in (first, second):
+        d.mkdir()
+        shutil.copy(TEMPLATE_UNIT, d)
+    # An instance's own unit file is preferred, as `systemctl enable` does.
+    shutil.copy(TEMPLATE_UNIT, second / "qemu-run@db.service")
+    out.mkdir()
+    result = run_generator(src, out, env={"SYSTEMD_UNIT_PATH": f"{first}:{second}"})
+    assert result.returncode == 0, result.stderr
+    assert tree(out)["multi-user.target.wants/qemu-run@web.service"] == (
+        f"-> {first}/qemu-run@.service"
+    )
+    assert tree(out)["web.target.requires/qemu-run@db.service"] == (
+        f"-> {second}/qemu-run@db.service"
+    )
+
+
+def test_link_fallback_without_a_template(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_vm(src, "web.vm", "[VM]\n[Install]\nWantedBy=multi-user.target\n")
+    out.mkdir()
+    result = run_generator(src, out, unit_path=tmp_path / "empty")
+    assert result.returncode == 0, result.stderr
+    link = out / "multi-user.target.wants/qemu-run@web.service"
+    assert os.readlink(link) == "/usr/lib/systemd/system/qemu-run@.service"
+
+
+def test_unit_search_path_follows_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SYSTEMD_UNIT_PATH", raising=False)
+    assert generator.unit_search_path() == list(generator.UNIT_DIRS)
+    monkeypatch.setenv("SYSTEMD_UNIT_PATH", "/a::/b")
+    assert generator.unit_search_path() == ["/a", "/b"]
+    monkeypatch.setenv("SYSTEMD_UNIT_PATH", "/a:")
+    assert generator.unit_search_path() == ["/a", *generator.UNIT_DIRS]
+
+
+# Unit names
+
+
+def test_instance_unit_agrees_with_systemd() -> None:
+    good = ["web", "web-1", "a:b_c.d", "tmpl@blue", "x" * 238]
+    bad = ["a b", "a/b", "a\\x2db", "", "x" * 239, "é"]
+    for name in good:
+        unit = generator.instance_unit(name)
+        result = subprocess.run(
+            ["systemd-escape", "--unescape", "--instance", unit],
+            capture_output=True, text=True, check=False,
+        )
+        assert result.returncode == 0, (name, result.stderr)
+    for name in bad:
+        with pytest.raises(ConfigError):
+            generator.instance_unit(name)
+
+
+@given(st.text(alphabet="abcXYZ019_.@:-/ \\", min_size=1, max_size=45))
+def test_every_valid_vm_name_makes_a_valid_unit(name: str) -> None:
+    try:
+        names.check_name(name)
+    except ConfigError:
+        return
+    assert generator.instance_unit(name) == f"qemu-run@{name}.service"
+
+
+def test_install_target_names() -> None:
+    assert generator.is_unit_name("multi-user.target")
+    assert generator.is_unit_name("getty@tty1.service")
+    for bad in ("../x.target", "a/b.target", "getty@.service", "x", "x.nope", "a b.target"):
+        assert not generator.is_unit_name(bad), bad
+
+
+# Import-light
+
+
+def test_generator_imports_neither_libvirt_nor_systemd(tmp_path: Path) -> None:
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "from qemu_unit.generator import main\n"
+        f"rc = main([{str(tmp_path / 'out')!r}])\n"
+        "ours = sorted(m for m in sys.modules if m.startswith('qemu_unit'))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('libvirt', 'libvirtmod', 'libvirtaio', 'systemd', 'sdnotify'))\n"
+        "print(rc, ' '.join(ours), '|', ' '.join(bad))\n"
+    )
+    src = GOLDEN / "xml" / "input"  # XML sources too: they take the lazy import path
+    (tmp_path / "out").mkdir()
+    result = subprocess.run(
+        [PYTHON, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=False,
+        env={"PATH": "/usr/bin:/bin", "QEMU_RUN_PATH": f"{src}:{FIXTURE_DIR}",
+             "SYSTEMD_LOG_TARGET": "console"},
+    )
+    rc, ours, bad = re.fullmatch(r"(\d) (.*) \| (.*)\n", result.stdout).groups()  # type: ignore[union-attr]
+    assert bad == ""
+    allowed = {"qemu_unit", "qemu_unit.errors", "qemu_unit.unitfile", "qemu_unit.settings",
+               "qemu_unit.source", "qemu_unit.names", "qemu_unit.generator"}
+    assert set(ours.split()) <= allowed
+    # It really ran: the corpus has bad files, and good ones were generated.
+    assert rc == "1" and dropin(tmp_path / "out", "minimal").is_file()
+
+
+# systemd reads what we write
+
+
+def _verify_env(units: Path) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "SYSTEMD_UNIT_PATH": f"{units}:", "SYSTEMD_LOG_COLOR": "0"}
+
+
+def _unit_dir_with_template(tmp_path: Path) -> Path:
+    units = tmp_path / "units"
+    units.mkdir()
+    text = TEMPLATE_UNIT.read_text()
+    # verify complains about an ExecStart= binary that does not exist.
+    text = re.sub(r"(?m)^ExecStart=\S+", "ExecStart=/usr/bin/true", text)
+    assert "ExecStart=/usr/bin/true run %i" in text
+    (units / "qemu-run@.service").write_text(text)
+    return units
+
+
+VERIFY_CASES = {
+    "none": "[VM]\nNetwork=none\n",
+    "user": "[Unit]\nDescription=user net\n[VM]\n[Service]\nRestart=always\n",
+    "tapbridge": "[VM]\nNetwork=tap:t0\nNetwork=bridge:br0\nShutdownTimeout=1.5s\n",
+    "files": (GOLDEN / "files" / "input" / "files.vm").read_text(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VERIFY_CASES))
+def test_systemd_analyze_verify_accepts_generated_units(name: str, tmp_path: Path) -> None:
+    units = _unit_dir_with_template(tmp_path)
+    src = tmp_path / "src"
+    write_vm(src, f"{name}.vm", VERIFY_CASES[name] + "[Install]\nWantedBy=multi-user.target\n")
+    result = run_generator(src, units, unit_path=units)
+    assert result.returncode == 0, result.stderr
+    assert dropin(units, name).is_file()
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"qemu-run@{name}.service"],
+        env=_verify_env(units), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert verify.returncode == 0, verify.stderr
+    # Any complaint (unknown key, bad value) is printed even when the exit status is 0.
+    assert verify.stderr == "" and verify.stdout == ""
+
+
+def _security(units: Path, unit: str) -> str:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", unit],
+        env=_verify_env(units), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert "Overall exposure level" in result.stdout, result.stderr
+    return result.stdout
+
+
+def test_systemd_applies_the_dropin(tmp_path: Path) -> None:
+    """systemd itself loads the template plus drop-in: the network opens only when asked."""
+    units = _unit_dir_with_template(tmp_path)
+    src = tmp_path / "src"
+    write_vm(src, "isolated.vm", "[VM]\nNetwork=none\n")
+    write_vm(src, "net.vm", "[VM]\nNetwork=user\n")
+    write_vm(src, "br.vm", "[VM]\nNetwork=bridge:br0\n")
+    assert run_generator(src, units, unit_path=units).returncode == 0
+    isolated = _security(units, "qemu-run@isolated.service")
+    net = _security(units, "qemu-run@net.service")
+    bridge = _security(units, "qemu-run@br.service")
+    assert re.search(r"✓ PrivateNetwork=", isolated)
+    assert re.search(r"✗ PrivateNetwork=", net)
+    assert re.search(r"✓ CapabilityBoundingSet=~CAP_NET_ADMIN", net)
+    assert re.search(r"✗ CapabilityBoundingSet=~CAP_NET_ADMIN", bridge)
+    assert re.search(r"✗ NoNewPrivileges=", bridge)
+
+
+# The .vm corpus and its generator assertions
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int]:
+    """One generator run over the whole corpus: (output dir, stderr, exit status)."""
+    out = tmp_path_factory.mktemp("corpus")
+    result = run_generator(FIXTURE_DIR, out)
+    return out, result.stderr, result.returncode
+
+
+def _is_template(fixture: Fixture) -> bool:
+    return fixture.file.stem.endswith("@")
+
+
+def test_corpus_run_fails_for_bad_files_only(corpus_run: tuple[Path, str, int]) -> None:
+    out, stderr, status = corpus_run
+    assert status == 1
+    for fixture in fixtures():
+        if _is_template(fixture):
+            continue  # list_sources() leaves templates out; see test_corpus_assertions
+        made = dropin(out, fixture.name).is_file()
+        if fixture.expects_load_error or fixture.get("assert-failed"):
+            assert not made, fixture.file.name
+            assert str(fixture.file.name) in stderr or ".vm.d/" in stderr, fixture.file.name
+        else:
+            # check_files() errors (missing disks...) are the runner's: the generator
+            # checks syntax and values only, so these VMs are generated.
+            assert made, f"{fixture.file.name}: {stderr}"
+
+
+def test_corpus_load_errors_name_file_line_and_key(corpus_run: tuple[Path, str, int]) -> None:
+    _, stderr, _ = corpus_run
+    checked = 0
+    for fixture in fixtures():
+        for d in fixture.get("assert-error"):
+            where, key, text = d.args.split(None, 2)
+            if ":" in where:
+                file_name, line = where.rsplit(":", 1)
+                path = str(next(FIXTURE_DIR.glob(f"*.vm.d/{file_name}")))
+            else:
+                path, line = str(fixture.file), where
+            prefix = path if line == "-" else f"{path}:{line}"
+            if key != "-":
+                prefix += f": {key}="
+            assert f"qemu-unit-generator: {prefix}" in stderr, (fixture.file.name, prefix)
+            assert text in stderr
+            checked += 1
+    assert checked >= 20
+
+
+GENERATOR_VERBS = {
+    "assert-key-is", "assert-key-contains", "assert-symlink", "assert-failed",
+    "assert-stderr-contains",
+}
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    [f for f in fixtures() if any(d.verb in GENERATOR_VERBS for d in f.directives)],
+    ids=lambda f: f.file.name,
+)
+def test_corpus_assertions(fixture: Fixture, corpus_run: tuple[Path, str, int]) -> None:
+    out, stderr, _ = corpus_run
+    if fixture.get("assert-failed"):
+        assert not _is_template(fixture), "a template is never generated on its own"
+        assert not dropin(out, fixture.name).exists()
+    for d in fixture.get("assert-stderr-contains"):
+        assert d.args in stderr, f"line {d.line}"
+    key_checks = fixture.get("assert-key-is") + fixture.get("assert-key-contains")
+    if key_checks or fixture.get("assert-symlink"):
+        # Pure conversion of the loaded fixture: works for template instances too.
+        generated = generator.convert(load_fixture(fixture))
+        (rel, text), = generated.files
+        parsed = unitfile.parse(text, rel)
+        for d in key_checks:
+            section, key, *rest = d.args.split(None, 2)
+            values = [e.value for e in parsed if e.section == section and e.key == key]
+            expected = rest[0] if rest else ""
+            if d.verb == "assert-key-is":
+                assert values and values[-1] == expected, f"line {d.line}: {values}"
+            else:
+                assert expected in values, f"line {d.line}: {values}"
+        links = dict(generated.symlinks)
+        for d in fixture.get("assert-symlink"):
+            link, target = d.args.split()
+            assert links.get(link) == target, f"line {d.line}: {links}"
+
+
+def test_corpus_has_generator_assertions() -> None:
+    verbs = [d.verb for f in fixtures() for d in f.directives]
+    for verb in ("assert-key-is", "assert-key-contains", "assert-symlink"):
+        assert verbs.count(verb) >= 2, verb
+
