@@ -12,7 +12,6 @@ single-valued key the last assignment wins.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 import os
@@ -602,6 +601,8 @@ _UNSAFE_CHAR = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
 
 
 def _unknown_key(entry: Entry) -> ConfigError:
+    import difflib  # only on this error path: it costs the generator ~10 ms at every boot
+
     hint = difflib.get_close_matches(entry.key, BY_NAME, n=1)
     if not hint:
         hint = [n for n in BY_NAME if n.lower() == entry.key.lower()]
