@@ -33,6 +33,8 @@ from qemu_unit.notify import Notifier
 logger = log.log
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 4)
+# A guest still booting misses a power-button press; pressing again is harmless.
+SHUTDOWN_RETRY = 5.0
 # systemd's sun_path limit; the deepest socket libvirt makes is the monitor's.
 SUN_PATH_MAX = 107
 MONITOR_SUFFIX = len("/lib/qemu/domain-999-") + 20 + len("/monitor.sock")
@@ -338,10 +340,12 @@ class Runner:
         next_wd = time.monotonic()
         deadline: float | None = None
         next_extend = 0.0
+        next_retry = 0.0
         ready = not self.vm.ready
         while True:
             now = time.monotonic()
-            wakeups = [t for t in (deadline, next_extend if deadline else None) if t]
+            waiting = deadline is not None and not self.destroy_started
+            wakeups = [t for t in (deadline, next_extend, next_retry) if waiting and t]
             if wd_interval:
                 wakeups.append(next_wd)
             timeout = max(0.0, min(wakeups) - now) if wakeups else None
@@ -374,6 +378,7 @@ class Runner:
                     )
                     self.notify.stopping(f"Shutting down (received {signame})")
                     next_extend = 0.0
+                    next_retry = time.monotonic() + SHUTDOWN_RETRY
                     self._request_shutdown()
                 elif not self.destroy_started:
                     logger.warning("Received %s again: destroying the VM now", signame)
@@ -385,10 +390,14 @@ class Runner:
                         "Guest did not shut down within %gs: destroying it", self.shutdown_timeout
                     )
                     self._destroy()
-                elif now >= next_extend:
+                    continue
+                if now >= next_extend:
                     # Keep systemd's stop timeout ahead of ours, however they are configured.
                     self.notify.extend_timeout(deadline - now + 15)
                     next_extend = now + 5
+                if now >= next_retry:
+                    next_retry = now + SHUTDOWN_RETRY
+                    self._request_shutdown(again=True)
             if wd_interval and now >= next_wd:
                 next_wd = now + wd_interval
                 try:
@@ -398,7 +407,7 @@ class Runner:
                 else:
                     self.notify.watchdog()
 
-    def _request_shutdown(self) -> None:
+    def _request_shutdown(self, again: bool = False) -> None:
         assert self.dom is not None
         for mode in self.vm.shutdown_mode:
             flag = (
@@ -411,7 +420,8 @@ class Runner:
             except libvirt.libvirtError as e:
                 logger.warning("Shutdown via %s failed: %s", mode.value, _libvirt_message(e))
                 continue
-            logger.info("Asked the guest to shut down (%s)", mode.value)
+            again_ = "again " if again else ""
+            logger.info("Asked the guest %sto shut down (%s)", again_, mode.value)
             return
         logger.warning("No shutdown method worked; waiting for the timeout")
 

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_DIR = Path("/var/lib/qemu-unit-tests/venv")  # not /var/tmp: the unit has PrivateTmp=yes
+# Not /var/tmp: the unit has PrivateTmp=yes. QEMU_UNIT_TEST_VENV: a private one per runner.
+VENV_DIR = Path(os.environ.get("QEMU_UNIT_TEST_VENV", "/var/lib/qemu-unit-tests/venv"))
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
@@ -59,8 +60,8 @@ def test_install() -> Path:
         # setuptools builds in the source tree (build/, *.egg-info): build a copy instead
         with tempfile.TemporaryDirectory(dir=VENV_DIR.parent) as tmp:
             src = Path(tmp, "src")
-            shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-                ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"))
+            shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+                ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "tests"))
             _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps",
                   "--no-build-isolation", "--force-reinstall", str(src)])
         _make_readable(VENV_DIR)

@@ -1,0 +1,109 @@
+"""Helpers for system tests that run VMs as qemu-run@NAME.service in a container."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from tests.support.container import Container
+from tests.support.guest import build_test_guest, cmdline
+
+# Inside the container, outside /tmp and /var/tmp: the unit's PrivateTmp= hides those.
+GUEST_DIR = Path("/srv/qemu-unit-test")
+CONFIG_DIR = Path("/etc/qemu-run")
+
+T = TypeVar("T")
+
+
+def stage_guest(upper: Path) -> None:
+    """Copy the test guest into the container's upper layer (call from `prepare`)."""
+    guest = build_test_guest()
+    dest = upper / GUEST_DIR.relative_to("/")
+    dest.mkdir(parents=True, exist_ok=True)
+    for parent in (dest, *dest.relative_to(upper).parents):
+        (upper / parent).chmod(0o755)
+    for src, name in ((guest.kernel, "vmlinuz"), (guest.initrd, "initrd.img")):
+        shutil.copyfile(src, dest / name)
+        (dest / name).chmod(0o644)
+
+
+def vm_text(
+    mode: str,
+    *,
+    vm: str = "",
+    unit: str = "",
+    service: str = "",
+    install: str = "",
+    cmdline_extra: str = "",
+) -> str:
+    """A .vm file booting the test guest in MODE under TCG, without network."""
+    text = ""
+    if unit:
+        text += f"[Unit]\n{unit.strip()}\n\n"
+    text += (
+        "[VM]\n"
+        "Memory=256M\n"
+        "Accel=tcg\n"
+        "Machine=pc\n"
+        "Network=none\n"
+        f"Kernel={GUEST_DIR}/vmlinuz\n"
+        f"Initrd={GUEST_DIR}/initrd.img\n"
+        f"KernelCmdline={cmdline(mode, *cmdline_extra.split())}\n"
+    )
+    if vm:
+        text += vm.strip() + "\n"
+    if service:
+        text += f"\n[Service]\n{service.strip()}\n"
+    if install:
+        text += f"\n[Install]\n{install.strip()}\n"
+    return text
+
+
+def write_vm(upper: Path, name: str, text: str, suffix: str = ".vm") -> None:
+    """Write NAME.vm into the upper layer before boot."""
+    d = upper / CONFIG_DIR.relative_to("/")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}{suffix}").write_text(text)
+
+
+def put_file(ct: Container, path: str | Path, text: str) -> None:
+    """Write a file inside a running container (the upper layer is not written directly:
+    overlayfs does not promise to show changes made under it while mounted)."""
+    ct.run("sh", "-c", f"mkdir -p \"$(dirname '{path}')\" && cat > '{path}'", input=text)
+
+
+def install_qemu_unit(ct: Container, qemu_unit_bin: Path) -> None:
+    ct.run(str(qemu_unit_bin), "install")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def prop(ct: Container, unit: str, name: str) -> str:
+    return ct.systemctl("show", "-P", name, unit).stdout.strip()
+
+
+def qemu_pids(ct: Container, vm: str | None = None) -> list[int]:
+    pattern = f"qemu-system.*guest={vm}," if vm else "qemu-system"
+    out = ct.run("pgrep", "-f", pattern, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def console(ct: Container, vm: str) -> str:
+    """The guest's console lines, as an administrator selects them."""
+    return ct.journal("-u", f"qemu-run@{vm}.service", "-t", "qemu-unit-console", "-o", "cat")
+
+
+def runner_log(ct: Container, vm: str) -> str:
+    return ct.journal("-u", f"qemu-run@{vm}.service", "-t", "qemu-unit", "-o", "cat")
