@@ -61,14 +61,35 @@ power_buttons() {
     done
 }
 
+# Open the buttons now: evdev queues events from open on, so a press that comes
+# before anyone waits for it is not lost.
+POWER_BUTTON_FDS=""
+fd=3
+for dev in $(power_buttons); do
+    eval "exec $fd<$dev"
+    POWER_BUTTON_FDS="$POWER_BUTTON_FDS $fd"
+    fd=$((fd + 1))
+done
+
+# read_press FD: read input events (24 bytes on x86_64) from FD until one is a
+# press of KEY_POWER: type EV_KEY (1), code 116 (0x74), value 1
+read_press() {
+    while :; do
+        ev=$(dd bs=24 count=1 2>/dev/null <&"$1" | od -An -tx1 -v | tr -d ' \n')
+        case "$ev" in
+        *0100740001000000) return 0;;
+        "") return 1;;
+        esac
+    done
+}
+
 # wait_power_button [SECONDS]: succeeds once the button is pressed, fails on timeout.
-# One evdev event (24 bytes on x86_64) is enough to know it was pressed.
 wait_power_button() {
     fifo=/tmp/power-button.$$
     rm -f "$fifo"; mkfifo "$fifo"
     pids=""
-    for dev in $(power_buttons); do
-        (dd if="$dev" of=/dev/null bs=24 count=1 2>/dev/null && echo pressed) >"$fifo" &
+    for fd in $POWER_BUTTON_FDS; do
+        (read_press "$fd" && echo pressed) >"$fifo" &
         pids="$pids $!"
     done
     if [ -z "$pids" ]; then echo "no power button found"; fi
@@ -79,6 +100,10 @@ wait_power_button() {
     # with neither buttons nor a timeout this blocks forever, which is what "wait" means
     read -r what <"$fifo"
     kill $pids 2>/dev/null
+    # a reader left behind would swallow the next press
+    for p in /proc/[0-9]*; do
+        [ "$(cat "$p/comm" 2>/dev/null)" = dd ] && kill "${p#/proc/}" 2>/dev/null
+    done
     rm -f "$fifo"
     [ "$what" = pressed ]
 }

@@ -145,7 +145,6 @@ def test_demo_guest_powers_off_on_the_power_button(dest: Path) -> None:
     guest = demo.build_guest(dest, demo.DEMO_INIT)
     with BareQemu(guest, guest.cmdline) as qemu:
         qemu.wait_for("press the power button", timeout=30)
-        time.sleep(0.3)
         qemu.monitor("system_powerdown")
         qemu.wait_for("power button pressed, powering off", timeout=10)
         assert qemu.wait_exit(timeout=10) == 0
