@@ -193,3 +193,31 @@ def test_user_network_reaches_the_host(ct: Container) -> None:
         assert f"qemu-unit-guest: fetched {BODY}" in console(ct, "net")
     finally:
         ct.systemctl("stop", unit)
+
+
+def test_files_outside_the_sandbox_are_opened_up(ct: Container) -> None:
+    """Kernel under /home, initrd under /tmp, a writable disk under /home: the template's
+    ProtectHome=yes and PrivateTmp=yes would hide all three; the drop-in opens exactly these."""
+    home, tmp = Path("/home/vmuser"), Path("/tmp/qemu-unit-test")
+    ct.run("mkdir", "-p", "-m", "0755", str(home), str(tmp))
+    ct.run("cp", "/srv/qemu-unit-test/vmlinuz", f"{home}/vmlinuz")
+    ct.run("cp", "/srv/qemu-unit-test/initrd.img", f"{tmp}/initrd.img")
+    ct.run("truncate", "-s", "16M", f"{home}/disk.img")
+    ct.run("chown", "qemu-run", f"{home}/disk.img")
+    text = _vm("wait", vm=f"Disk={home}/disk.img,format=raw")
+    text = text.replace("/srv/qemu-unit-test/vmlinuz", f"{home}/vmlinuz")
+    text = text.replace("/srv/qemu-unit-test/initrd.img", f"{tmp}/initrd.img")
+    put_file(ct, CONFIG_DIR / "outside.vm", text)
+    ct.systemctl("daemon-reload")
+    unit = "qemu-run@outside.service"
+    assert prop(ct, unit, "ProtectHome") == "read-only"
+    assert prop(ct, unit, "PrivateTmp") == "no"
+    assert f"{home}/disk.img" in prop(ct, unit, "ReadWritePaths")
+    ct.systemctl("start", unit)
+    try:
+        wait_for("guest boot", lambda: "qemu-unit-guest: booted" in console(ct, "outside"))
+        # QEMU has the disk open read-write.
+        assert ct.run("sh", "-c", f"fuser {home}/disk.img", check=False).stdout.strip()
+    finally:
+        ct.systemctl("stop", unit)
+    assert prop(ct, unit, "Result") == "success"
