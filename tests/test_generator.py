@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -645,3 +646,53 @@ def test_corpus_has_generator_assertions() -> None:
     for verb in ("assert-key-is", "assert-key-contains", "assert-symlink"):
         assert verbs.count(verb) >= 2, verb
 
+
+
+# Many VMs: the work is split across processes
+
+
+def test_many_vms_with_bad_ones_in_every_share(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    count = 3 * generator.PARALLEL_MIN
+    for i in range(count):
+        bad = i % 97 == 5
+        text = "[VM]\nMemory=lots\n" if bad else "[VM]\n[Install]\nWantedBy=multi-user.target\n"
+        write_vm(src, f"vm{i:04d}.vm", text)
+    out.mkdir()
+    result = run_generator(src, out)
+    assert result.returncode == 1
+    bad = {f"vm{i:04d}" for i in range(count) if i % 97 == 5}
+    reported = set(re.findall(r"/(vm\d{4})\.vm:2: Memory=", result.stderr))
+    assert reported == bad
+    made = {p.parent.name.removeprefix("qemu-run@").removesuffix(".service.d")
+            for p in out.glob(f"*/{DROPIN}")}
+    assert made == {f"vm{i:04d}" for i in range(count)} - bad
+    assert len(list((out / "multi-user.target.wants").iterdir())) == count - len(bad)
+
+
+def test_in_parallel_runs_every_share_once_and_counts_failures(tmp_path: Path) -> None:
+    """Real forks: each child writes its share's marker files; a failing share fails the run."""
+    log = generator.Log(to_stderr=True)
+    items = [f"item{i}" for i in range(10)]
+
+    def work(part: Sequence[str]) -> None:
+        for item in part:
+            (tmp_path / item).touch()
+            if item == "item7":
+                log.error("item7 failed")
+
+    generator._in_parallel(items, 3, work, log)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(items)
+    # item7 is in the share of a child (7 % 3 == 1): its failure reaches the parent.
+    assert log.errors == 1
+
+
+def test_dryrun_is_not_split(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    names = [f"vm{i:04d}" for i in range(2 * generator.PARALLEL_MIN + 1)]
+    for name in names:
+        write_vm(src, f"{name}.vm", "[VM]\n")
+    result = run_generator(src, "--dryrun")
+    assert result.returncode == 0
+    printed = re.findall(r"(?m)^---qemu-run@(vm\d{4})\.service\.d/", result.stdout)
+    assert printed == names
