@@ -41,26 +41,14 @@ def finalize_accel(vm: settings.VMConfig) -> str:
 
 
 def _origin(vm: settings.VMConfig, key: str) -> dict[str, Any]:
-    """Where KEY was set: the last assignment in the file or its drop-ins."""
-    from qemu_unit import unitfile
-
-    try:
-        unit = unitfile.read(vm.source_path, vm.dropins)
-    except QemuUnitError:
+    entry = vm.origin(key)
+    if entry is None:
         return {"path": vm.source_path, "key": key}
-    entries = unit.lookup("VM", key)
-    if not entries:
-        return {"path": vm.source_path, "key": key}
-    return {"path": entries[-1].path, "line": entries[-1].line, "key": key}
+    return {"path": entry.path, "line": entry.line, "key": key}
 
 
 def load_domain_xml(vm: settings.VMConfig, accel: str, nvram_dir: Path) -> str:
-    """The XML `qemu-unit render` prints: from the .vm, or the full XML file."""
-    if vm.domain_xml is not None:
-        try:
-            return vm.domain_xml.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read domain XML: {e}", path=vm.domain_xml) from None
+    """The XML `qemu-unit render` prints: from the .vm, or its full XML file."""
     return domain.render(vm, accel, nvram_dir=nvram_dir)  # type: ignore[arg-type]
 
 

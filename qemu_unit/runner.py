@@ -210,7 +210,7 @@ class Runner:
             kvm = None
         else:
             kvm = render.kvm_problem()
-            accel = "kvm" if kvm is None else "tcg"
+            accel = vm.accel.value if vm.accel.value != "auto" else "kvm" if kvm is None else "tcg"
         xml = render.load_domain_xml(vm, accel, dirs.state)
         console = dirs.root / "console.sock" if vm.console.value == "journal" else None
         xml, virt = render.adapt_xml(
