@@ -71,8 +71,10 @@ class Container:
     """
 
     def __init__(self, name: str, prepare: Callable[[Path], None] | None = None,
-                 boot_timeout: float = 60, nspawn_args: Sequence[str] = ()) -> None:
+                 boot_timeout: float = 60, nspawn_args: Sequence[str] = (),
+                 stop_timeout: float = 10) -> None:
         self.name = name
+        self.stop_timeout = stop_timeout  # for an orderly shutdown before SIGKILL
         self._nspawn_args = tuple(nspawn_args)  # e.g. "--bind=/dev/kvm": no devices by default
         self._prepare = prepare
         self._boot_timeout = boot_timeout
@@ -82,6 +84,7 @@ class Container:
         self.log = Path()
         self.leader = 0
         self._ns: str | None = None
+        self._ns_fd: int | None = None
         self._nspawn: subprocess.Popen[bytes] | None = None
         self.boot_seconds = 0.0
 
@@ -144,7 +147,11 @@ class Container:
                                      f"during boot:\n{self._log_tail()}")
             if not self.leader:
                 self.leader = self._find_leader()
-                self._ns = _pid_ns(self.leader) if self.leader else None
+                if self.leader:
+                    # Holding the namespace open keeps its inode number from being
+                    # reused by another container while we still kill by it.
+                    self._ns_fd = os.open(f"/proc/{self.leader}/ns/pid", os.O_RDONLY)
+                    self._ns = _pid_ns(self.leader)
             if self.leader:
                 proc = self.run("systemctl", "is-system-running", check=False, timeout=10)
                 state = proc.stdout.strip() or proc.stderr.strip()
@@ -195,7 +202,7 @@ class Container:
             # SIGTERM asks nspawn for an orderly shutdown of the container.
             self._nspawn.terminate()
             try:
-                self._nspawn.wait(10)
+                self._nspawn.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self._nspawn.kill()
                 self._nspawn.wait()
@@ -207,6 +214,9 @@ class Container:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 time.sleep(0.05)
+        if self._ns_fd is not None:
+            os.close(self._ns_fd)
+            self._ns_fd = None
         if self.dir != Path():
             for target in reversed(_mounts_under(self.dir)):
                 if subprocess.run(["umount", target], capture_output=True).returncode != 0:

@@ -1,7 +1,12 @@
 """The test guest: one initramfs whose /init does what `qemu_unit.mode=` says.
 
 Every console line a test looks for starts with `qemu-unit-guest:`. Modes:
-poweroff, wait, ignore, reboot, ready, net, efivar (see TEST_INIT).
+poweroff, wait, ignore, reboot, ready, net, efivar (see TEST_INIT). Once the
+guest has printed `qemu-unit-guest: booted`, an ACPI power button press is
+never lost: the button is opened before that line, and evdev queues presses.
+Extra kernel arguments: `qemu_unit.url=URL` (net: fetch URL and print
+`fetched BODY`), `qemu_unit.ip=dhcp` (net: DHCP instead of 10.0.2.15/24),
+`qemu_unit.efivar=VALUE` (efivar: the value to create, default `hello`).
 """
 
 from __future__ import annotations

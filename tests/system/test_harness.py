@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import threading
@@ -113,6 +114,20 @@ def test_venv_has_this_tree_installed_for_a_service_user(qemu_unit_bin: Path) ->
     assert installed.read_bytes() == Path(demo.__file__).read_bytes()
     for path in (installed, installed.parent, VENV_DIR / "bin/python"):
         assert path.stat().st_mode & stat.S_IROTH, path
+
+
+def test_a_hung_systemd_nspawn_is_killed_with_everything_inside() -> None:
+    ct = Container("hung", stop_timeout=1)
+    with pytest.raises(RuntimeError, match="hung"), ct:
+        ns = os.readlink(f"/proc/{ct.leader}/ns/pid")
+        ct.run("systemd-run", "--unit=sleeper", "sleep", "1000")
+        assert ct._nspawn is not None
+        # a stopped nspawn cannot act on SIGTERM: teardown must fall back to SIGKILL
+        os.kill(ct._nspawn.pid, signal.SIGSTOP)
+        raise RuntimeError("hung")
+    assert not ct.running()
+    assert _pids_in_ns(ns) == []
+    assert not ct.dir.exists()
 
 
 def test_a_failing_prepare_leaves_nothing_behind() -> None:
