@@ -511,7 +511,8 @@ VERIFY_CASES = {
 @pytest.mark.parametrize("name", sorted(VERIFY_CASES))
 def test_systemd_analyze_verify_accepts_generated_units(name: str, tmp_path: Path) -> None:
     units = _unit_dir_with_template(tmp_path)
-    src = tmp_path / "src"
+    # A space and a % in the source's path: SourcePath= takes them literally.
+    src = tmp_path / "my 100% vms"
     write_vm(src, f"{name}.vm", VERIFY_CASES[name] + "[Install]\nWantedBy=multi-user.target\n")
     result = run_generator(src, units, unit_path=units)
     assert result.returncode == 0, result.stderr
