@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -185,9 +185,11 @@ def _xml_needs(path: Path) -> HostNeeds:
 
 
 def host_needs(vm: settings.VMConfig) -> HostNeeds:
-    if vm.domain_xml is not None:
-        return _xml_needs(vm.domain_xml)
-    return _vm_needs(vm)
+    if vm.domain_xml is None:
+        return _vm_needs(vm)
+    needs = _xml_needs(vm.domain_xml)
+    # The runner reads the XML file itself, inside the same sandbox.
+    return replace(needs, files=((str(vm.domain_xml), False), *needs.files))
 
 
 def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, str]]:
