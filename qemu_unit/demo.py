@@ -2,8 +2,8 @@
 
 The kernel is Debian's cloud kernel (`apt-get download`), the initramfs is
 busybox-static, a shell `/init` and the few kernel modules it needs (the ACPI
-power button, evdev, ...). The result is cached: a second build with the same
-kernel package version, init script and modules costs two file lookups.
+power button, evdev, ...). The result is cached, keyed on the kernel package
+version and the initramfs contents: a second build costs one apt-cache call.
 """
 
 from __future__ import annotations
@@ -209,8 +209,13 @@ def _make_dir(path: Path) -> Path:
     return path
 
 
+def _file_name(package: str, version: str) -> str:
+    # No ':' (epochs) and so no '%3a' as apt writes it: '%' starts a specifier in .vm files.
+    return f"{package}_{version}".replace(":", "_")
+
+
 def _download(package: str, version: str, debs: Path) -> Path:
-    deb = debs / f"{package}_{version.replace(':', '%3a')}_amd64.deb"
+    deb = debs / f"{_file_name(package, version)}_amd64.deb"
     if deb.is_file():
         return deb
     with tempfile.TemporaryDirectory(dir=debs) as tmp:
@@ -252,7 +257,12 @@ def _read_module(path: Path) -> bytes:
     if path.name.endswith(".ko.gz"):
         return gzip.decompress(data)
     if path.name.endswith(".ko.zst"):
-        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+        try:
+            return subprocess.run(["zstd", "-dc", str(path)], capture_output=True,
+                                  check=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise QemuUnitError(f"cannot decompress {path.name} (is zstd installed?): {e}") \
+                from e
     return data
 
 
@@ -333,7 +343,7 @@ def build_guest(dest: Path, init_script: str,
         key.update(part.encode() + b"\0")
     key.update(busybox.read_bytes())
     key.update(Path(__file__).read_bytes())  # a change to this builder is a change of initrd
-    kdir = dest / f"{package}_{version.replace(':', '%3a')}"
+    kdir = dest / _file_name(package, version)
     kernel = kdir / "vmlinuz"
     initrd = kdir / f"initrd-{key.hexdigest()[:16]}.img"
     guest = Guest(kernel=kernel, initrd=initrd, cmdline=BASE_CMDLINE)
@@ -357,6 +367,10 @@ def build_guest(dest: Path, init_script: str,
     return guest
 
 
+def _escape(value: object) -> str:
+    return str(value).replace("%", "%%")  # .vm values expand specifiers
+
+
 def write_demo(config_dir: Path, data_dir: Path, runfor: int | None = None) -> Path:
     """Build the demo guest in DATA_DIR and write CONFIG_DIR/demo.vm; return its path.
 
@@ -375,9 +389,9 @@ def write_demo(config_dir: Path, data_dir: Path, runfor: int | None = None) -> P
         "[VM]\n"
         "Memory=256M\n"
         "CPUs=1\n"
-        f"Kernel={guest.kernel}\n"
-        f"Initrd={guest.initrd}\n"
-        f"KernelCmdline={cmdline}\n"
+        f"Kernel={_escape(guest.kernel)}\n"
+        f"Initrd={_escape(guest.initrd)}\n"
+        f"KernelCmdline={_escape(cmdline)}\n"
     )
     _make_dir(config_dir)
     path = config_dir / "demo.vm"

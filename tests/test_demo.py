@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -35,6 +36,17 @@ def read_newc(path: Path) -> dict[str, tuple[int, bytes]]:
         pos = (start + filesize + 3) & ~3
 
 
+def seed_debs(dest: Path) -> Path:
+    """Give DEST the session's kernel download (26 MB) so build_guest(DEST) needs no network."""
+    (dest / "debs").mkdir(parents=True, exist_ok=True)
+    for deb in (CACHE_DIR / "debs").glob("*.deb"):
+        try:
+            os.link(deb, dest / "debs" / deb.name)
+        except OSError:  # another file system
+            shutil.copyfile(deb, dest / "debs" / deb.name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def dest(tmp_path_factory: pytest.TempPathFactory, guest: demo.Guest) -> Path:
     """A build directory of this module's own that reuses the session's kernel download.
@@ -42,11 +54,7 @@ def dest(tmp_path_factory: pytest.TempPathFactory, guest: demo.Guest) -> Path:
     Each new initramfs unpacks the 26 MB kernel package (~1.5 s), so tests share
     this directory and tell their builds apart by their init scripts.
     """
-    path = tmp_path_factory.mktemp("demo")
-    (path / "debs").mkdir()
-    for deb in (CACHE_DIR / "debs").glob("*.deb"):
-        os.link(deb, path / "debs" / deb.name)
-    return path
+    return seed_debs(tmp_path_factory.mktemp("demo"))
 
 
 def test_find_kernel_package_names_a_versioned_cloud_kernel() -> None:
@@ -148,3 +156,12 @@ def test_demo_guest_powers_off_on_the_power_button(dest: Path) -> None:
         qemu.monitor("system_powerdown")
         qemu.wait_for("power button pressed, powering off", timeout=10)
         assert qemu.wait_exit(timeout=10) == 0
+
+
+def test_write_demo_escapes_percent_in_paths(tmp_path: Path, dest: Path) -> None:
+    # '%' starts a specifier in .vm values: a data directory named with one must survive
+    odd = seed_debs(tmp_path / "50%data")
+    path = demo.write_demo(tmp_path / "etc", odd)
+    assert "50%%data" in path.read_text()
+    vm = settings.parse_vm("demo", unitfile.read(path), source_path=path)
+    assert vm.kernel is not None and vm.kernel.is_file() and "50%data" in str(vm.kernel)
