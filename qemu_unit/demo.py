@@ -204,8 +204,13 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def _make_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)  # QEMU runs as the unprivileged qemu-run user
+    # QEMU runs as the unprivileged qemu-run user: it must reach and read every file,
+    # so every directory made here is 0755 whatever the umask.
+    missing = [d for d in (path, *path.parents) if not d.exists()]
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        d.chmod(0o755)
+    path.chmod(0o755)
     return path
 
 

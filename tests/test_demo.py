@@ -112,11 +112,12 @@ def test_everything_is_readable_by_the_unprivileged_vm_user(dest: Path) -> None:
     old = os.umask(0o077)
     try:
         g = demo.build_guest(dest, "#!/bin/sh\necho built under umask 077\n")
+        vm_file = demo.write_demo(dest / "new/etc", dest)
     finally:
         os.umask(old)
-    for path in (g.kernel, g.initrd):
+    for path in (g.kernel, g.initrd, vm_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
-    for d in (g.kernel.parent, dest, dest / "debs"):
+    for d in (g.kernel.parent, dest, dest / "debs", dest / "new", dest / "new/etc"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
 
 
