@@ -656,8 +656,8 @@ def test_many_vms_with_bad_ones_in_every_share(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     count = 3 * generator.PARALLEL_MIN
     for i in range(count):
-        bad = i % 97 == 5
-        text = "[VM]\nMemory=lots\n" if bad else "[VM]\n[Install]\nWantedBy=multi-user.target\n"
+        broken = i % 97 == 5
+        text = "[VM]\nMemory=lots\n" if broken else "[VM]\n[Install]\nWantedBy=multi-user.target\n"
         write_vm(src, f"vm{i:04d}.vm", text)
     out.mkdir()
     result = run_generator(src, out)
