@@ -9,6 +9,7 @@ install --root UPPER`), so systemd runs the generator at boot exactly as on a ho
 from __future__ import annotations
 
 import http.server
+import os
 import subprocess
 import threading
 import time
@@ -221,3 +222,26 @@ def test_files_outside_the_sandbox_are_opened_up(ct: Container) -> None:
     finally:
         ct.systemctl("stop", unit)
     assert prop(ct, unit, "Result") == "success"
+
+
+def test_tap_network_opens_an_existing_tap(ct: Container) -> None:
+    """Network=tap:IFACE: the drop-in's DeviceAllow=/dev/net/tun and host network
+    namespace let QEMU attach to a tap device the administrator made for qemu-run."""
+    # The container shares the host's network namespace: a unique name, always removed.
+    tap = f"qut{os.getpid() % 100000}"
+    # nspawn makes /dev/net/tun root-only; hosts usually have it 0666.
+    ct.run("chmod", "0666", "/dev/net/tun")
+    ct.run("ip", "tuntap", "add", "dev", tap, "mode", "tap", "user", "qemu-run")
+    unit = "qemu-run@tapvm.service"
+    try:
+        ct.run("ip", "link", "set", tap, "up")
+        put_file(ct, CONFIG_DIR / "tapvm.vm", _vm("wait", vm=f"Network=\nNetwork=tap:{tap}"))
+        ct.systemctl("daemon-reload")
+        assert "/dev/net/tun rw" in prop(ct, unit, "DeviceAllow")
+        ct.systemctl("start", unit)
+        wait_for("guest boot", lambda: "qemu-unit-guest: booted" in console(ct, "tapvm"))
+        # Carrier comes up when a process attaches to the tap.
+        assert "LOWER_UP" in ct.run("ip", "link", "show", tap).stdout
+    finally:
+        ct.systemctl("stop", unit, check=False)
+        ct.run("ip", "link", "del", tap, check=False)
