@@ -367,7 +367,7 @@ class Runner:
                 logger.info("Guest console matched %r: ready", self.vm.ready)
                 self.notify.ready("Running")
             elif kind == "signal":
-                signame = signal.Signals(item[1]).name
+                signame = _signal_name(item[1])
                 if not self.stop_requested:
                     self.stop_requested = True
                     deadline = time.monotonic() + self.shutdown_timeout
@@ -449,6 +449,15 @@ class Runner:
         )
         self.notify.status(f"Failed: {reason}")
         return 1
+
+
+def _signal_name(signum: int) -> str:
+    if signum == signal.SIGRTMIN + 4:
+        return "SIGRTMIN+4"
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _qemu_log_tail(dirs: Dirs, name: str, lines: int = 15) -> str:

@@ -1,0 +1,188 @@
+"""`qemu-unit run` outside systemd, against a real NOTIFY_SOCKET, real libvirt and QEMU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.guest import build_test_guest, cmdline
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = Path("/var/lib/qemu-unit-tests")
+
+
+class NotifySocket:
+    """The service manager's end of the sd_notify protocol."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.path.chmod(0o777)  # the runner drops to the qemu-run user
+        self.messages: list[dict[str, str]] = []
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 30) -> dict[str, str]:
+        for msg in self.messages:
+            if key in msg and (value is None or msg[key] == value):
+                return msg
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                break
+            msg = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append(msg)
+            if key in msg and (value is None or msg[key] == value):
+                return msg
+        raise AssertionError(f"no {key}={value or '*'} within {timeout}s: {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    subprocess.run(["systemd-sysusers", str(REPO / "units/qemu-unit.sysusers")], check=True)
+    BASE.mkdir(parents=True, exist_ok=True)
+    BASE.chmod(0o755)
+    with tempfile.TemporaryDirectory(dir=BASE, prefix="n") as tmp:
+        d = Path(tmp)
+        d.chmod(0o755)
+        yield d
+
+
+def write_vm(d: Path, name: str, mode: str, extra: str = "") -> None:
+    guest = build_test_guest()
+    (d / "cfg").mkdir(exist_ok=True)
+    (d / "cfg" / f"{name}.vm").write_text(
+        "[VM]\nMemory=256M\nAccel=tcg\nMachine=pc\nNetwork=none\n"
+        f"Kernel={guest.kernel}\nInitrd={guest.initrd}\nKernelCmdline={cmdline(mode)}\n{extra}"
+    )
+
+
+def start(d: Path, name: str, notify: NotifySocket, **env: str) -> subprocess.Popen[str]:
+    # A short runtime root: the monitor socket path must fit in 108 bytes.
+    runtime = Path(tempfile.mkdtemp(prefix="qu", dir="/run"))
+    environ = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        "NOTIFY_SOCKET": str(notify.path),
+        "STATE_DIRECTORY": str(d / "state"),
+        "RUNTIME_DIRECTORY": str(runtime),
+        "CACHE_DIRECTORY": str(BASE / "cache"),
+        **env,
+    }
+    return subprocess.Popen(
+        ["/usr/bin/python3", "-m", "qemu_unit", "run", "--config-dir", str(d / "cfg"), name],
+        env=environ,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_notify_protocol_through_a_graceful_stop(workdir: Path) -> None:
+    write_vm(workdir, "n1", "wait")
+    notify = NotifySocket(workdir)
+    proc = start(workdir, "n1", notify, WATCHDOG_USEC="1000000")
+    try:
+        notify.wait_for("STATUS", "Starting")
+        ready = notify.wait_for("READY", "1")
+        assert ready["STATUS"].startswith("Running")
+        notify.wait_for("WATCHDOG", "1", timeout=5)
+        time.sleep(3)  # let the guest reach the point where it listens
+        proc.send_signal(signal.SIGTERM)
+        stopping = notify.wait_for("STOPPING", "1")
+        assert stopping["STATUS"].startswith("Shutting down")
+        extend = notify.wait_for("EXTEND_TIMEOUT_USEC")
+        assert int(extend["EXTEND_TIMEOUT_USEC"]) > 60_000_000  # default ShutdownTimeout=60s
+        _, err = proc.communicate(timeout=60)
+        assert notify.wait_for("STATUS", "Stopped: the guest powered off")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+    assert proc.returncode == 0, err
+    assert "n1 console: qemu-unit-guest: power button pressed" in err
+
+
+def test_second_signal_destroys_at_once(workdir: Path) -> None:
+    write_vm(workdir, "n2", "ignore")
+    notify = NotifySocket(workdir)
+    proc = start(workdir, "n2", notify)
+    try:
+        notify.wait_for("READY", "1")
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        notify.wait_for("STOPPING", "1")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGRTMIN + 4)
+        notify.wait_for("STATUS", "Destroying", timeout=10)
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 15  # far below ShutdownTimeout=60s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+    assert proc.returncode == 0, err
+    assert "Received SIGRTMIN+4 again: destroying the VM now" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "vm", "expected"),
+    [
+        ("nosuch", None, "no nosuch.vm or nosuch.xml"),
+        ("typo", "Memroy=1G\n", "typo.vm:9: Memroy=:"),
+        ("nodisk", "Disk=/nonexistent/disk.img\n", "Disk=:"),
+        ("bad/name", None, "VM name"),
+    ],
+)
+def test_bad_input_exit_78_with_status(
+    workdir: Path, name: str, vm: str | None, expected: str
+) -> None:
+    if vm is not None:
+        write_vm(workdir, name, "wait", vm)
+    (workdir / "cfg").mkdir(exist_ok=True)
+    notify = NotifySocket(workdir)
+    proc = start(workdir, name, notify)
+    _, err = proc.communicate(timeout=30)
+    status = notify.wait_for("STATUS")
+    while not status["STATUS"].startswith("Failed"):
+        status = notify.wait_for("STATUS", timeout=5)
+        notify.messages.remove(status) if not status["STATUS"].startswith("Failed") else None
+    notify.close()
+    assert proc.returncode == 78, err
+    assert expected in err
+    assert expected in status["STATUS"]
+    assert err.count("\n") == 1, err  # one clear line
+
+
+def test_notify_module_uses_the_real_socket(workdir: Path) -> None:
+    from qemu_unit.notify import Notifier
+
+    notify = NotifySocket(workdir)
+    old = os.environ.get("NOTIFY_SOCKET")
+    os.environ["NOTIFY_SOCKET"] = str(notify.path)
+    try:
+        n = Notifier()
+        n.ready("Running (TCG)")
+        n.extend_timeout(2.5)
+    finally:
+        if old is None:
+            del os.environ["NOTIFY_SOCKET"]
+        else:
+            os.environ["NOTIFY_SOCKET"] = old
+    assert notify.wait_for("READY", "1")["STATUS"] == "Running (TCG)"
+    assert notify.wait_for("EXTEND_TIMEOUT_USEC")["EXTEND_TIMEOUT_USEC"] == "2500000"
+    notify.close()
