@@ -79,6 +79,9 @@ MAX_WORKERS = 8
 
 # A /dev/kmsg record is at most ~1 KiB; a longer write fails with EINVAL.
 _KMSG_MAX = 1000
+# The kernel's default ratelimit for /dev/kmsg writers: 10 records per open file.
+_KMSG_BURST = 10
+_KMSG_MAX_RECORDS = 200
 
 
 @dataclass(frozen=True)
@@ -344,18 +347,34 @@ class Log:
     def __init__(self, *, to_stderr: bool = False, stderr: TextIO | None = None) -> None:
         self._stderr = stderr if stderr is not None else sys.stderr
         self._kmsg: int | None = None
+        self._on_fd = 0  # records written through the current /dev/kmsg descriptor
+        self._records = 0
         self.errors = 0
         if to_stderr or os.environ.get("SYSTEMD_LOG_TARGET") == "console":
             return
+        self._kmsg = self._open_kmsg()
+
+    @staticmethod
+    def _open_kmsg() -> int | None:
         try:
-            self._kmsg = os.open("/dev/kmsg", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+            # O_APPEND: meaningless for the device, but a plain file put in its
+            # place (tests, containers) keeps every record.
+            return os.open("/dev/kmsg", os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError:
-            self._kmsg = None
+            return None
 
     def close(self) -> None:
         if self._kmsg is not None:
             os.close(self._kmsg)
             self._kmsg = None
+
+    def after_fork(self) -> None:
+        """In a forked worker: a descriptor of its own, so the kernel's per-file
+        ratelimit is not shared with the parent."""
+        if self._kmsg is not None:
+            self.close()
+            self._kmsg = self._open_kmsg()
+            self._on_fd = 0
 
     def error(self, message: str) -> None:
         self.errors += 1
@@ -366,16 +385,35 @@ class Log:
 
     def _emit(self, level: int, message: str) -> None:
         message = message.replace("\n", " ")
-        if self._kmsg is not None:
-            record = f"<{level}>{PROGRAM}[{os.getpid()}]: {message}".encode(errors="replace")
-            try:
-                # One write() is one kernel log record.
-                os.write(self._kmsg, record[:_KMSG_MAX] + b"\n")
-                return
-            except OSError:
-                pass
+        if self._kmsg is not None and self._write_kmsg(level, message):
+            return
         self._stderr.write(f"{PROGRAM}: {message}\n")
         self._stderr.flush()
+
+    def _write_kmsg(self, level: int, message: str) -> bool:
+        """Write one record; False if /dev/kmsg refused it (then stderr gets it)."""
+        assert self._kmsg is not None
+        self._records += 1
+        if self._records > _KMSG_MAX_RECORDS:
+            return True  # said once below; the rest would only flood the kernel log
+        if self._records == _KMSG_MAX_RECORDS:
+            level, message = 4, "too many messages; the rest are not logged"
+        if self._on_fd == _KMSG_BURST:
+            # The kernel drops all but 10 records per open file in 5 s
+            # (printk_devkmsg=ratelimit): one broken file must not hide the 11th.
+            self.close()
+            self._kmsg = self._open_kmsg()
+            self._on_fd = 0
+            if self._kmsg is None:
+                return False
+        record = f"<{level}>{PROGRAM}[{os.getpid()}]: {message}".encode(errors="replace")
+        try:
+            # One write() is one kernel log record.
+            os.write(self._kmsg, record[:_KMSG_MAX] + b"\n")
+        except OSError:
+            return False
+        self._on_fd += 1
+        return True
 
 
 class Writer:
@@ -486,6 +524,7 @@ def _in_parallel(
         if pid == 0:
             status = 1
             try:
+                log.after_fork()
                 errors = log.errors
                 work(sources[index::workers])
                 status = 1 if log.errors > errors else 0

@@ -216,34 +216,58 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert tree(tmp_path) == {}
 
 
-def test_kmsg_records(tmp_path: Path) -> None:
-    """Without SYSTEMD_LOG_TARGET, messages are /dev/kmsg records with level and PID.
+def _file_as_kmsg(kmsg: Path) -> tuple[str, ...]:
+    """A command prefix running a command with the plain file KMSG over /dev/kmsg.
 
-    A private mount namespace puts a plain file over /dev/kmsg, so the real
-    write path runs and nothing reaches the host's kernel log.
+    A private mount namespace: the real write path runs, nothing reaches the
+    host's kernel log.
     """
     assert os.geteuid() == 0, "needs root for a private mount namespace"
-    src, out = tmp_path / "src", tmp_path / "out"
-    write_vm(src, "bad.vm", "[VM]\nMemroy=1G\n")
-    write_vm(src, "ok.vm", "[VM]\n")
-    out.mkdir()
-    kmsg = tmp_path / "kmsg"
     kmsg.touch()
     script = f'mount --bind {kmsg} /dev/kmsg && exec "$@"'
-    result = run_generator(
-        src, out, env={"SYSTEMD_LOG_TARGET": ""},
-        prefix=("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"),
-    )
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh")
+
+
+def test_kmsg_records(tmp_path: Path) -> None:
+    """Without SYSTEMD_LOG_TARGET, messages are /dev/kmsg records with level and PID."""
+    src, out, kmsg = tmp_path / "src", tmp_path / "out", tmp_path / "kmsg"
+    write_vm(src, "bad.vm", "[VM]\nMemroy=1G\n")
+    # More than the kernel lets through one descriptor (10 per 5 s), from
+    # both worker processes.
+    for i in range(2 * generator.PARALLEL_MIN + 24):
+        write_vm(src, f"vm{i:03d}.vm", "[VM]\nCPUs=0\n" if i % 10 == 0 else "[VM]\n")
+    write_vm(src, "ok.vm", "[VM]\n")
+    out.mkdir()
+    result = run_generator(src, out, env={"SYSTEMD_LOG_TARGET": ""}, prefix=_file_as_kmsg(kmsg))
     assert result.returncode == 1
     assert result.stderr == ""
     records = kmsg.read_text().splitlines()
-    assert len(records) == 1, records
-    assert re.fullmatch(
+    assert len(records) == 1 + 23, records
+    assert any(re.fullmatch(
         rf"<3>qemu-unit-generator\[\d+\]: {src}/bad\.vm:2: Memroy=: unknown key in \[VM\] "
         r"\(did you mean Memory=\?\) \(skipped\)",
-        records[0],
-    ), records[0]
+        record,
+    ) for record in records), records
+    assert sum(f"{src}/vm" in r and ".vm:2: CPUs=: " in r for r in records) == 23
     assert dropin(out, "ok").is_file()
+
+
+def test_kmsg_stops_after_a_flood(tmp_path: Path) -> None:
+    kmsg = tmp_path / "kmsg"
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "from qemu_unit.generator import Log\n"
+        "log = Log()\n"
+        "for i in range(500): log.error(f'error {i}')\n"
+        "log.close()\n"
+    )
+    subprocess.run([*_file_as_kmsg(kmsg), PYTHON, "-I", "-c", code], check=True, timeout=60)
+    records = kmsg.read_text().splitlines()
+    limit = generator._KMSG_MAX_RECORDS
+    assert len(records) == limit
+    assert records[limit - 2].endswith(f"error {limit - 2}")
+    assert re.fullmatch(r"<4>qemu-unit-generator\[\d+\]: too many messages; the rest are not "
+                        r"logged", records[-1]), records[-1]
 
 
 def test_stderr_when_kmsg_cannot_be_opened() -> None:
