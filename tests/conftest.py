@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from qemu_unit import demo  # noqa: E402
+from tests.support import container  # noqa: E402
 from tests.support.guest import build_test_guest  # noqa: E402
 from tests.support.venv import test_install  # noqa: E402
 
@@ -55,6 +58,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     pytest.fail(f"{why}. Run as root on a machine with systemd-container and "
                 "qemu-system-x86, or set QEMU_UNIT_SKIP_SYSTEM=1 to skip on purpose.",
                 pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    # A container's journal dies with it: attach it to the report of a failing test
+    # while the container (perhaps a module-scoped fixture) still runs.
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.failed:
+        for ct in list(container.LIVE):
+            if ct.running():
+                report.sections.append((f"journal of container {ct.name}", ct.dump_journal()))
 
 
 @pytest.fixture(scope="session")

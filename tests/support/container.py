@@ -37,6 +37,10 @@ class ContainerError(Exception):
     pass
 
 
+# Containers booted and not yet torn down; conftest adds their journals to failed tests.
+LIVE: set[Container] = set()
+
+
 def _mounts_under(path: Path) -> list[str]:
     prefix = str(path)
     found = []
@@ -97,6 +101,7 @@ class Container:
         except BaseException:
             self._teardown()
             raise
+        LIVE.add(self)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -198,6 +203,7 @@ class Container:
                                  f"poweroff:\n{self._log_tail()}") from e
 
     def _teardown(self) -> None:
+        LIVE.discard(self)
         if self._nspawn is not None and self._nspawn.poll() is None:
             # SIGTERM asks nspawn for an orderly shutdown of the container.
             self._nspawn.terminate()
