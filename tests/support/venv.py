@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
@@ -46,9 +47,17 @@ def _make_readable(top: Path) -> None:
                 path.chmod(wanted)
 
 
+def _tree_digest(top: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in top.rglob("*") if not p.is_dir()):
+        h.update(str(path.relative_to(top)).encode() + b"\0")
+        h.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+    return h.hexdigest()
+
+
 @functools.cache
 def test_install() -> Path:
-    """Install this tree into the shared test venv (once per session); return bin/qemu-unit."""
+    """Install this tree into the shared test venv if it changed; return bin/qemu-unit."""
     VENV_DIR.parent.mkdir(parents=True, exist_ok=True)
     VENV_DIR.parent.chmod(0o755)
     with open(VENV_DIR.parent / ".venv.lock", "a") as lock:
@@ -62,8 +71,15 @@ def test_install() -> Path:
             src = Path(tmp, "src")
             shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
                 ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "tests"))
-            _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps",
-                  "--no-build-isolation", "--force-reinstall", str(src)])
+            # Other sessions' containers may be running the venv: reinstall only
+            # when the tree changed, so that an unchanged tree is never half-installed.
+            digest = _tree_digest(src)
+            stamp = VENV_DIR / ".installed-tree"
+            if not stamp.exists() or stamp.read_text() != digest:
+                stamp.unlink(missing_ok=True)
+                _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps",
+                      "--no-build-isolation", "--force-reinstall", str(src)])
+                stamp.write_text(digest)
         _make_readable(VENV_DIR)
     script = VENV_DIR / "bin/qemu-unit"
     if not script.is_file():
