@@ -492,6 +492,10 @@ def _generate(
         except QemuUnitError as e:
             log.error(f"{e} (skipped)")
             continue
+        except Exception as e:
+            # A bug met in one file must not keep every other VM from booting.
+            log.error(f"{src.path}: internal error: {type(e).__name__}: {e} (skipped)")
+            continue
         for warning in generated.warnings:
             log.warning(warning)
         if writer is None:
@@ -536,11 +540,13 @@ def _in_parallel(
                 # Skip atexit handlers and buffered output inherited from the parent.
                 os._exit(status)
         children.append(pid)
-    work(sources[0::workers])
-    for pid in children:
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            log.errors += 1
+    try:
+        work(sources[0::workers])
+    finally:
+        for pid in children:
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                log.errors += 1
 
 
 def run(outdir: Path | None, log: Log, out: TextIO) -> int:

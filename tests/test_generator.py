@@ -17,6 +17,7 @@ test_fixtures.FOREIGN_VERBS) are checked here:
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qemu_unit import generator, names, unitfile
+from qemu_unit import generator, names, source, unitfile
 from qemu_unit.errors import ConfigError
 from tests.test_fixtures import FIXTURE_DIR, Fixture, fixtures, load_fixture
 
@@ -723,3 +724,18 @@ def test_dryrun_is_not_split(tmp_path: Path) -> None:
     assert result.returncode == 0
     printed = re.findall(r"(?m)^---qemu-run@(vm\d{4})\.service\.d/", result.stdout)
     assert printed == names
+
+
+def test_an_unexpected_exception_fails_only_its_vm(tmp_path: Path) -> None:
+    good = write_vm(tmp_path, "good.vm", "[VM]\n")
+    # A Source no search would produce: its drop-in is not a path (AttributeError deep down).
+    broken = source.Source("broken", "vm", good, dropins=(None,))  # type: ignore[arg-type]
+    fine = source.Source("good", "vm", good)
+    out = tmp_path / "out"
+    stderr = io.StringIO()
+    log = generator.Log(to_stderr=True, stderr=stderr)
+    generator._generate([broken, fine], generator.UnitFiles([]), generator.Writer(out), log,
+                        io.StringIO())
+    assert log.errors == 1
+    assert f"{good}: internal error: AttributeError" in stderr.getvalue()
+    assert dropin(out, "good").is_file() and not dropin(out, "broken").exists()
