@@ -27,10 +27,14 @@ class Notifier:
         if not self.enabled:
             return
         message = "\n".join(fields)
-        if _daemon is not None:
-            _daemon.notify(message)
-        else:
-            _send_sdnotify(message)
+        try:
+            if _daemon is not None:
+                _daemon.notify(message)
+            else:
+                _send_sdnotify(message)
+        except OSError:
+            # Like sd_notify(3): a manager that is gone is no reason to fail.
+            self.enabled = False
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")
