@@ -12,6 +12,12 @@ and `TARGET.requires/...` symlinks. A bad file is reported with file, line and
 key and skipped; every other file is still generated; the exit status is 1 if
 anything failed (as Quadlet does).
 
+A template VM (base@.vm) is generated only for instances that have a file of
+their own (base@inst.vm, e.g. a symlink to the template, as with Quadlet's
+foo@bar.container): no systemd drop-in directory matches "every instance of
+base@" inside qemu-run@.service. An instance without its own file runs with the
+template's sandbox as is (no network, no files outside the state directory).
+
 Generators run before /var is mounted and must not talk to other processes:
 this module imports the standard library and the .vm parser only, never
 libvirt, and checks syntax and values only (disks may live on file systems
