@@ -82,9 +82,10 @@ def render_unit(text: str, command: str) -> str:
 
 
 def render_generator(text: str) -> str:
-    # -I: no user site, no PYTHON* variables; the venv (if any) still applies.
+    # -I: no user site, no PYTHON* variables (the venv still applies); -B: a generator
+    # writes nothing outside its output directories, bytecode included.
     body = text.split("\n", 1)[1]
-    return f"#!{sys.executable} -I\n{body}"
+    return f"#!{sys.executable} -IB\n{body}"
 
 
 def _write(path: Path, content: str, mode: int = 0o644) -> None:

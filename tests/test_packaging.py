@@ -168,7 +168,7 @@ def test_deb_unit_and_entry_points(deb: Built) -> None:
     assert [e.value for e in unit.lookup("Service", "ExecStart")] == ["/usr/bin/qemu-unit run %i"]
     assert [e.value for e in unit.lookup("Service", "User")] == ["qemu-run"]
     generator = (deb.tree / "usr/lib/systemd/system-generators/qemu-unit-generator").read_text()
-    assert generator.startswith("#!/usr/bin/python3 -I\n")
+    assert generator.startswith("#!/usr/bin/python3 -IB\n")
     assert (deb.tree / "usr/bin/qemu-unit").read_text().startswith("#!/usr/bin/python3\n")
     sysusers = (deb.tree / "usr/lib/sysusers.d/qemu-unit.conf").read_text()
     assert re.search(r"^u qemu-run ", sysusers, re.M)

@@ -1,0 +1,49 @@
+"""The reference: bare libvirt-python on an embed root, no qemu-unit.
+
+Started by bench/runner.py as the qemu-run user. Prints `CREATED` once createXML
+returned; on `stop` from stdin asks for an ACPI shutdown, prints `STOPPED` on the
+lifecycle event. Listens on the same console socket the runner uses, so both start
+the same domain.
+"""
+
+import os
+import queue
+import socket
+import sys
+import threading
+
+import libvirt
+
+root, xml_path, sock_path = sys.argv[1:4]
+os.makedirs(f"{root}/etc", exist_ok=True)
+with open(f"{root}/etc/qemu.conf", "w") as f:
+    f.write('stdio_handler = "file"\n')
+libvirt.registerErrorHandler(lambda *_: None, None)
+libvirt.virEventRegisterDefaultImpl()
+threading.Thread(target=lambda: [libvirt.virEventRunDefaultImpl() for _ in iter(int, 1)],
+                 daemon=True).start()
+if os.path.exists(sock_path):
+    os.unlink(sock_path)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(sock_path)
+listener.listen(1)
+
+
+def drain() -> None:
+    conn, _ = listener.accept()
+    while conn.recv(65536):
+        pass
+
+
+threading.Thread(target=drain, daemon=True).start()
+events: queue.SimpleQueue = queue.SimpleQueue()
+conn = libvirt.open(f"qemu:///embed?root={root}")
+conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                            lambda c, d, e, det, o: events.put(e), None)
+dom = conn.createXML(open(xml_path).read(), 0)
+print("CREATED", flush=True)
+sys.stdin.readline()
+dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+while events.get() != libvirt.VIR_DOMAIN_EVENT_STOPPED:
+    pass
+print("STOPPED", flush=True)

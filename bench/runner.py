@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Runner benchmark, in one run, against the references (run as root; TCG; warm caches).
+
+    python3 bench/runner.py [--rounds N]
+
+- start -> READY=1 of `qemu-unit run` vs. a bare libvirt-python createXML and
+  `virt-qemu-run` (its "guest running"), each from process spawn, same domain;
+- stop latency with a cooperative guest: SIGTERM -> runner exit vs. the bare
+  script's ACPI request -> STOPPED event (the guest's own power-off);
+- the runner's RSS once the VM runs;
+- under a real systemd (nspawn): `systemctl start` -> active, and ten VMs in one
+  `systemctl start`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qemu_unit import render, settings, source  # noqa: E402
+from tests.support.container import Container  # noqa: E402
+from tests.support.guest import build_test_guest, cmdline  # noqa: E402
+from tests.support.venv import test_install  # noqa: E402
+from tests.support.vm import install_qemu_unit, stage_guest, vm_text, write_vm  # noqa: E402
+
+BASE = Path("/var/lib/qemu-unit-bench")
+AS_USER = ["setpriv", "--reuid=qemu-run", "--regid=qemu-run", "--init-groups"]
+BOOT_WAIT = 4.0  # the guest listens for the power button by then (TCG boot ~2.5 s)
+
+
+class Proc:
+    """A child whose output lines are timestamped as they arrive."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self.cond = threading.Condition()
+        self.start = time.monotonic()
+        self.p = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            with self.cond:
+                self.lines.append((time.monotonic(), line))
+                self.cond.notify_all()
+
+    def wait_line(self, text: str, timeout: float = 60) -> float:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for t, line in self.lines:
+                    if text in line:
+                        return t
+                if not self.cond.wait(deadline - time.monotonic()):
+                    out = "".join(line for _, line in self.lines)[-3000:]
+                    raise RuntimeError(f"no {text!r} within {timeout}s:\n{out}")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+
+class Notify:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        path.chmod(0o777)
+
+    def wait(self, key: str, timeout: float = 60) -> float:
+        self.sock.settimeout(timeout)
+        while True:
+            if key in self.sock.recv(4096).decode():
+                return time.monotonic()
+
+
+def setup() -> tuple[Path, str]:
+    subprocess.run(["systemd-sysusers", str(REPO / "units/qemu-unit.sysusers")], check=True)
+    shutil.rmtree(BASE, ignore_errors=True)
+    (BASE / "cfg").mkdir(parents=True)
+    guest = build_test_guest()
+    (BASE / "cfg/bench.vm").write_text(
+        "[VM]\nMemory=256M\nAccel=tcg\nMachine=pc\nNetwork=none\n"
+        f"Kernel={guest.kernel}\nInitrd={guest.initrd}\nKernelCmdline={cmdline('wait')}\n"
+    )
+    subprocess.run(["chmod", "-R", "a+rX", str(BASE)], check=True)
+    subprocess.run(["chown", "-R", "qemu-run:", str(BASE)], check=True)
+    vm = settings.load_vm(source.find_source("bench", [BASE / "cfg"]))
+    return BASE / "cfg", render.load_domain_xml(vm, "tcg", BASE / "state")
+
+
+def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:
+    notify = Notify(BASE / "notify.sock")
+    env = {
+        "PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": str(notify.path),
+        "STATE_DIRECTORY": str(BASE / "state"), "RUNTIME_DIRECTORY": "/run/qub-ours",
+        "CACHE_DIRECTORY": str(BASE / "cache"), "INVOCATION_ID": "bench",
+    }
+    proc = Proc([*AS_USER, str(qemu_unit), "run", "--config-dir", str(cfg), "bench"], env)
+    ready = notify.wait("READY=1") - proc.start
+    time.sleep(BOOT_WAIT)
+    rss = proc.rss_kib() / 1024
+    t = time.monotonic()
+    proc.p.send_signal(signal.SIGTERM)
+    proc.p.wait(60)
+    stop = time.monotonic() - t
+    notify.sock.close()
+    assert proc.p.returncode == 0, "".join(line for _, line in proc.lines)[-2000:]
+    return {"ready": ready, "stop": stop, "rss": rss}
+
+
+def run_bare(xml: str) -> dict[str, float]:
+    root = "/run/qub-bare"
+    Path(root).mkdir(exist_ok=True)
+    shutil.chown(root, "qemu-run", "qemu-run")
+    sock = f"{root}/console.sock"
+    adapted, _ = render.adapt_xml(xml, name="bench", path="bench", console=Path(sock),
+                                  agent=Path(f"{root}/agent.sock"), kvm=None)
+    xml_path = BASE / "bare.xml"
+    xml_path.write_text(adapted)
+    xml_path.chmod(0o644)
+    env = {"PATH": "/usr/bin:/bin", "HOME": root}
+    proc = Proc([*AS_USER, "/usr/bin/python3", str(REPO / "bench/bare_libvirt.py"), root,
+                 str(xml_path), sock], env)
+    ready = proc.wait_line("CREATED") - proc.start
+    time.sleep(BOOT_WAIT)
+    t = time.monotonic()
+    assert proc.p.stdin is not None
+    proc.p.stdin.write("stop\n")
+    proc.p.stdin.flush()
+    stop = proc.wait_line("STOPPED") - t
+    proc.p.wait(30)
+    return {"ready": ready, "stop": stop}
+
+
+def run_virt_qemu_run(xml: str) -> dict[str, float]:
+    root = Path("/run/qub-vqr")
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc/qemu.conf").write_text('stdio_handler = "file"\n')
+    subprocess.run(["chown", "-R", "qemu-run:", str(root)], check=True)
+    xml_path = BASE / "vqr.xml"
+    xml_path.write_text(xml)
+    xml_path.chmod(0o644)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(root)}
+    proc = Proc([*AS_USER, "virt-qemu-run", "-v", "-r", str(root), str(xml_path)], env)
+    ready = proc.wait_line("guest running") - proc.start
+    time.sleep(BOOT_WAIT)
+    t = time.monotonic()
+    proc.p.send_signal(signal.SIGTERM)  # virt-qemu-run destroys the guest: not graceful
+    proc.p.wait(30)
+    return {"ready": ready, "stop": time.monotonic() - t}
+
+
+def run_systemd(qemu_unit: Path, rounds: int) -> dict[str, float]:
+    names = [f"b{i}" for i in range(10)]
+
+    def prepare(upper: Path) -> None:
+        stage_guest(upper)
+        for n in ("bench", *names):
+            write_vm(upper, n, vm_text("wait"))
+
+    out: dict[str, float] = {}
+    with Container("bench", prepare) as ct:
+        install_qemu_unit(ct, qemu_unit)
+        ct.systemctl("start", "qemu-run@bench")  # warms the host's capability cache
+        ct.systemctl("stop", "qemu-run@bench")
+        starts = []
+        for _ in range(rounds):
+            t = time.monotonic()
+            ct.systemctl("start", "qemu-run@bench")
+            starts.append(time.monotonic() - t)
+            ct.systemctl("stop", "qemu-run@bench")
+        out["systemctl start"] = statistics.median(starts)
+        t = time.monotonic()
+        ct.systemctl("start", *(f"qemu-run@{n}" for n in names), timeout=300)
+        out["ten VMs"] = time.monotonic() - t
+        active = ct.run("systemctl", "is-active", *(f"qemu-run@{n}" for n in names),
+                        check=False).stdout.split()
+        assert active == ["active"] * 10, active
+        ct.systemctl("stop", *(f"qemu-run@{n}" for n in names), timeout=300)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/runner.py: run as root", file=sys.stderr)
+        return 1
+    qemu_unit = test_install()
+    cfg, xml = setup()
+    results: dict[str, list[dict[str, float]]] = {"qemu-unit": [], "libvirt": [], "vqr": []}
+    # One discarded warm-up each: every embed root pays its capability probe once.
+    for i in range(args.rounds + 1):
+        for key, fn in (
+            ("qemu-unit", lambda: run_qemu_unit(qemu_unit, cfg)),
+            ("libvirt", lambda: run_bare(xml)),
+            ("vqr", lambda: run_virt_qemu_run(xml)),
+        ):
+            r = fn()
+            if i:
+                results[key].append(r)
+
+    def med(key: str, field: str) -> float:
+        return statistics.median(r[field] for r in results[key])
+
+    ours, bare, vqr = (med(k, "ready") for k in ("qemu-unit", "libvirt", "vqr"))
+    stop_ours, stop_bare, stop_vqr = (med(k, "stop") for k in ("qemu-unit", "libvirt", "vqr"))
+    rss = med("qemu-unit", "rss")
+    sysd = run_systemd(qemu_unit, args.rounds)
+    print(f"\nmedians of {args.rounds} rounds, TCG, warm capability cache\n")
+    print("| measure | qemu-unit | bare libvirt-python | virt-qemu-run | ratio |")
+    print("|---|---|---|---|---|")
+    print(f"| spawn -> running/READY | {ours:.3f} s | {bare:.3f} s | {vqr:.3f} s "
+          f"| {ours / bare:.2f}x libvirt, {ours / vqr:.2f}x virt-qemu-run |")
+    print(f"| stop, cooperative guest | {stop_ours:.3f} s | {stop_bare:.3f} s "
+          f"| {stop_vqr:.3f} s (destroys) | +{stop_ours - stop_bare:.3f} s over the guest's "
+          "own power-off |")
+    print(f"| runner RSS | {rss:.1f} MB | | | |")
+    print(f"| systemctl start -> active | {sysd['systemctl start']:.3f} s | | | |")
+    print(f"| ten VMs, one systemctl start | {sysd['ten VMs']:.3f} s | | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
