@@ -2,8 +2,8 @@
 
 Started by bench/runner.py as the qemu-run user. Prints `CREATED` once createXML
 returned; on `stop` from stdin asks for an ACPI shutdown, prints `STOPPED` on the
-lifecycle event. Listens on the same console socket the runner uses, so both start
-the same domain.
+lifecycle event. Listens on the same console socket the runner uses and prints the console, so
+both start the same domain and wait for the same guest line.
 """
 
 import os
@@ -31,8 +31,9 @@ listener.listen(1)
 
 def drain() -> None:
     conn, _ = listener.accept()
-    while conn.recv(65536):
-        pass
+    while data := conn.recv(65536):
+        sys.stdout.write(data.decode(errors="replace"))
+        sys.stdout.flush()
 
 
 threading.Thread(target=drain, daemon=True).start()

@@ -37,7 +37,8 @@ from tests.support.vm import install_qemu_unit, stage_guest, vm_text, write_vm  
 
 BASE = Path("/var/lib/qemu-unit-bench")
 AS_USER = ["setpriv", "--reuid=qemu-run", "--regid=qemu-run", "--init-groups"]
-BOOT_WAIT = 4.0  # the guest listens for the power button by then (TCG boot ~2.5 s)
+BOOTED = "qemu-unit-guest: booted"  # printed once the guest listens to the power button
+BOOT_WAIT = 4.0  # virt-qemu-run's console is a pty we do not read: wait instead
 
 
 class Proc:
@@ -110,14 +111,21 @@ def setup() -> tuple[Path, str]:
 
 def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:
     notify = Notify(BASE / "notify.sock")
+    Path("/run/qub-ours").mkdir(exist_ok=True)
+    shutil.chown("/run/qub-ours", "qemu-run", "qemu-run")
     env = {
         "PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": str(notify.path),
         "STATE_DIRECTORY": str(BASE / "state"), "RUNTIME_DIRECTORY": "/run/qub-ours",
         "CACHE_DIRECTORY": str(BASE / "cache"), "INVOCATION_ID": "bench",
     }
     proc = Proc([*AS_USER, str(qemu_unit), "run", "--config-dir", str(cfg), "bench"], env)
-    ready = notify.wait("READY=1") - proc.start
-    time.sleep(BOOT_WAIT)
+    try:
+        ready = notify.wait("READY=1") - proc.start
+    except TimeoutError:
+        proc.p.kill()
+        out = "".join(line for _, line in proc.lines)[-3000:]
+        raise RuntimeError(f"no READY=1:\n{out}") from None
+    proc.wait_line(BOOTED)
     rss = proc.rss_kib() / 1024
     t = time.monotonic()
     proc.p.send_signal(signal.SIGTERM)
@@ -131,6 +139,7 @@ def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:
 def run_bare(xml: str) -> dict[str, float]:
     root = "/run/qub-bare"
     Path(root).mkdir(exist_ok=True)
+    shutil.rmtree(f"{root}/run", ignore_errors=True)  # no stale domain from an aborted run
     shutil.chown(root, "qemu-run", "qemu-run")
     sock = f"{root}/console.sock"
     adapted, _ = render.adapt_xml(xml, name="bench", path="bench", console=Path(sock),
@@ -142,14 +151,15 @@ def run_bare(xml: str) -> dict[str, float]:
     proc = Proc([*AS_USER, "/usr/bin/python3", str(REPO / "bench/bare_libvirt.py"), root,
                  str(xml_path), sock], env)
     ready = proc.wait_line("CREATED") - proc.start
-    time.sleep(BOOT_WAIT)
+    proc.wait_line(BOOTED)
+    rss = proc.rss_kib() / 1024
     t = time.monotonic()
     assert proc.p.stdin is not None
     proc.p.stdin.write("stop\n")
     proc.p.stdin.flush()
     stop = proc.wait_line("STOPPED") - t
     proc.p.wait(30)
-    return {"ready": ready, "stop": stop}
+    return {"ready": ready, "stop": stop, "rss": rss}
 
 
 def run_virt_qemu_run(xml: str) -> dict[str, float]:
@@ -226,7 +236,7 @@ def main() -> int:
 
     ours, bare, vqr = (med(k, "ready") for k in ("qemu-unit", "libvirt", "vqr"))
     stop_ours, stop_bare, stop_vqr = (med(k, "stop") for k in ("qemu-unit", "libvirt", "vqr"))
-    rss = med("qemu-unit", "rss")
+    rss, rss_bare = med("qemu-unit", "rss"), med("libvirt", "rss")
     sysd = run_systemd(qemu_unit, args.rounds)
     print(f"\nmedians of {args.rounds} rounds, TCG, warm capability cache\n")
     print("| measure | qemu-unit | bare libvirt-python | virt-qemu-run | ratio |")
@@ -236,7 +246,8 @@ def main() -> int:
     print(f"| stop, cooperative guest | {stop_ours:.3f} s | {stop_bare:.3f} s "
           f"| {stop_vqr:.3f} s (destroys) | +{stop_ours - stop_bare:.3f} s over the guest's "
           "own power-off |")
-    print(f"| runner RSS | {rss:.1f} MB | | | |")
+    print(f"| process RSS, VM running | {rss:.1f} MB | {rss_bare:.1f} MB | | "
+          f"{rss / rss_bare:.2f}x libvirt |")
     print(f"| systemctl start -> active | {sysd['systemctl start']:.3f} s | | | |")
     print(f"| ten VMs, one systemctl start | {sysd['ten VMs']:.3f} s | | | |")
     return 0

@@ -203,6 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             Notifier().status(f"Failed: {e}")
         return e.exit_status
+    except OSError as e:
+        # Permissions, a full disk: say which file, without a traceback.
+        where = f"{e.filename}: " if e.filename else ""
+        log.log.error("%s%s", where, e.strerror or e)
+        if args.command == "run":
+            from qemu_unit.notify import Notifier
+
+            Notifier().status(f"Failed: {where}{e.strerror or e}")
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -12,16 +12,14 @@ single-valued key the last assignment wins.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import math
 import os
 import re
 import stat
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,12 @@ VM_SECTION = "VM"
 PASSTHROUGH_SECTIONS = ("Unit", "Service", "Install")
 
 # Stable per-VM defaults (UUID, MAC) are derived from the name in this namespace.
-UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/qemu-unit/qemu-unit")
+# uuid, hashlib and fractions load on first use: this module is imported at every boot.
+@functools.cache
+def _uuid_namespace() -> Any:
+    import uuid
+
+    return uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/qemu-unit/qemu-unit")
 MAC_PREFIX = "52:54:00"  # QEMU/KVM's locally administered OUI.
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -182,6 +185,8 @@ def parse_size(value: str, entry: Entry) -> int:
     match = _SIZE.fullmatch(value.strip())
     if not match:
         raise _fail(entry, f"invalid size {value!r}: expected a number with K, M, G or T")
+    from fractions import Fraction
+
     size = int(Fraction(match.group(1)) * _SIZE_FACTORS[match.group(2)])
     if not 1024**2 <= size <= 1024**5:
         raise _fail(entry, f"invalid size {value!r}: expected from 1M to 1P")
@@ -314,6 +319,8 @@ def parse_mac(value: str, entry: Entry) -> str:
 
 def parse_uuid(value: str, entry: Entry) -> str:
     try:
+        import uuid
+
         return str(uuid.UUID(value))
     except ValueError:
         raise _fail(entry, f"invalid UUID {value!r}") from None
@@ -589,12 +596,16 @@ def expand_specifiers(value: str, name: str, entry: Entry) -> str:
 
 
 def stable_mac(name: str, index: int) -> str:
+    import hashlib
+
     digest = hashlib.sha256(f"{name}\0{index}".encode()).digest()
     return MAC_PREFIX + "".join(f":{b:02x}" for b in digest[:3])
 
 
 def stable_uuid(name: str) -> str:
-    return str(uuid.uuid5(UUID_NAMESPACE, name))
+    import uuid
+
+    return str(uuid.uuid5(_uuid_namespace(), name))
 
 
 _UNSAFE_CHAR = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
