@@ -55,6 +55,9 @@ def search_path(path: Sequence[str | os.PathLike[str]] | None = None) -> tuple[P
 
 def is_masked(path: Path) -> bool:
     """A symlink to /dev/null (or /dev/null itself) masks, as in systemd."""
+    # Only a symlink can point at /dev/null: skip realpath() for plain files (boot time).
+    if not os.path.islink(path):
+        return os.fspath(path) == os.devnull
     return os.path.realpath(path) == os.devnull
 
 
