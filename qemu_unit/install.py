@@ -107,7 +107,21 @@ def systemd_running(root: Path) -> bool:
     return root == Path("/") and Path("/run/systemd/system").is_dir()
 
 
+def from_distribution() -> bool:
+    """Installed by a .deb/.rpm, whose units systemd already has under /usr/lib."""
+    here = Path(__file__).resolve()
+    return any(part in ("dist-packages", "site-packages") for part in here.parts) and (
+        here.is_relative_to("/usr/lib") or here.is_relative_to("/usr/lib64")
+    )
+
+
 def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
+    if from_distribution() and root == Path("/"):
+        # A copy under /usr/local would shadow the package's own unit.
+        raise QemuUnitError(
+            "qemu-unit comes from a distribution package: its unit and generator are "
+            "installed already; 'qemu-unit install' is for pip installations"
+        )
     units = find_units_dir()
     lay = layout(root, prefix)
     command = finalize_command()

@@ -107,3 +107,12 @@ def console(ct: Container, vm: str) -> str:
 
 def runner_log(ct: Container, vm: str) -> str:
     return ct.journal("-u", f"qemu-run@{vm}.service", "-t", "qemu-unit", "-o", "cat")
+
+
+def assert_graceful_stop(ct: Container, vm: str) -> None:
+    """After `systemctl stop`: the guest saw the power button, the unit ended well, no QEMU."""
+    unit = f"qemu-run@{vm}.service"
+    assert "qemu-unit-guest: power button pressed" in console(ct, vm)
+    assert prop(ct, unit, "ActiveState") == "inactive"
+    assert prop(ct, unit, "Result") == "success"
+    assert qemu_pids(ct, vm) == []

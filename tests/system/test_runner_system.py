@@ -10,6 +10,7 @@ import pytest
 
 from tests.support.container import Container
 from tests.support.vm import (
+    assert_graceful_stop,
     console,
     install_qemu_unit,
     prop,
@@ -78,10 +79,7 @@ def test_start_runs_vm_in_unit_cgroup_with_journal(ct: Container) -> None:
         assert "qemu-unit-guest:" not in runner_log(ct, "web")
     finally:
         ct.systemctl("stop", unit)
-    assert "qemu-unit-guest: power button pressed" in console(ct, "web")
-    assert prop(ct, unit, "ActiveState") == "inactive"
-    assert prop(ct, unit, "Result") == "success"
-    assert qemu_pids(ct, "web") == []
+    assert_graceful_stop(ct, "web")
     assert "destroy" not in runner_log(ct, "web").lower()
 
 
