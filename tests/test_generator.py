@@ -23,7 +23,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -113,10 +113,22 @@ def _placeholder(text: str, input_dir: Path) -> str:
     return text.replace(str(input_dir), "@INPUT@")
 
 
+@pytest.fixture
+def neutral_dir() -> Iterator[Path]:
+    """A directory outside /tmp, /var/tmp and /home: the generator's sandbox settings depend
+    on where files are, so golden output must not depend on where the checkout is."""
+    base = Path("/var/lib/qemu-unit-tests")
+    base.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="golden-", dir=base))
+    yield d
+    shutil.rmtree(d)
+
+
 @pytest.mark.parametrize("case", golden_cases())
-def test_golden(case: str, tmp_path: Path) -> None:
+def test_golden(case: str, tmp_path: Path, neutral_dir: Path) -> None:
     case_dir = GOLDEN / case
-    input_dir = case_dir / "input"
+    input_dir = neutral_dir / "input"
+    shutil.copytree(case_dir / "input", input_dir, symlinks=True)
     out = tmp_path / "out"
     out.mkdir()
     result = run_generator(input_dir, out, out, out)
