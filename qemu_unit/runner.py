@@ -142,15 +142,26 @@ def prepare_root(dirs: Dirs) -> None:
 def probe_lock(cache: Path) -> Iterator[None]:
     """Serialize the first start on a cold capability cache, so the probe runs once per host."""
     caps = cache / "qemu" / "capabilities"
-    if caps.is_dir() and any(caps.glob("*.xml")):
+
+    def warm() -> bool:
+        return caps.is_dir() and any(caps.glob("*.xml"))
+
+    if warm():
         yield
         return
     fd = os.open(cache / "probe.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if warm():
+            # Another VM probed while we waited: no need to hold everyone else up.
+            os.close(fd)
+            fd = -1
+        else:
+            logger.info("QEMU capability cache is cold: probing (other VMs starting now wait)")
         yield
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def _libvirt_message(e: libvirt.libvirtError) -> str:

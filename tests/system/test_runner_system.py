@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,3 +300,27 @@ def test_stop_while_guest_still_boots_is_still_graceful(ct: Container) -> None:
     assert "qemu-unit-guest: power button pressed" in console(ct, "web")
     assert "destroy" not in runner_log(ct, "web").lower()
     assert qemu_pids(ct, "web") == []
+
+
+def test_cold_cache_concurrent_starts_probe_once(qemu_unit_bin: Path) -> None:
+    names = ("ca", "cb", "cc")
+
+    def prep(upper: Path) -> None:
+        stage_guest(upper)
+        for n in names:
+            write_vm(upper, n, vm_text("wait"))
+        # An opaque directory hides the host's (warm) cache: this container starts cold.
+        cache = upper / "var/cache/qemu-run"
+        cache.mkdir(parents=True)
+        os.setxattr(cache, "trusted.overlay.opaque", b"y")
+
+    with Container("coldcache", prep) as ct:
+        install_qemu_unit(ct, qemu_unit_bin)
+        assert ct.run("ls", "-A", "/var/cache/qemu-run").stdout.strip() == ""
+        ct.systemctl("start", *(f"qemu-run@{n}" for n in names), timeout=120)
+        assert all(active(ct, f"qemu-run@{n}.service") for n in names)
+        probes = [n for n in names if "cache is cold: probing" in runner_log(ct, n)]
+        assert len(probes) == 1, probes
+        caps = ct.run("sh", "-c", "ls /var/cache/qemu-run/qemu/capabilities/").stdout.split()
+        assert len([c for c in caps if c.endswith(".xml")]) == 1, caps
+        ct.systemctl("stop", *(f"qemu-run@{n}" for n in names), timeout=120)
