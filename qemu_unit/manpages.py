@@ -187,8 +187,8 @@ sections are copied into the generated drop-in of
 as they are, after what the VM's configuration implies, so they win: for example
 .BR Description= ,
 .BR After= ,
-.B ReadWritePaths=
-for disk images outside the VM's state directory, or
+.BR MemoryMax= ,
+or
 .BR CPUQuota= .
 In
 .BR [Install] ,
@@ -467,13 +467,14 @@ no capabilities, and
 for machines without a network.
 Disk images the guest writes belong to the user
 .B qemu\-run
-and live in the state directory, or in directories opened with
-.B ReadWritePaths=
-in the
-.B [Service]
-section of the
-.I .vm
-file.
+and live in the state directory or anywhere else: the generator opens each writable
+disk of a VM with
+.BR ReadWritePaths= ,
+and the
+.B /home
+and
+.B /tmp
+settings the VM's files need.
 .SH STOPPING
 .BR SIGTERM " (sent by " "systemctl stop" "), " SIGINT " and " SIGRTMIN+4
 ask the guest to shut down: the runner presses the virtual ACPI power button (or
