@@ -33,8 +33,8 @@ class Notifier:
             else:
                 _send_sdnotify(message)
         except OSError:
-            # Like sd_notify(3): a manager that is gone is no reason to fail.
-            self.enabled = False
+            # Like sd_notify(3): a manager that is gone or busy is no reason to fail.
+            pass
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")

@@ -412,9 +412,12 @@ class Runner:
             if wd_interval and now >= next_wd:
                 next_wd = now + wd_interval
                 try:
-                    self.dom.info()
+                    # state(), not info(): libvirt 9.0's info() warns on every call that
+                    # it cannot parse /proc stat lines of QEMU's "CPU 0/TCG" threads.
+                    self.dom.state()
                 except libvirt.libvirtError as e:
-                    logger.error("libvirt does not answer for the domain: %s", e)
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # gone: STOPPED follows
+                        logger.error("libvirt does not answer for the domain: %s", e)
                 else:
                     self.notify.watchdog()
 

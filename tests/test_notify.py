@@ -42,4 +42,4 @@ def test_vanished_socket_is_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/notify.sock")
     n = Notifier()
     n.status("x")
-    assert not n.enabled
+    n.ready("y")  # still no exception: a later manager may come back
