@@ -21,24 +21,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from qemu_unit.errors import ConfigError
 from qemu_unit.names import check_name, split_template
 from qemu_unit.source import Source
 from qemu_unit.unitfile import Entry, UnitFile, read
 
+# typing costs ~3 ms to import at every boot and is needed by type checkers only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 VM_SECTION = "VM"
 # Sections handed to the generator untouched.
 PASSTHROUGH_SECTIONS = ("Unit", "Service", "Install")
 
-# Stable per-VM defaults (UUID, MAC) are derived from the name in this namespace.
-# uuid, hashlib and fractions load on first use: this module is imported at every boot.
-@functools.cache
-def _uuid_namespace() -> Any:
-    import uuid
-
-    return uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/qemu-unit/qemu-unit")
+# Stable per-VM defaults (UUID, MAC) are derived from the name: the UUID in the
+# namespace uuid5(NAMESPACE_URL, UUID_NAMESPACE_URL).
+UUID_NAMESPACE_URL = "https://github.com/qemu-unit/qemu-unit"
+_NAMESPACE_URL = bytes.fromhex("6ba7b8119dad11d180b400c04fd430c8")  # uuid.NAMESPACE_URL
 MAC_PREFIX = "52:54:00"  # QEMU/KVM's locally administered OUI.
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -77,6 +78,8 @@ DISK_CACHES = ("default", "none", "writeback", "writethrough", "directsync", "un
 
 @dataclass(frozen=True)
 class Disk:
+    """A Disk= assignment."""
+
     path: Path
     # None: not given; read from the file's magic when the domain is rendered.
     format: str | None = None
@@ -88,6 +91,8 @@ class Disk:
 
 @dataclass(frozen=True)
 class Network:
+    """One network interface: a Network= assignment and its MAC address."""
+
     kind: NetworkKind
     target: str | None  # the tap interface or the bridge; None for user
     mac: str
@@ -103,6 +108,9 @@ class FileRef:
 
 @dataclass(frozen=True)
 class VMConfig:
+    """A VM as its .vm file (or NAME.xml) and drop-ins describe it, defaults filled in."""
+
+    # (A docstring also spares dataclass() an inspect.signature() at every boot.)
     name: str
     source_path: Path
     dropins: tuple[Path, ...] = ()
@@ -185,21 +193,25 @@ def parse_size(value: str, entry: Entry) -> int:
     match = _SIZE.fullmatch(value.strip())
     if not match:
         raise _fail(entry, f"invalid size {value!r}: expected a number with K, M, G or T")
-    from fractions import Fraction
-
-    size = int(Fraction(match.group(1)) * _SIZE_FACTORS[match.group(2)])
+    # Exact, rounded down: '1.5' is 15 / 10 (no float, no fractions import at boot).
+    whole, _, decimals = match.group(1).partition(".")
+    size: int = int(whole + decimals) * _SIZE_FACTORS[match.group(2)] // 10 ** len(decimals)
     if not 1024**2 <= size <= 1024**5:
         raise _fail(entry, f"invalid size {value!r}: expected from 1M to 1P")
     return size
 
 
 def parse_cpus(value: str, entry: Entry) -> int:
-    if not re.fullmatch(r"[0-9]{1,4}", value) or not 1 <= int(value) <= 1024:
+    if not (0 < len(value) <= 4 and value.isascii() and value.isdigit()) or not (
+        1 <= int(value) <= 1024
+    ):
         raise _fail(entry, f"invalid CPU count {value!r}: expected a number from 1 to 1024")
     return int(value)
 
 
-_MACHINE = re.compile(r"[a-z][a-z0-9._-]*")
+# Patterns of rarely used keys stay strings: re compiles (and caches) them on
+# first use instead of at every boot.
+_MACHINE = r"[a-z][a-z0-9._-]*"
 
 
 def is_q35(machine: str) -> bool:
@@ -208,7 +220,7 @@ def is_q35(machine: str) -> bool:
 
 
 def parse_machine(value: str, entry: Entry) -> str:
-    if not _MACHINE.fullmatch(value):
+    if not re.fullmatch(_MACHINE, value):
         raise _fail(entry, f"invalid machine type {value!r}: expected e.g. q35 or pc")
     return value
 
@@ -224,11 +236,11 @@ def _enum_parser(enum: type[StrEnum]) -> Callable[[str, Entry], Any]:
     return parse
 
 
-_CPU_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_CPU_MODEL = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 def parse_cpu_model(value: str, entry: Entry) -> str:
-    if not _CPU_MODEL.fullmatch(value):
+    if not re.fullmatch(_CPU_MODEL, value):
         raise _fail(entry, f"invalid CPU model {value!r}")
     return value
 
@@ -245,6 +257,8 @@ def parse_cmdline(value: str, entry: Entry) -> str:
 
 def _split_options(value: str) -> list[str]:
     """Split on ',' where ',,' is a literal comma, as QEMU's -drive does."""
+    if "," not in value:
+        return [value]
     parts = [""]
     i = 0
     while i < len(value):
@@ -260,13 +274,16 @@ def _split_options(value: str) -> list[str]:
     return parts
 
 
+_DISK_OPTIONS = {"format": DISK_FORMATS, "bus": DISK_BUSES, "cache": DISK_CACHES}
+
+
 def parse_disk(value: str, entry: Entry) -> Disk:
     path, *options = _split_options(value)
-    parse_path(path, entry)
+    disk_path = parse_path(path, entry)
     opts: dict[str, Any] = {}
+    allowed = _DISK_OPTIONS
     for option in options:
         name, eq, arg = option.partition("=")
-        allowed = {"format": DISK_FORMATS, "bus": DISK_BUSES, "cache": DISK_CACHES}
         if name == "readonly" and not eq:
             opts["readonly"] = True
         elif name in allowed and eq:
@@ -279,14 +296,14 @@ def parse_disk(value: str, entry: Entry) -> Disk:
                 entry,
                 f"unknown disk option {option!r}: expected format=, bus=, cache= or readonly",
             )
-    disk = Disk(Path(path), entry=entry, **opts)
+    disk = Disk(disk_path, entry=entry, **opts)
     if disk.readonly and disk.bus in ("sata", "ide"):
         # libvirt: "readonly sata disks are not supported" (the same for IDE).
         raise _fail(entry, f"readonly needs bus=virtio or bus=scsi, not bus={disk.bus}")
     return disk
 
 
-_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_IFNAME = r"[A-Za-z0-9_.-]{1,15}"
 
 
 def parse_network(value: str, entry: Entry) -> tuple[NetworkKind, str | None] | None:
@@ -297,18 +314,18 @@ def parse_network(value: str, entry: Entry) -> tuple[NetworkKind, str | None] | 
     if value == "user":
         return NetworkKind.USER, None
     if kind in ("tap", "bridge") and colon:
-        if not _IFNAME.fullmatch(target) or target in (".", ".."):
+        if not re.fullmatch(_IFNAME, target) or target in (".", ".."):
             raise _fail(entry, f"invalid interface name {target!r} (at most 15 of A-Za-z0-9_.-)")
         return NetworkKind(kind), target
     raise _fail(entry, f"invalid network {value!r}: expected none, user, tap:IFACE or bridge:NAME")
 
 
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_MAC = r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"
 
 
 def parse_mac(value: str, entry: Entry) -> str:
     mac = value.lower()
-    if not _MAC.fullmatch(mac):
+    if not re.fullmatch(_MAC, mac):
         raise _fail(entry, f"invalid MAC address {value!r}: expected e.g. 52:54:00:12:34:56")
     if int(mac[:2], 16) & 1:
         raise _fail(entry, f"MAC address {value!r} is a multicast address")
@@ -578,6 +595,8 @@ SPECIFIERS = {
 
 
 def expand_specifiers(value: str, name: str, entry: Entry) -> str:
+    if "%" not in value:
+        return value
     split = split_template(name)
     table = {
         "n": name,
@@ -596,19 +615,42 @@ def expand_specifiers(value: str, name: str, entry: Entry) -> str:
 
 
 def stable_mac(name: str, index: int) -> str:
-    import hashlib
+    import hashlib  # on first use, as everything only VMs need: imported at every boot
 
     digest = hashlib.sha256(f"{name}\0{index}".encode()).digest()
-    return MAC_PREFIX + "".join(f":{b:02x}" for b in digest[:3])
+    return f"{MAC_PREFIX}:{digest[:3].hex(':')}"
+
+
+def _uuid5(namespace: bytes, name: str) -> bytes:
+    """The bytes of uuid.uuid5(UUID(bytes=NAMESPACE), NAME), without the uuid module:
+    it imports platform, which costs every boot more than all of this."""
+    import hashlib
+
+    digest = bytearray(hashlib.sha1(namespace + name.encode()).digest()[:16])
+    digest[6] = digest[6] & 0x0F | 0x50  # version 5
+    digest[8] = digest[8] & 0x3F | 0x80  # the RFC 4122 variant
+    return bytes(digest)
+
+
+@functools.cache
+def _uuid_namespace() -> bytes:
+    return _uuid5(_NAMESPACE_URL, UUID_NAMESPACE_URL)
 
 
 def stable_uuid(name: str) -> str:
-    import uuid
+    h = _uuid5(_uuid_namespace(), name).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
-    return str(uuid.uuid5(_uuid_namespace(), name))
+
+_UNSAFE_CHAR = "[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff\ufffe\uffff]"
 
 
-_UNSAFE_CHAR = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+def _has_unsafe_char(value: str) -> bool:
+    """Whether VALUE holds a character XML 1.0 cannot carry (a tab is fine)."""
+    if value.isascii():
+        # Printable ASCII is " " to "~": no regex (compiling this one costs every boot ~0.4 ms).
+        return not value.replace("\t", " ").isprintable()
+    return re.search(_UNSAFE_CHAR, value) is not None
 
 
 def _unknown_key(entry: Entry) -> ConfigError:
@@ -619,6 +661,16 @@ def _unknown_key(entry: Entry) -> ConfigError:
         hint = [n for n in BY_NAME if n.lower() == entry.key.lower()]
     suggestion = f" (did you mean {hint[0]}=?)" if hint else ""
     return _fail(entry, f"unknown key in [{VM_SECTION}]{suggestion}")
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    """Every single-valued key's default, parsed like a value (once: every VM needs them)."""
+    return {
+        s.name: None if s.default is None else s.parse(s.default, _DEFAULT_ENTRY)
+        for s in SETTINGS
+        if not s.repeatable
+    }
 
 
 class _Assignments:
@@ -640,12 +692,9 @@ class _Assignments:
         else:
             self.single[setting.name] = (setting.parse(value, entry), entry)
 
-    def get(self, key: str) -> Any:
-        """A single-valued key's value, or its parsed default."""
-        if key in self.single:
-            return self.single[key][0]
-        default = BY_NAME[key].default
-        return None if default is None else BY_NAME[key].parse(default, _DEFAULT_ENTRY)
+    def settled(self) -> dict[str, Any]:
+        """Every single-valued key's value in effect: as assigned, else its default."""
+        return _defaults() | {key: value for key, (value, _) in self.single.items()}
 
     def values(self, key: str) -> list[Any]:
         return [v for v, _ in self.lists.get(key, [])]
@@ -660,22 +709,22 @@ class _Assignments:
         return [*self.single, *(k for k, items in self.lists.items() if items)]
 
 
-def _check_combinations(a: _Assignments) -> None:
-    """Refuse what each key allows alone but not together."""
-    if a.get("DomainXML") is not None:
+def _check_combinations(a: _Assignments, settled: dict[str, Any]) -> None:
+    """Refuse what each key allows alone but not together (SETTLED: a.settled())."""
+    if settled["DomainXML"] is not None:
         for key in a.keys():
             if not BY_NAME[key].with_domain_xml and key != "DomainXML":
                 raise _fail(a.entries(key)[0], "not allowed with DomainXML=: the domain XML "
                             "file says it")
     for key in ("Initrd", "KernelCmdline"):
-        if a.entries(key) and not a.entries("Kernel"):
+        if (key in a.single or a.lists.get(key)) and "Kernel" not in a.single:
             raise _fail(a.entries(key)[0], "needs Kernel=")
-    cpu_model = a.get("CPUModel")
-    if a.get("Accel") is Accel.TCG and cpu_model in ("host-passthrough", "host-model"):
+    cpu_model = settled["CPUModel"]
+    if settled["Accel"] is Accel.TCG and cpu_model in ("host-passthrough", "host-model"):
         raise _fail(a.entries("CPUModel")[0], f"{cpu_model} needs KVM, but Accel=tcg")
-    if a.get("Ready") is not None and a.get("Console") is Console.NONE:
+    if settled["Ready"] is not None and settled["Console"] is Console.NONE:
         raise _fail(a.entries("Ready")[0], "console:REGEX needs Console=journal")
-    machine = a.get("Machine")
+    machine = settled["Machine"]
     if is_q35(machine):
         for disk, entry in a.lists.get("Disk", []):
             if disk.bus == "ide":
@@ -703,47 +752,58 @@ def parse_vm(
         setting = BY_NAME.get(entry.key)
         if setting is None:
             raise _unknown_key(entry)
-        if _UNSAFE_CHAR.search(entry.value):
+        if _has_unsafe_char(entry.value):
             # Not representable in XML 1.0, and never meant.
             raise _fail(entry, f"value {entry.value!r} contains a control character")
         value = entry.value
         if setting.specifiers:
             value = expand_specifiers(value, name, entry)
         a.assign(setting, value, entry)
-    _check_combinations(a)
+    settled = a.settled()
+    _check_combinations(a, settled)
 
-    files = [FileRef(d.path, d.entry) for d in a.values("Disk")]
+    disks = a.values("Disk")
+    files = [FileRef(d.path, d.entry) for d in disks]
     for key in ("CDROM", "Kernel", "Initrd", "DomainXML"):
-        paths = [a.get(key)] if key in a.single else a.values(key)
-        files += [FileRef(p, e) for p, e in zip(paths, a.entries(key), strict=True)]
+        if key in a.single:
+            files.append(FileRef(*a.single[key]))
+        else:
+            files += [FileRef(p, e) for p, e in a.lists.get(key, ())]
     cmdline = a.values("KernelCmdline")
+    if source_path is None:
+        source_path = Path(unit.path)
     return VMConfig(
         name=name,
-        source_path=Path(source_path if source_path is not None else unit.path),
+        # A Path is immutable: the Source's own serves (one Path less per VM at boot).
+        source_path=source_path if isinstance(source_path, Path) else Path(source_path),
         dropins=dropins,
-        memory=a.get("Memory"),
-        cpus=a.get("CPUs"),
-        machine=a.get("Machine"),
-        accel=a.get("Accel"),
-        cpu_model=a.get("CPUModel"),
-        firmware=a.get("Firmware"),
-        kernel=a.get("Kernel"),
-        initrd=a.get("Initrd"),
+        memory=settled["Memory"],
+        cpus=settled["CPUs"],
+        machine=settled["Machine"],
+        accel=settled["Accel"],
+        cpu_model=settled["CPUModel"],
+        firmware=settled["Firmware"],
+        kernel=settled["Kernel"],
+        initrd=settled["Initrd"],
         kernel_cmdline=" ".join(cmdline) if cmdline else None,
-        disks=tuple(a.values("Disk")),
+        disks=tuple(disks),
         cdroms=tuple(a.values("CDROM")),
         networks=_networks(name, a.lists.get("Network"), a.lists.get("MAC", [])),
-        uuid=a.get("UUID") or "",
-        console=a.get("Console"),
-        shutdown_mode=a.get("ShutdownMode"),
-        shutdown_timeout=a.get("ShutdownTimeout"),
-        ready=a.get("Ready"),
-        domain_xml=a.get("DomainXML"),
+        uuid=settled["UUID"] or "",
+        console=settled["Console"],
+        shutdown_mode=settled["ShutdownMode"],
+        shutdown_timeout=settled["ShutdownTimeout"],
+        ready=settled["Ready"],
+        domain_xml=settled["DomainXML"],
         unit=tuple(passthrough["Unit"]),
         service=tuple(passthrough["Service"]),
         install=tuple(passthrough["Install"]),
         files=tuple(files),
-        origins=tuple(e for key in a.keys() for e in a.entries(key)),
+        # What keys() and entries() give, in one pass.
+        origins=(
+            *(e for _, e in a.single.values()),
+            *(e for items in a.lists.values() for _, e in items),
+        ),
     )
 
 

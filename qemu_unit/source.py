@@ -11,10 +11,16 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from qemu_unit.errors import ConfigError
 from qemu_unit.names import check_name, split_template
+
+# typing costs ~3 ms to import at every boot and is needed by type checkers only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Kind = Literal["vm", "xml"]
 
 DEFAULT_PATH: tuple[Path, ...] = (
     Path("/etc/qemu-run"),
@@ -23,9 +29,13 @@ DEFAULT_PATH: tuple[Path, ...] = (
     Path("/usr/lib/qemu-run"),
 )
 PATH_ENV = "QEMU_RUN_PATH"
-SUFFIXES: tuple[Literal["vm", "xml"], ...] = ("vm", "xml")
+SUFFIXES: tuple[Kind, ...] = ("vm", "xml")
 
-Kind = Literal["vm", "xml"]
+# The names in one search directory, read once by list_sources(). A DirEntry
+# knows its file type from the listing itself (d_type), so deciding about a
+# thousand VMs costs one scandir() per directory instead of stat() calls per
+# VM and directory. None: the directory could not be listed, ask the file system.
+_Listing = dict[str, os.DirEntry[str]]
 
 
 @dataclass(frozen=True)
@@ -65,17 +75,43 @@ def _format_path(dirs: Iterable[Path]) -> str:
     return ":".join(str(d) for d in dirs)
 
 
-def _find_file(name: str, dirs: tuple[Path, ...]) -> tuple[Kind, Path] | None:
-    """The first NAME.vm or NAME.xml in DIRS ('.vm' first within one directory)."""
-    for d in dirs:
+def _list(d: Path) -> _Listing:
+    with os.scandir(d) as entries:
+        return {entry.name: entry for entry in entries}
+
+
+def _find_file(
+    name: str, dirs: tuple[Path, ...], listings: Sequence[_Listing | None] | None = None
+) -> tuple[Kind, Path, bool] | None:
+    """The first NAME.vm or NAME.xml in DIRS ('.vm' first within one directory), and
+    whether it is a mask. Directories and dangling links do not count."""
+    for index, d in enumerate(dirs):
+        listing = listings[index] if listings is not None else None
         for kind in SUFFIXES:
-            candidate = d / f"{name}.{kind}"
-            if os.path.lexists(candidate) and (is_masked(candidate) or candidate.is_file()):
-                return kind, candidate
+            filename = f"{name}.{kind}"
+            if listing is not None:
+                entry = listing.get(filename)
+                if entry is None:
+                    continue
+                if not entry.is_symlink():
+                    # Not a link, so not a mask: the type from the listing is the answer.
+                    if entry.is_file(follow_symlinks=False):
+                        return kind, d / filename, False
+                    continue
+            candidate = d / filename
+            if os.path.lexists(candidate):
+                if is_masked(candidate):
+                    return kind, candidate, True
+                if candidate.is_file():
+                    return kind, candidate, False
     return None
 
 
-def find_dropins(names: Sequence[str], dirs: tuple[Path, ...]) -> tuple[Path, ...]:
+def find_dropins(
+    names: Sequence[str],
+    dirs: tuple[Path, ...],
+    listings: Sequence[_Listing | None] | None = None,
+) -> tuple[Path, ...]:
     """NAME.vm.d/*.conf for each of NAMES in every directory of DIRS.
 
     Merged by file name: the first directory (and, within one directory, the
@@ -83,8 +119,11 @@ def find_dropins(names: Sequence[str], dirs: tuple[Path, ...]) -> tuple[Path, ..
     is in lexical order of file name, the order systemd applies drop-ins in.
     """
     chosen: dict[str, Path] = {}
-    for d in dirs:
+    for index, d in enumerate(dirs):
+        listing = listings[index] if listings is not None else None
         for name in names:
+            if listing is not None and f"{name}.vm.d" not in listing:
+                continue  # the usual case: no drop-ins, nothing to ask the file system
             dropin_dir = d / f"{name}.vm.d"
             try:
                 children = sorted(dropin_dir.iterdir())
@@ -99,12 +138,14 @@ def find_dropins(names: Sequence[str], dirs: tuple[Path, ...]) -> tuple[Path, ..
     return tuple(p for _, p in sorted(chosen.items()) if not is_masked(p))
 
 
-def _source(name: str, dirs: tuple[Path, ...]) -> Source | None:
+def _source(
+    name: str, dirs: tuple[Path, ...], listings: Sequence[_Listing | None] | None = None
+) -> Source | None:
     """The Source for valid NAME, None when nothing defines it."""
     split = split_template(name)
     if split is not None and not split[1]:
         raise ConfigError(f"{name!r} is a template: run an instance of it, e.g. {name}NAME")
-    found = _find_file(name, dirs)
+    found = _find_file(name, dirs, listings)
     instance = None
     # The template's drop-ins apply to every instance, as systemd's foo@.service.d.
     dropin_names = [name]
@@ -113,13 +154,13 @@ def _source(name: str, dirs: tuple[Path, ...]) -> Source | None:
         instance = split[1]
         dropin_names.append(template)
         if found is None:
-            found = _find_file(template, dirs)
+            found = _find_file(template, dirs, listings)
     if found is None:
         return None
-    kind, path = found
-    if is_masked(path):
+    kind, path, masked = found
+    if masked:
         raise ConfigError(f"VM {name!r} is masked", path=path)
-    return Source(name, kind, path, find_dropins(dropin_names, dirs), instance)
+    return Source(name, kind, path, find_dropins(dropin_names, dirs, listings), instance)
 
 
 def find_source(name: str, path: Sequence[str | os.PathLike[str]] | None = None) -> Source:
@@ -147,32 +188,41 @@ def list_sources(
     """
     dirs = search_path(path)
     names: dict[str, None] = {}
+    listings: list[_Listing | None] = []
     for d in dirs:
         try:
-            children = sorted(d.iterdir())
+            listing = _list(d)
         except (FileNotFoundError, NotADirectoryError):
+            listings.append({})  # nothing there
             continue
         except OSError as e:
             if errors is not None:
                 errors.append(ConfigError(f"cannot list: {e.strerror}", path=d))
+            listings.append(None)  # still searchable, perhaps (mode 0711)
             continue
-        for child in children:
-            stem, dot, suffix = child.name.rpartition(".")
+        listings.append(listing)
+        for filename in sorted(listing):
+            stem, dot, suffix = filename.rpartition(".")
             if not dot or suffix not in SUFFIXES or stem.endswith("@"):
                 continue
-            if child.is_dir() and not is_masked(child):
+            entry = listing[filename]
+            if entry.is_symlink():
+                child = d / filename
+                if child.is_dir() and not is_masked(child):
+                    continue
+            elif entry.is_dir(follow_symlinks=False):
                 continue
             try:
                 check_name(stem)
             except ConfigError as e:
                 if errors is not None:
-                    errors.append(ConfigError(e.message, path=child))
+                    errors.append(ConfigError(e.message, path=d / filename))
                 continue
             names.setdefault(stem)
     sources = []
     for name in sorted(names):
         try:
-            source = _source(name, dirs)
+            source = _source(name, dirs, listings)
         except ConfigError as e:
             if errors is not None and "masked" not in e.message:
                 errors.append(e)

@@ -7,23 +7,24 @@ exactly where a bad value was written.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_unit.errors import ConfigError
 
-_SECTION = re.compile(r"\[([^\[\]]+)\]")
-_KEY = re.compile(r"[A-Za-z0-9_.-]+")
+# The characters of a key name, for str.strip(): a key is valid when nothing is
+# left. No regular expressions here: this runs for every line of every file at boot.
+_KEY_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
 # systemd's WHITESPACE and line ends: str.strip() and str.splitlines() would also
 # take form feeds, U+0085, U+2028 and friends, shifting line numbers and values.
 _WHITESPACE = " \t\n\r"
-_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
 class Entry:
+    """One KEY=VALUE assignment, with the section, file and line it was read in."""
+
     section: str
     key: str
     value: str
@@ -52,12 +53,26 @@ class UnitFile:
         return [e for e in self.entries if e.section == section and e.key == key]
 
 
-def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
-    """Join continuation lines; yield (first line number, joined line)."""
+def _split_lines(text: str) -> list[str]:
+    """TEXT split at "\\r\\n", "\\r" and "\\n", and at nothing else."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.split("\n")
+
+
+def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
+    """(first line number, line) for each line, continuation lines joined."""
+    lines = [raw.strip(_WHITESPACE) for raw in _split_lines(text)]
+    if "\\" not in text:
+        # No continuation anywhere (nearly every file): each line stands alone.
+        return enumerate(lines, 1)
+    return _join_continuations(lines)
+
+
+def _join_continuations(lines: list[str]) -> Iterator[tuple[int, str]]:
     start = 0
     parts: list[str] = []
-    for number, raw in enumerate(_LINE_END.split(text), 1):
-        line = raw.strip(_WHITESPACE)
+    for number, line in enumerate(lines, 1):
         if parts and line[:1] in ("#", ";"):
             # systemd ignores comment lines inside a continuation.
             continue
@@ -81,27 +96,29 @@ def parse(text: str, path: str | Path) -> list[Entry]:
     section: str | None = None
     entries: list[Entry] = []
     for number, line in _logical_lines(text):
+        # Lines come stripped: only the right end of a key and the left end of
+        # a value can hold whitespace.
         if not line or line[0] in ("#", ";"):
             continue
-        if line.startswith("["):
-            match = _SECTION.fullmatch(line)
-            if not match:
+        if line[0] == "[":
+            name = line[1:-1]
+            if line[-1] != "]" or not name or "[" in name or "]" in name:
                 raise ConfigError(f"invalid section header {line!r}", path=path, line=number)
-            section = match.group(1)
+            section = name
             continue
         key, sep, value = line.partition("=")
-        key = key.strip(_WHITESPACE)
+        key = key.rstrip(_WHITESPACE)
         if not sep:
             raise ConfigError(
                 f"expected KEY=VALUE, got {line!r}", path=path, line=number
             )
-        if not _KEY.fullmatch(key):
+        if not key or key.strip(_KEY_CHARS):
             raise ConfigError(f"invalid key name {key!r}", path=path, line=number)
         if section is None:
             raise ConfigError(
                 "assignment outside of any section", path=path, line=number, key=key
             )
-        entries.append(Entry(section, key, value.strip(_WHITESPACE), path, number))
+        entries.append(Entry(section, key, value.lstrip(_WHITESPACE), path, number))
     return entries
 
 
@@ -111,7 +128,9 @@ def read(path: Path, dropins: Iterable[Path] = ()) -> UnitFile:
     for p in (path, *dropins):
         try:
             # utf-8-sig: systemd skips a byte order mark at the start of a file.
-            text = p.read_text(encoding="utf-8-sig")
+            # Bytes, then decode: no text layer (cheaper), and no newline
+            # translation either, which _split_lines() does the same way.
+            text = p.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise ConfigError(f"not valid UTF-8: {e.reason}", path=p) from None
         except OSError as e:

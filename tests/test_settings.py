@@ -142,6 +142,18 @@ def test_stable_defaults_depend_on_the_name_only() -> None:
         assert mac.startswith("52:54:00:") and not first & 1
 
 
+def test_stable_defaults_never_change() -> None:
+    # A VM keeps its UUID and MACs across upgrades: pinned values, and the UUID
+    # is uuid5 in the documented namespace even though uuid itself is not used.
+    import uuid
+
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, settings.UUID_NAMESPACE_URL)
+    for name in ("web", "base@inst", "host:8080", "x" * 40):
+        assert stable_uuid(name) == str(uuid.uuid5(namespace, name))
+    assert stable_uuid("web") == "ce446bcc-9572-59f1-975b-bb940f00fd37"
+    assert stable_mac("web", 0) == "52:54:00:c5:07:b2"
+
+
 def test_specifiers() -> None:
     vm = vm_of("[VM]\nKernel=/k/%n/%i/%p/100%%\n", name="tmpl@blue")
     assert vm.kernel == Path("/k/tmpl@blue/blue/tmpl/100%")
