@@ -614,19 +614,29 @@ def expand_specifiers(value: str, name: str, entry: Entry) -> str:
     return re.sub(r"%(.?)", substitute, value, flags=re.DOTALL)
 
 
-def stable_mac(name: str, index: int) -> str:
-    import hashlib  # on first use, as everything only VMs need: imported at every boot
+@functools.cache
+def _hash(algorithm: str) -> Callable[[bytes], Any]:
+    """hashlib's constructor for ALGORITHM ('sha1', 'sha256'), or CPython's own
+    implementation (same digests) where it has one: hashlib loads OpenSSL first,
+    ~3 ms at every boot, more from a cold disk."""
+    try:
+        constructor: Callable[[bytes], Any] = getattr(__import__(f"_{algorithm}"), algorithm)
+    except (ImportError, AttributeError):
+        import hashlib
 
-    digest = hashlib.sha256(f"{name}\0{index}".encode()).digest()
+        constructor = getattr(hashlib, algorithm)
+    return constructor
+
+
+def stable_mac(name: str, index: int) -> str:
+    digest: bytes = _hash("sha256")(f"{name}\0{index}".encode()).digest()
     return f"{MAC_PREFIX}:{digest[:3].hex(':')}"
 
 
 def _uuid5(namespace: bytes, name: str) -> bytes:
     """The bytes of uuid.uuid5(UUID(bytes=NAMESPACE), NAME), without the uuid module:
     it imports platform, which costs every boot more than all of this."""
-    import hashlib
-
-    digest = bytearray(hashlib.sha1(namespace + name.encode()).digest()[:16])
+    digest = bytearray(_hash("sha1")(namespace + name.encode()).digest()[:16])
     digest[6] = digest[6] & 0x0F | 0x50  # version 5
     digest[8] = digest[8] & 0x3F | 0x80  # the RFC 4122 variant
     return bytes(digest)

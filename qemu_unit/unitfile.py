@@ -7,6 +7,7 @@ exactly where a bad value was written.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,19 @@ def parse(text: str, path: str | Path) -> list[Entry]:
     return entries
 
 
+def _read_bytes(path: Path) -> bytes:
+    """PATH's contents through plain os calls: four system calls, where
+    Path.read_bytes() makes nine and two file objects (a thousand VMs at boot)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 def read(path: Path, dropins: Iterable[Path] = ()) -> UnitFile:
     """Read PATH and then each drop-in, in the given order."""
     entries: list[Entry] = []
@@ -130,7 +144,7 @@ def read(path: Path, dropins: Iterable[Path] = ()) -> UnitFile:
             # utf-8-sig: systemd skips a byte order mark at the start of a file.
             # Bytes, then decode: no text layer (cheaper), and no newline
             # translation either, which _split_lines() does the same way.
-            text = p.read_bytes().decode("utf-8-sig")
+            text = _read_bytes(p).decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise ConfigError(f"not valid UTF-8: {e.reason}", path=p) from None
         except OSError as e:

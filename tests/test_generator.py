@@ -740,7 +740,7 @@ def test_dryrun_is_not_split(tmp_path: Path) -> None:
 
 def test_an_unexpected_exception_fails_only_its_vm(tmp_path: Path) -> None:
     good = write_vm(tmp_path, "good.vm", "[VM]\n")
-    # A Source no search would produce: its drop-in is not a path (AttributeError deep down).
+    # A Source no search would produce: its drop-in is not a path (TypeError deep down).
     broken = source.Source("broken", "vm", good, dropins=(None,))  # type: ignore[arg-type]
     fine = source.Source("good", "vm", good)
     out = tmp_path / "out"
@@ -749,5 +749,5 @@ def test_an_unexpected_exception_fails_only_its_vm(tmp_path: Path) -> None:
     generator._generate([broken, fine], generator.UnitFiles([]), generator.Writer(out), log,
                         io.StringIO())
     assert log.errors == 1
-    assert f"{good}: internal error: AttributeError" in stderr.getvalue()
+    assert f"{good}: internal error: TypeError" in stderr.getvalue()
     assert dropin(out, "good").is_file() and not dropin(out, "broken").exists()
