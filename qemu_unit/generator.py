@@ -539,10 +539,9 @@ def _workers(count: int) -> int:
 
 
 def _in_parallel(
-    sources: Sequence[source.Source], workers: int, work: Callable[[Sequence[source.Source]], None],
-    log: Log,
+    names: Sequence[str], workers: int, work: Callable[[Sequence[str]], None], log: Log
 ) -> None:
-    """WORK over SOURCES split across WORKERS processes (forked: imports are already paid).
+    """WORK over NAMES split across WORKERS processes (forked: imports are already paid).
 
     The generator delays the boot: with a thousand VMs, parsing dominates and
     the other cores would idle. Each child logs its own errors; its exit status
@@ -556,7 +555,7 @@ def _in_parallel(
             try:
                 log.after_fork()
                 errors = log.errors
-                work(sources[index::workers])
+                work(names[index::workers])
                 status = 1 if log.errors > errors else 0
             except BaseException:
                 import traceback
@@ -567,7 +566,7 @@ def _in_parallel(
                 os._exit(status)
         children.append(pid)
     try:
-        work(sources[0::workers])
+        work(names[0::workers])
     finally:
         for pid in children:
             _, status = os.waitpid(pid, 0)
@@ -581,18 +580,24 @@ def run(outdir: Path | None, log: Log, out: TextIO) -> int:
     Returns 1 if any file failed, else 0.
     """
     problems: list[ConfigError] = []
-    sources = source.list_sources(errors=problems)
+    listing = source.Listing(errors=problems)
     for problem in problems:
         log.error(f"{problem} (skipped)")
     unit_files = UnitFiles(unit_search_path())
     writer = Writer(outdir) if outdir is not None else None
 
-    def work(part: Sequence[source.Source]) -> None:
-        _generate(part, unit_files, writer, log, out)
+    def work(names: Sequence[str]) -> None:
+        # Each process finds its own share's files: the same messages, in the
+        # same order as list_sources() gives them, and less to do before forking.
+        problems: list[ConfigError] = []
+        sources = listing.sources(names, errors=problems)
+        for problem in problems:
+            log.error(f"{problem} (skipped)")
+        _generate(sources, unit_files, writer, log, out)
 
     # --dryrun prints in order: one process.
-    workers = _workers(len(sources)) if writer is not None else 1
-    _in_parallel(sources, workers, work, log)
+    workers = _workers(len(listing.names)) if writer is not None else 1
+    _in_parallel(listing.names, workers, work, log)
     return 1 if log.errors else 0
 
 

@@ -175,6 +175,74 @@ def find_source(name: str, path: Sequence[str | os.PathLike[str]] | None = None)
     return source
 
 
+class Listing:
+    """The VMs visible in the search path: each directory listed once, NAMES
+    sorted; sources() finds the definitions of any share of them (the
+    generator's workers each take one).
+
+    A file whose name is not a valid VM name is reported in ERRORS when given,
+    so that one bad file does not hide the others.
+    """
+
+    def __init__(
+        self,
+        path: Sequence[str | os.PathLike[str]] | None = None,
+        *,
+        errors: list[ConfigError] | None = None,
+    ) -> None:
+        self.dirs = search_path(path)
+        self._listings: list[_Listing | None] = []
+        names: dict[str, None] = {}
+        for d in self.dirs:
+            try:
+                listing = _list(d)
+            except (FileNotFoundError, NotADirectoryError):
+                self._listings.append({})  # nothing there
+                continue
+            except OSError as e:
+                if errors is not None:
+                    errors.append(ConfigError(f"cannot list: {e.strerror}", path=d))
+                self._listings.append(None)  # still searchable, perhaps (mode 0711)
+                continue
+            self._listings.append(listing)
+            for filename in sorted(listing):
+                stem, dot, suffix = filename.rpartition(".")
+                if not dot or suffix not in SUFFIXES or stem.endswith("@"):
+                    continue
+                entry = listing[filename]
+                if entry.is_symlink():
+                    child = d / filename
+                    if child.is_dir() and not is_masked(child):
+                        continue
+                elif entry.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    check_name(stem)
+                except ConfigError as e:
+                    if errors is not None:
+                        errors.append(ConfigError(e.message, path=d / filename))
+                    continue
+                names.setdefault(stem)
+        self.names = sorted(names)
+
+    def sources(
+        self, names: Iterable[str], *, errors: list[ConfigError] | None = None
+    ) -> list[Source]:
+        """The Sources of NAMES, in order; masked VMs are left out silently, any
+        other problem is reported in ERRORS."""
+        sources = []
+        for name in names:
+            try:
+                source = _source(name, self.dirs, self._listings)
+            except ConfigError as e:
+                if errors is not None and "masked" not in e.message:
+                    errors.append(e)
+                continue
+            if source is not None:
+                sources.append(source)
+        return sources
+
+
 def list_sources(
     path: Sequence[str | os.PathLike[str]] | None = None,
     *,
@@ -186,47 +254,5 @@ def list_sources(
     out. A file whose name is not a valid VM name is reported in ERRORS when
     given, so that one bad file does not hide the others.
     """
-    dirs = search_path(path)
-    names: dict[str, None] = {}
-    listings: list[_Listing | None] = []
-    for d in dirs:
-        try:
-            listing = _list(d)
-        except (FileNotFoundError, NotADirectoryError):
-            listings.append({})  # nothing there
-            continue
-        except OSError as e:
-            if errors is not None:
-                errors.append(ConfigError(f"cannot list: {e.strerror}", path=d))
-            listings.append(None)  # still searchable, perhaps (mode 0711)
-            continue
-        listings.append(listing)
-        for filename in sorted(listing):
-            stem, dot, suffix = filename.rpartition(".")
-            if not dot or suffix not in SUFFIXES or stem.endswith("@"):
-                continue
-            entry = listing[filename]
-            if entry.is_symlink():
-                child = d / filename
-                if child.is_dir() and not is_masked(child):
-                    continue
-            elif entry.is_dir(follow_symlinks=False):
-                continue
-            try:
-                check_name(stem)
-            except ConfigError as e:
-                if errors is not None:
-                    errors.append(ConfigError(e.message, path=d / filename))
-                continue
-            names.setdefault(stem)
-    sources = []
-    for name in sorted(names):
-        try:
-            source = _source(name, dirs, listings)
-        except ConfigError as e:
-            if errors is not None and "masked" not in e.message:
-                errors.append(e)
-            continue
-        if source is not None:
-            sources.append(source)
-    return sources
+    listing = Listing(path, errors=errors)
+    return listing.sources(listing.names, errors=errors)
