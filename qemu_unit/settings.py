@@ -848,22 +848,31 @@ def _networks(
     return tuple(out)
 
 
-def load_vm(source: Source) -> VMConfig:
-    """Read SOURCE (and its drop-ins) and build its VMConfig."""
+def read_source(source: Source) -> UnitFile:
+    """The entries of SOURCE and its drop-ins: what load_vm() reads."""
     if source.kind == "vm":
-        unit = read(source.path, source.dropins)
-    else:
-        # A NAME.xml is a NAME.vm with only DomainXML=; its drop-ins still apply.
-        own = Entry(VM_SECTION, "DomainXML", str(source.path).replace("%", "%%"),
-                    str(source.path), 0)
-        dropins = [e for d in source.dropins for e in read(d).entries]
-        unit = UnitFile(str(source.path), (own, *dropins))
+        return read(source.path, source.dropins)
+    # A NAME.xml is a NAME.vm with only DomainXML=; its drop-ins still apply.
+    own = Entry(VM_SECTION, "DomainXML", str(source.path).replace("%", "%%"),
+                str(source.path), 0)
+    dropins = [e for d in source.dropins for e in read(d).entries]
+    return UnitFile(str(source.path), (own, *dropins))
+
+
+def build_vm(source: Source, unit: UnitFile) -> VMConfig:
+    """The VMConfig of SOURCE from UNIT, its read_source() (pure: reads no file)."""
     vm = parse_vm(source.name, unit, source_path=source.path, dropins=source.dropins)
     if source.kind == "xml":
         # The XML file is not an assignment: errors about it name the file alone.
+        own = unit.entries[0]
         files = tuple(FileRef(f.path, None) if f.entry is own else f for f in vm.files)
         vm = replace(vm, files=files, origins=tuple(e for e in vm.origins if e is not own))
     return vm
+
+
+def load_vm(source: Source) -> VMConfig:
+    """Read SOURCE (and its drop-ins) and build its VMConfig."""
+    return build_vm(source, read_source(source))
 
 
 def detect_format(disk: Disk) -> str:
