@@ -31,11 +31,11 @@ DEFAULT_PATH: tuple[Path, ...] = (
 PATH_ENV = "QEMU_RUN_PATH"
 SUFFIXES: tuple[Kind, ...] = ("vm", "xml")
 
-# The names in one search directory, read once by list_sources(). A DirEntry
+# The names in one search directory, read once by Listing. A DirEntry
 # knows its file type from the listing itself (d_type), so deciding about a
 # thousand VMs costs one scandir() per directory instead of stat() calls per
 # VM and directory. None: the directory could not be listed, ask the file system.
-_Listing = dict[str, os.DirEntry[str]]
+_DirEntries = dict[str, os.DirEntry[str]]
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,13 @@ def _format_path(dirs: Iterable[Path]) -> str:
     return ":".join(str(d) for d in dirs)
 
 
-def _list(d: Path) -> _Listing:
+def _list(d: Path) -> _DirEntries:
     with os.scandir(d) as entries:
         return {entry.name: entry for entry in entries}
 
 
 def _find_file(
-    name: str, dirs: tuple[Path, ...], listings: Sequence[_Listing | None] | None = None
+    name: str, dirs: tuple[Path, ...], listings: Sequence[_DirEntries | None] | None = None
 ) -> tuple[Kind, Path, bool] | None:
     """The first NAME.vm or NAME.xml in DIRS ('.vm' first within one directory), and
     whether it is a mask. Directories and dangling links do not count."""
@@ -110,7 +110,7 @@ def _find_file(
 def find_dropins(
     names: Sequence[str],
     dirs: tuple[Path, ...],
-    listings: Sequence[_Listing | None] | None = None,
+    listings: Sequence[_DirEntries | None] | None = None,
 ) -> tuple[Path, ...]:
     """NAME.vm.d/*.conf for each of NAMES in every directory of DIRS.
 
@@ -139,7 +139,7 @@ def find_dropins(
 
 
 def _source(
-    name: str, dirs: tuple[Path, ...], listings: Sequence[_Listing | None] | None = None
+    name: str, dirs: tuple[Path, ...], listings: Sequence[_DirEntries | None] | None = None
 ) -> Source | None:
     """The Source for valid NAME, None when nothing defines it."""
     split = split_template(name)
@@ -191,7 +191,7 @@ class Listing:
         errors: list[ConfigError] | None = None,
     ) -> None:
         self.dirs = search_path(path)
-        self._listings: list[_Listing | None] = []
+        self._listings: list[_DirEntries | None] = []
         names: dict[str, None] = {}
         for d in self.dirs:
             try:

@@ -178,6 +178,25 @@ def test_bad_file_is_skipped_and_others_are_generated(tmp_path: Path) -> None:
     assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
+def test_messages_come_in_vm_order_whichever_step_fails(tmp_path: Path) -> None:
+    # The generator reads all files, then builds all VMs, then converts them:
+    # messages must still come VM by VM, as if each VM were done in one go.
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_vm(src, "a1.vm", "[VM]\n[Install]\nAlias=x\n")  # fails converting
+    (src / "a2.vm").write_bytes(b"[VM]\nKernelCmdline=caf\xe9\n")  # fails reading
+    write_vm(src, "a3.vm", "[VM]\nBogus=1\n")  # fails building
+    write_vm(src, "a4.vm", "[VM]\nDomainXML=/nonexistent/a4.xml\n")  # a warning, generated
+    write_vm(src, "a5.vm", "junk\n")  # fails parsing
+    out.mkdir()
+    result = run_generator(src, out)
+    assert result.returncode == 1
+    said = [re.sub(r"^qemu-unit-generator: ", "", line) for line in result.stderr.splitlines()]
+    assert [line.split(":", 1)[0] for line in said] == [
+        f"{src}/a1.vm", f"{src}/a2.vm", f"{src}/a3.vm", "/nonexistent/a4.xml", f"{src}/a5.vm"
+    ]
+    assert dropin(out, "a4").is_file()
+
+
 def test_hostile_install_target_writes_nothing_outside(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "deep" / "out"
     write_vm(src, "x.vm", "[VM]\n[Install]\nWantedBy=../../escaped.target\n")
