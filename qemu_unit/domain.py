@@ -137,7 +137,7 @@ def render(vm: VMConfig, accel: Literal["kvm", "tcg"], *, nvram_dir: Path | None
 
     domain = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
     _sub(domain, "name", vm.name)
-    _sub(domain, "uuid", vm.uuid)
+    _sub(domain, "uuid", vm.domain_uuid())
     # libvirt counts in KiB; round up so that the guest gets at least Memory=.
     _sub(domain, "memory", str(-(-vm.memory // 1024)), unit="KiB")
     _sub(domain, "vcpu", str(vm.cpus))
@@ -180,14 +180,14 @@ def render(vm: VMConfig, accel: Literal["kvm", "tcg"], *, nvram_dir: Path | None
     if any(d.bus == "scsi" for d in vm.disks):
         _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
 
-    for network in vm.networks:
+    for network, mac in zip(vm.networks, vm.macs(), strict=True):
         kind = {
             NetworkKind.USER: "user",
             NetworkKind.TAP: "ethernet",
             NetworkKind.BRIDGE: "bridge",
         }[network.kind]
         interface = _sub(devices, "interface", type=kind)
-        _sub(interface, "mac", address=network.mac)
+        _sub(interface, "mac", address=mac)
         if network.kind is NetworkKind.TAP:
             assert network.target is not None
             _sub(interface, "target", dev=network.target, managed="no")

@@ -39,7 +39,6 @@ PASSTHROUGH_SECTIONS = ("Unit", "Service", "Install")
 # Stable per-VM defaults (UUID, MAC) are derived from the name: the UUID in the
 # namespace uuid5(NAMESPACE_URL, UUID_NAMESPACE_URL).
 UUID_NAMESPACE_URL = "https://github.com/qemu-unit/qemu-unit"
-_NAMESPACE_URL = bytes.fromhex("6ba7b8119dad11d180b400c04fd430c8")  # uuid.NAMESPACE_URL
 MAC_PREFIX = "52:54:00"  # QEMU/KVM's locally administered OUI.
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -95,7 +94,7 @@ class Network:
 
     kind: NetworkKind
     target: str | None  # the tap interface or the bridge; None for user
-    mac: str
+    mac: str = ""  # empty: derived from the VM's name, see VMConfig.macs()
 
 
 @dataclass(frozen=True)
@@ -140,10 +139,15 @@ class VMConfig:
     # The assignments that set the [VM] keys, for messages about them (see origin()).
     origins: tuple[Entry, ...] = ()
 
-    def __post_init__(self) -> None:
-        if not self.uuid:
-            # Built by hand without one: the same stable UUID the parser gives.
-            object.__setattr__(self, "uuid", stable_uuid(self.name))
+    # The derived defaults are computed where the domain is rendered, not while parsing:
+    # the generator parses every VM at boot and needs neither (uuid and hashlib imports).
+    def domain_uuid(self) -> str:
+        """UUID=, else a stable UUID derived from the name."""
+        return self.uuid or stable_uuid(self.name)
+
+    def macs(self) -> tuple[str, ...]:
+        """Each interface's MAC=, else a stable MAC derived from the name and its index."""
+        return tuple(n.mac or stable_mac(self.name, i) for i, n in enumerate(self.networks))
 
     def origin(self, key: str) -> Entry | None:
         """The last assignment of [VM] KEY still in effect, None when KEY is at its default."""
@@ -614,42 +618,17 @@ def expand_specifiers(value: str, name: str, entry: Entry) -> str:
     return re.sub(r"%(.?)", substitute, value, flags=re.DOTALL)
 
 
-@functools.cache
-def _hash(algorithm: str) -> Callable[[bytes], Any]:
-    """hashlib's constructor for ALGORITHM ('sha1', 'sha256'), or CPython's own
-    implementation (same digests) where it has one: hashlib loads OpenSSL first,
-    ~3 ms at every boot, more from a cold disk."""
-    try:
-        constructor: Callable[[bytes], Any] = getattr(__import__(f"_{algorithm}"), algorithm)
-    except (ImportError, AttributeError):
-        import hashlib
-
-        constructor = getattr(hashlib, algorithm)
-    return constructor
-
-
 def stable_mac(name: str, index: int) -> str:
-    digest: bytes = _hash("sha256")(f"{name}\0{index}".encode()).digest()
+    import hashlib  # on first use: it loads OpenSSL
+
+    digest = hashlib.sha256(f"{name}\0{index}".encode()).digest()
     return f"{MAC_PREFIX}:{digest[:3].hex(':')}"
 
 
-def _uuid5(namespace: bytes, name: str) -> bytes:
-    """The bytes of uuid.uuid5(UUID(bytes=NAMESPACE), NAME), without the uuid module:
-    it imports platform, which costs every boot more than all of this."""
-    digest = bytearray(_hash("sha1")(namespace + name.encode()).digest()[:16])
-    digest[6] = digest[6] & 0x0F | 0x50  # version 5
-    digest[8] = digest[8] & 0x3F | 0x80  # the RFC 4122 variant
-    return bytes(digest)
-
-
-@functools.cache
-def _uuid_namespace() -> bytes:
-    return _uuid5(_NAMESPACE_URL, UUID_NAMESPACE_URL)
-
-
 def stable_uuid(name: str) -> str:
-    h = _uuid5(_uuid_namespace(), name).hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    import uuid  # on first use: it imports platform
+
+    return str(uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, UUID_NAMESPACE_URL), name))
 
 
 _UNSAFE_CHAR = "[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff\ufffe\uffff]"
@@ -843,7 +822,7 @@ def _networks(
         seen[mac] = entry
     out = []
     for index, (kind, target) in enumerate(nics):
-        mac = macs[index][0] if index < len(macs) else stable_mac(name, index)
+        mac = macs[index][0] if index < len(macs) else ""
         out.append(Network(kind, target, mac))
     return tuple(out)
 

@@ -168,9 +168,9 @@ def test_rendered_uuid_and_macs_survive_libvirt(defined: dict[str, Any]) -> None
             continue
         vm = load_fixture(fixture)
         got = root_of(defined[fixture.name]["xml"])
-        assert got.findtext("uuid") == vm.uuid
+        assert got.findtext("uuid") == vm.domain_uuid()
         macs = [m.get("address") for m in got.findall("devices/interface/mac")]
-        assert macs == [n.mac for n in vm.networks]
+        assert macs == list(vm.macs())
 
 
 # Rendering without libvirt.
