@@ -18,7 +18,7 @@ fi
 echo "==> Debian packages"
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-    qemu-system-x86 qemu-utils ovmf \
+    qemu-system-x86 qemu-utils ovmf libxml2-utils \
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
     python3 python3-venv python3-libvirt python3-systemd python3-sdnotify python3-setuptools \
     systemd systemd-container busybox-static cpio gzip xz-utils kmod \
