@@ -25,6 +25,7 @@ if str(REPO) not in sys.path:
 from qemu_unit import demo  # noqa: E402
 from tests.support import container  # noqa: E402
 from tests.support.guest import build_test_guest  # noqa: E402
+from tests.support.requirements import unavailable  # noqa: E402
 from tests.support.venv import test_install  # noqa: E402
 
 SYSTEM_DIR = REPO / "tests" / "system"
@@ -52,12 +53,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     problems = system_test_problems()
     if not problems:
         return
-    why = "system test cannot run: " + "; ".join(problems)
-    if os.environ.get("QEMU_UNIT_SKIP_SYSTEM") == "1":
-        pytest.skip(f"{why} (QEMU_UNIT_SKIP_SYSTEM=1)")
-    pytest.fail(f"{why}. Run as root on a machine with systemd-container and "
-                "qemu-system-x86, or set QEMU_UNIT_SKIP_SYSTEM=1 to skip on purpose.",
-                pytrace=False)
+    unavailable("system test cannot run: " + "; ".join(problems),
+                "Run as root on a machine with systemd-container and qemu-system-x86")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -16,17 +16,14 @@ import pytest
 
 from qemu_unit import manpages, settings
 from qemu_unit.cli import build_parser
+from tests.support.requirements import require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("QEMU_UNIT_SKIP_SYSTEM") == "1":
-            pytest.skip(f"{name} missing and QEMU_UNIT_SKIP_SYSTEM=1")
-        pytest.fail(f"{name} is not installed: apt-get install groff-base man-db")
-    return path
+    require_tools(name, fix="apt-get install groff-base man-db")
+    return str(shutil.which(name))
 
 
 def _text(roff: str) -> str:

@@ -1,7 +1,7 @@
 """The .deb and the .rpm: what they install, what their scripts do, lintian.
 
 Each package is built once per session from the working tree (packaging/build-deb,
-packaging/build-rpm). Missing tools fail the tests unless QEMU_UNIT_SKIP_SYSTEM=1.
+packaging/build-rpm). Missing tools fail the tests (tests/support/requirements.py).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from qemu_unit import settings, unitfile
+from tests.support.requirements import require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
@@ -46,15 +46,8 @@ DEPENDS = (
 
 
 def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if not missing:
-        return
-    if os.environ.get("QEMU_UNIT_SKIP_SYSTEM") == "1":
-        pytest.skip(f"missing {', '.join(missing)} and QEMU_UNIT_SKIP_SYSTEM=1")
-    pytest.fail(
-        f"missing {', '.join(missing)}: apt-get install debhelper dh-python "
-        "pybuild-plugin-pyproject lintian rpm (or set QEMU_UNIT_SKIP_SYSTEM=1)"
-    )
+    require_tools(*tools, fix="apt-get install debhelper dh-python pybuild-plugin-pyproject "
+                  "lintian rpm")
 
 
 def run(*cmd: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
