@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qemu_unit import render, settings, source  # noqa: E402
+from qemu_unit import domain, render, settings, source  # noqa: E402
 from tests.support.container import Container  # noqa: E402
 from tests.support.guest import build_test_guest, cmdline  # noqa: E402
 from tests.support.venv import test_install  # noqa: E402
@@ -106,7 +106,7 @@ def setup() -> tuple[Path, str]:
     subprocess.run(["chmod", "-R", "a+rX", str(BASE)], check=True)
     subprocess.run(["chown", "-R", "qemu-run:", str(BASE)], check=True)
     vm = settings.load_vm(source.find_source("bench", [BASE / "cfg"]))
-    return BASE / "cfg", render.load_domain_xml(vm, "tcg", BASE / "state")
+    return BASE / "cfg", domain.render(vm, "tcg", nvram_dir=BASE / "state")
 
 
 def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:

@@ -9,7 +9,7 @@ import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from qemu_unit import domain, settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
@@ -27,7 +27,8 @@ def kvm_problem() -> str | None:
     return None
 
 
-def finalize_accel(vm: settings.VMConfig) -> str:
+def finalize_accel(vm: settings.VMConfig) -> Literal["kvm", "tcg"]:
+    """Accel= resolved on this host: auto is KVM where /dev/kvm opens, else TCG."""
     wanted = vm.accel.value
     if wanted == "tcg":
         return "tcg"
@@ -36,7 +37,8 @@ def finalize_accel(vm: settings.VMConfig) -> str:
         return "kvm"
     if wanted == "kvm":
         raise ConfigError(f"KVM requested but unusable ({problem})", **_origin(vm, "Accel"))
-    logger.warning("KVM is unusable (%s); falling back to TCG, which is much slower", problem)
+    if vm.domain_xml is None:  # a full XML file names its own domain type
+        logger.warning("KVM is unusable (%s); falling back to TCG, which is much slower", problem)
     return "tcg"
 
 
@@ -45,11 +47,6 @@ def _origin(vm: settings.VMConfig, key: str) -> dict[str, Any]:
     if entry is None:
         return {"path": vm.source_path, "key": key}
     return {"path": entry.path, "line": entry.line, "key": key}
-
-
-def load_domain_xml(vm: settings.VMConfig, accel: str, nvram_dir: Path) -> str:
-    """The XML `qemu-unit render` prints: from the .vm, or its full XML file."""
-    return domain.render(vm, accel, nvram_dir=nvram_dir)  # type: ignore[arg-type]
 
 
 def adapt_xml(
@@ -134,26 +131,29 @@ def load_vm(name: str, search_path: Sequence[Path] | None = None) -> settings.VM
 
 def render_name(name: str, search_path: Sequence[Path] | None = None) -> str:
     vm = load_vm(name, search_path)
-    accel = finalize_accel(vm) if vm.domain_xml is None else "kvm"
-    nvram = Path("/var/lib/qemu-run") / vm.name
-    xml = load_domain_xml(vm, accel, nvram)
+    xml = domain.render(vm, finalize_accel(vm), nvram_dir=Path("/var/lib/qemu-run") / vm.name)
     return xml if xml.endswith("\n") else xml + "\n"
 
 
 def _load_target(target: str, search_path: Sequence[Path] | None) -> settings.VMConfig:
+    """TARGET is a file when it names one (a path, or NAME.vm/NAME.xml that exists here)."""
     path = Path(target)
-    if "/" in target or path.suffix in (".vm", ".xml") and path.exists():
-        if not path.exists():
-            raise ConfigError("no such file", path=path)
-        kind = "xml" if path.suffix == ".xml" else "vm"
-        name = path.name.rsplit(".", 1)[0]
-        dropins = tuple(sorted(Path(f"{path}.d").glob("*.conf"))) if kind == "vm" else ()
-        return settings.load_vm(source.Source(name=name, kind=kind, path=path, dropins=dropins))
-    return load_vm(target, search_path)
+    is_file = "/" in target or (path.suffix in (".vm", ".xml") and path.exists())
+    if not is_file:
+        return load_vm(target, search_path)
+    if not path.exists():
+        raise ConfigError("no such file", path=path)
+    kind: Literal["vm", "xml"] = "xml" if path.suffix == ".xml" else "vm"
+    name = path.name.rsplit(".", 1)[0]
+    dropins = source.find_dropins([name], (path.parent,)) if kind == "vm" else ()
+    return settings.load_vm(source.Source(name=name, kind=kind, path=path, dropins=dropins))
 
 
 def validate(targets: Sequence[str], search_path: Sequence[Path] | None = None) -> list[str]:
-    """Check each target; one message per invalid one. No target: everything visible."""
+    """Check each target; one message per invalid one. No target: everything visible.
+
+    Nothing here depends on this host's KVM: a file is checked as its Accel= says.
+    """
     problems: list[str] = []
     vms: list[Any] = []
     if not targets:
@@ -168,14 +168,10 @@ def validate(targets: Sequence[str], search_path: Sequence[Path] | None = None) 
                 vm = _load_target(target, search_path)
             settings.check_files(vm)
             if vm.domain_xml is not None:
-                adapt_xml(
-                    load_domain_xml(vm, "tcg", Path("/nonexistent")),
-                    name=vm.name,
-                    path=os.fspath(vm.domain_xml),
-                    console=None,
-                    agent=Path("/nonexistent"),
-                    kvm=None,
-                )
+                accel: Literal["kvm", "tcg"] = "kvm" if vm.accel.value == "kvm" else "tcg"
+                # domain.render has parsed it; the files it names must exist too.
+                xml = domain.render(vm, accel)
+                check_xml_files(ET.fromstring(xml), os.fspath(vm.domain_xml))
         except QemuUnitError as e:
             problems.append(str(e))
     return problems

@@ -24,7 +24,7 @@ from typing import Any
 
 import libvirt
 
-from qemu_unit import log, render, settings, source
+from qemu_unit import domain, log, render, settings, source
 from qemu_unit.console import Console
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.names import check_name
@@ -216,13 +216,10 @@ class Runner:
                 f"embed root {dirs.root} is too long for QEMU's monitor socket path "
                 f"({SUN_PATH_MAX} bytes max): use a shorter VM name"
             )
-        if vm.domain_xml is None:
-            accel = render.finalize_accel(vm)
-            kvm = None
-        else:
-            kvm = render.kvm_problem()
-            accel = vm.accel.value if vm.accel.value != "auto" else "kvm" if kvm is None else "tcg"
-        xml = render.load_domain_xml(vm, accel, dirs.state)
+        accel = render.finalize_accel(vm)
+        # A full XML file may say type='kvm' whatever Accel= says: refuse it clearly.
+        kvm = render.kvm_problem() if vm.domain_xml is not None else None
+        xml = domain.render(vm, accel, nvram_dir=dirs.state)
         console = dirs.root / "console.sock" if vm.console.value == "journal" else None
         xml, virt = render.adapt_xml(
             xml,

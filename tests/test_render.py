@@ -89,3 +89,18 @@ def test_bad_domains_are_config_errors(xml: str, kw: dict[str, object], message:
     assert message in str(err.value)
     assert str(err.value).startswith("/etc/qemu-run/web.xml")
     assert err.value.exit_status == EX_CONFIG
+
+
+def test_render_and_validate_honour_accel_of_a_domain_xml_vm(tmp_path: Path) -> None:
+    from qemu_unit import render
+
+    (tmp_path / "full.xml").write_text(
+        "<domain type='qemu'><name>x</name><memory>262144</memory>"
+        "<os><type>hvm</type><kernel>/nonexistent/vmlinuz</kernel></os></domain>"
+    )
+    (tmp_path / "x.vm").write_text(f"[VM]\nDomainXML={tmp_path}/full.xml\nAccel=tcg\n")
+    assert "<domain type='qemu'>" in render.render_name("x", [tmp_path])
+    [problem] = render.validate(["x"], [tmp_path])
+    assert problem == f"{tmp_path}/full.xml: <kernel> names /nonexistent/vmlinuz, which is missing"
+    [problem] = render.validate([str(tmp_path / "x.vm")])  # by path, same answer
+    assert "/nonexistent/vmlinuz" in problem
