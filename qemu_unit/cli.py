@@ -197,23 +197,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except QemuUnitError as e:
-        log.log.error("%s", e)
-        if args.command == "run":
-            from qemu_unit.notify import Notifier
-
-            Notifier().status(f"Failed: {e}")
-        return e.exit_status
+        return _fail(args, str(e), e.exit_status)
     except OSError as e:
         # Permissions, a full disk: say which file, without a traceback.
         where = f"{e.filename}: " if e.filename else ""
-        log.log.error("%s%s", where, e.strerror or e)
-        if args.command == "run":
-            from qemu_unit.notify import Notifier
-
-            Notifier().status(f"Failed: {where}{e.strerror or e}")
-        return 1
+        return _fail(args, f"{where}{e.strerror or e}", 1)
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(args: argparse.Namespace, message: str, status: int) -> int:
+    """One log line; for `run`, the same text in the unit's STATUS=."""
+    log.log.error("%s", message)
+    if args.command == "run":
+        from qemu_unit.notify import Notifier
+
+        Notifier().status(f"Failed: {message}")
+    return status
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ queue, so the main loop is the only place that decides anything.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import queue
@@ -291,7 +290,9 @@ class Runner:
             conn = libvirt.open(uri)
         except libvirt.libvirtError as e:
             msg = _libvirt_message(e)
-            if "pid" in msg.lower() and "lock" in msg.lower() or "acquire" in msg.lower():
+            lowered = msg.lower()
+            # Our own flock is taken first: only a foreign process (virt-qemu-run) gets here.
+            if ("pid" in lowered and "lock" in lowered) or "acquire" in lowered:
                 raise ConfigError(f"embed root is locked: {msg}", path=dirs.root) from None
             raise QemuUnitError(f"cannot open {uri}: {msg}") from None
         conn.domainEventRegisterAny(
@@ -480,17 +481,22 @@ def _qemu_log_tail(dirs: Dirs, name: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def drop_privileges(user: str = "qemu-run") -> None:
-    """Run as the VM user when started as root by hand (the unit sets User= itself)."""
-    import grp
+def _service_user(user: str) -> Any:
     import pwd
 
     try:
-        pw = pwd.getpwnam(user)
+        return pwd.getpwnam(user)
     except KeyError:
         raise QemuUnitError(
             f"running as root needs the user {user!r} (run 'qemu-unit install' first)"
         ) from None
+
+
+def drop_privileges(user: str = "qemu-run") -> None:
+    """Run as the VM user when started as root by hand (the unit sets User= itself)."""
+    import grp
+
+    pw = _service_user(user)
     groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
     os.setgroups(groups)
     os.setgid(pw.pw_gid)
@@ -501,10 +507,8 @@ def drop_privileges(user: str = "qemu-run") -> None:
 
 def prepare_root_dirs_as_root(name: str, user: str = "qemu-run") -> None:
     """Create and hand over the system directories before privileges are dropped."""
-    import pwd
-
-    pw = pwd.getpwnam(user)
-    dirs = finalize_dirs(name)
+    pw = _service_user(user)
+    dirs = finalize_dirs(check_name(name))  # a hostile name must not steer root's mkdir
     for d in (dirs.state, dirs.root, dirs.cache):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chown(d, pw.pw_uid, pw.pw_gid)
@@ -520,9 +524,4 @@ def prepare_root_dirs_as_root(name: str, user: str = "qemu-run") -> None:
 
 
 def run(name: str, **kwargs: Any) -> int:
-    try:
-        return Runner(name, **kwargs).run()
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise QemuUnitError(f"no space left: {e}") from None
-        raise
+    return Runner(name, **kwargs).run()

@@ -188,3 +188,20 @@ def test_notify_module_uses_the_real_socket(workdir: Path) -> None:
     assert notify.wait_for("READY", "1")["STATUS"] == "Running (TCG)"
     assert notify.wait_for("EXTEND_TIMEOUT_USEC")["EXTEND_TIMEOUT_USEC"] == "2500000"
     notify.close()
+
+
+def test_hostile_name_run_as_root_creates_nothing() -> None:
+    # As root, `run` creates the system directories before dropping privileges:
+    # the name is checked first, so ".." cannot steer where root writes.
+    escaped = [Path(p) / "qemu-unit-escape-test" for p in ("/var/lib", "/run", "/var/cache")]
+    result = subprocess.run(
+        ["/usr/bin/python3", "-m", "qemu_unit", "run", "../qemu-unit-escape-test"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 78, result.stderr
+    assert "VM name" in result.stderr
+    assert [p for p in escaped if p.exists()] == []
