@@ -120,6 +120,24 @@ def read_domain_xml(vm: VMConfig) -> str:
     return text
 
 
+def host_files(root: ET.Element) -> list[tuple[str, str, bool]]:
+    """(element, path, writable) of each host file a domain names that must exist when
+    it starts: disk and CD-ROM images or devices, kernel, initrd, device tree, firmware.
+    The NVRAM file is not among them: libvirt makes it from a template."""
+    files = []
+    for disk in root.iterfind("./devices/disk"):
+        src = disk.find("source")
+        where = None if src is None else (src.get("file") or src.get("dev"))
+        if where:
+            writable = disk.find("readonly") is None and disk.get("device") != "cdrom"
+            files.append(("disk", where, writable))
+    for tag in ("kernel", "initrd", "dtb", "loader"):
+        element = root.find(f"./os/{tag}")
+        if element is not None and element.text and element.text.strip():
+            files.append((tag, element.text.strip(), False))
+    return files
+
+
 def render(vm: VMConfig, accel: Literal["kvm", "tcg"], *, nvram_dir: Path | None = None) -> str:
     """The libvirt domain XML of VM running under ACCEL.
 

@@ -186,18 +186,12 @@ def _xml_needs(path: Path) -> HostNeeds:
         _XML_INTERFACES.get(i.get("type", ""), "bridge")
         for i in root.iterfind("./devices/interface")
     ]
-    files: list[tuple[str, bool]] = []
-    for disk in root.iterfind("./devices/disk"):
-        src = disk.find("source")
-        where = None if src is None else (src.get("file") or src.get("dev"))
-        if where:
-            writable = disk.find("readonly") is None and disk.get("device") != "cdrom"
-            files.append((where, writable))
-    for tag, writable in (("kernel", False), ("initrd", False), ("loader", False),
-                          ("nvram", True)):
-        element = root.find(f"./os/{tag}")
-        if element is not None and element.text and element.text.strip().startswith("/"):
-            files.append((element.text.strip(), writable))
+    from qemu_unit import domain  # with ElementTree: only DomainXML= VMs pay for it
+
+    files = [(name, writable) for _tag, name, writable in domain.host_files(root)]
+    nvram = root.findtext("./os/nvram", "").strip()
+    if nvram.startswith("/"):
+        files.append((nvram, True))
     return HostNeeds(tuple(networks), tuple(files))
 
 

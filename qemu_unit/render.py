@@ -93,17 +93,10 @@ def adapt_xml(
 
 def check_xml_files(root: ET.Element, path: str) -> None:
     """Files the domain names must exist: a clear error here beats QEMU's exit later."""
-    refs = [(el, "text") for el in root.findall("os/*") if el.tag in ("kernel", "initrd", "dtb")]
-    refs += [(el, "file") for el in root.findall("devices/disk/source")]
-    refs += [(el, "text") for el in root.findall("os/loader")]
-    for el, attr in refs:
-        value = (el.text if attr == "text" else el.get(attr)) or ""
-        value = value.strip()
-        if not value:
-            continue
-        if not os.access(value, os.R_OK):
-            what = "missing" if not os.path.exists(value) else "not readable"
-            raise ConfigError(f"<{el.tag}> names {value}, which is {what}", path=path)
+    for tag, name, _writable in domain.host_files(root):
+        if not os.access(name, os.R_OK):
+            what = "missing" if not os.path.exists(name) else "not readable"
+            raise ConfigError(f"<{tag}> names {name}, which is {what}", path=path)
 
 
 def _take_console(devices: ET.Element, path: Path) -> None:
