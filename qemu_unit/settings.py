@@ -777,7 +777,7 @@ def parse_vm(
         kernel_cmdline=" ".join(cmdline) if cmdline else None,
         disks=tuple(disks),
         cdroms=tuple(a.values("CDROM")),
-        networks=_networks(name, a.lists.get("Network"), a.lists.get("MAC", [])),
+        networks=_networks(a.lists.get("Network"), a.lists.get("MAC", [])),
         uuid=settled["UUID"] or "",
         console=settled["Console"],
         shutdown_mode=settled["ShutdownMode"],
@@ -801,7 +801,6 @@ _DEFAULT_ENTRY = Entry(VM_SECTION, "(default)", "", "<built-in default>", 0)
 
 
 def _networks(
-    name: str,
     networks: list[tuple[Any, Entry]] | None,
     macs: list[tuple[str, Entry]],
 ) -> tuple[Network, ...]:
@@ -820,11 +819,11 @@ def _networks(
         if mac in seen:
             raise _fail(entry, f"MAC address {mac} is already used (line {seen[mac].line})")
         seen[mac] = entry
-    out = []
-    for index, (kind, target) in enumerate(nics):
-        mac = macs[index][0] if index < len(macs) else ""
-        out.append(Network(kind, target, mac))
-    return tuple(out)
+    given = [mac for mac, _ in macs]
+    return tuple(
+        Network(kind, target, given[i] if i < len(given) else "")  # "": VMConfig.macs()
+        for i, (kind, target) in enumerate(nics)
+    )
 
 
 def read_source(source: Source) -> UnitFile:
