@@ -53,6 +53,10 @@ class Source:
     instance: str | None = None
 
 
+class MaskedError(ConfigError):
+    """The VM is masked (a /dev/null link): an error to run, silently absent from lists."""
+
+
 def search_path(path: Sequence[str | os.PathLike[str]] | None = None) -> tuple[Path, ...]:
     """PATH if given, else $QEMU_RUN_PATH (colon-separated), else DEFAULT_PATH."""
     if path is not None:
@@ -159,7 +163,7 @@ def _source(
         return None
     kind, path, masked = found
     if masked:
-        raise ConfigError(f"VM {name!r} is masked", path=path)
+        raise MaskedError(f"VM {name!r} is masked", path=path)
     return Source(name, kind, path, find_dropins(dropin_names, dirs, listings), instance)
 
 
@@ -234,8 +238,10 @@ class Listing:
         for name in names:
             try:
                 source = _source(name, self.dirs, self._listings)
+            except MaskedError:
+                continue
             except ConfigError as e:
-                if errors is not None and "masked" not in e.message:
+                if errors is not None:
                     errors.append(e)
                 continue
             if source is not None:
