@@ -177,6 +177,64 @@ reads it, and
 .B %i
 in it expands to
 .IR INSTANCE .
+.SH SYNTAX
+Files are read as systemd 252 reads unit files, so that the
+.B [Unit]
+and
+.B [Service]
+lines mean the same in the generated drop-in as they would in a unit file:
+.IP \(bu 2
+Lines end at a newline, a carriage return, or either pair of them
+(\(dq\er\en\(dq and \(dq\en\er\(dq are one line end).
+.IP \(bu 2
+A line whose first character after spaces and tabs is
+.B #
+or
+.B ;
+is a comment, even inside a continuation, and never continues itself.
+Comments may hold bytes that are not UTF\-8.
+.IP \(bu 2
+A line continues when it ends in an odd number of backslashes with nothing after
+them, not even a space: the last backslash becomes a space and the next line is
+appended as written, indentation included.
+Two backslashes at the end are part of the value.
+.IP \(bu 2
+A byte order mark is skipped at the start of the first line that starts with one.
+.IP \(bu 2
+Sections and
+.B [VM]
+or
+.B [Install]
+keys whose name starts with
+.B X\-
+are extensions for other tools: they are ignored (and not copied into the drop-in),
+as systemd ignores them.
+.PP
+Where systemd would stop reading the file or ignore a line with a warning, the
+file is refused with a message naming the file and the line, and the machine
+does not start:
+.IP \(bu 2
+a line of 1048576 bytes or more, or continued lines joined to more than 1048576
+bytes (systemd stops reading the file there);
+.IP \(bu 2
+a line, other than a comment, that is not valid UTF\-8 as systemd checks it
+(noncharacters such as U+FFFF included; systemd stops reading there);
+.IP \(bu 2
+a section header without its closing bracket (systemd stops reading there),
+an empty section name, or one with brackets in it;
+.IP \(bu 2
+a NUL byte (systemd ends the line there);
+.IP \(bu 2
+a line without
+.BR = ,
+a key with characters other than letters, digits and
+.BR _.\- ,
+or an assignment before the first section (systemd ignores these lines, which
+hides typos);
+.IP \(bu 2
+a line starting with a second byte order mark;
+.IP \(bu 2
+a value too long to be written back on one line of the drop-in.
 .SH "[Unit], [Service] AND [Install] SECTIONS"
 The
 .B [Unit]

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 VM_SECTION = "VM"
 # Sections handed to the generator untouched.
 PASSTHROUGH_SECTIONS = ("Unit", "Service", "Install")
+# Sections and [VM] keys starting with this are extensions for other tools:
+# ignored, as systemd ignores X- sections and keys (the generator drops X- sections).
+EXTENSION_PREFIX = "X-"
 
 # Stable per-VM defaults (UUID, MAC) are derived from the name: the UUID in the
 # namespace uuid5(NAMESPACE_URL, UUID_NAMESPACE_URL).
@@ -735,11 +738,15 @@ def parse_vm(
         if entry.section in passthrough:
             passthrough[entry.section].append(entry)
             continue
+        if entry.section.startswith(EXTENSION_PREFIX):
+            continue
         if entry.section != VM_SECTION:
             known = ", ".join(f"[{s}]" for s in (VM_SECTION, *PASSTHROUGH_SECTIONS))
             raise _fail(entry, f"unknown section [{entry.section}] (known: {known})")
         setting = BY_NAME.get(entry.key)
         if setting is None:
+            if entry.key.startswith(EXTENSION_PREFIX):
+                continue
             raise _unknown_key(entry)
         if _has_unsafe_char(entry.value):
             # Not representable in XML 1.0, and never meant.

@@ -3,23 +3,63 @@
 Sections, comments, continuation lines, repeated keys and drop-ins, each value
 remembered with the file and line it came from so that later stages can say
 exactly where a bad value was written.
+
+The rules are systemd 252's (config_parse() in src/shared/conf-parser.c,
+read_line_full() in src/basic/fileio.c), checked against systemd itself by
+tests/system/test_syntax_differential.py:
+
+- Lines end at "\\n", "\\r", "\\r\\n" or "\\n\\r" (a pair is one line end; "\\n\\n" is two).
+- A physical line of LINE_MAX bytes or more, or continuation lines joined to more
+  than LINE_MAX bytes, make systemd stop reading the file there: refused.
+- A comment is a line whose first character after whitespace is "#" or ";". It is
+  skipped before anything else, so it never continues onto the next line, and a
+  comment inside a continuation is dropped. Comments may hold any bytes.
+- A line continues when it ends in an odd number of backslashes, with nothing
+  (not even whitespace) after them: the last backslash becomes a space and the
+  next line is appended exactly as written, indentation included. An even number
+  is the value's own backslashes. A blank line ends a continuation.
+- The first line that starts with a byte order mark loses it (one mark per file).
+- Whitespace (space, tab, CR, LF only) is stripped around a logical line, a key
+  and a value; a value keeps its inner whitespace as written.
+- A logical line that is not valid UTF-8 makes systemd stop reading: refused.
+
+Stricter than systemd, on purpose (each names file and line; see qemu-run.vm(5)):
+a NUL byte (a line end for systemd), a line without "=", an empty or bracketed
+section name, a key outside [A-Za-z0-9_.-], an assignment before any section.
+systemd ignores these lines with a warning, which hides typos.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_unit.errors import ConfigError
 
+# systemd's LONG_LINE_MAX (bytes): a line must be shorter, joined lines no longer.
+LINE_MAX = 1024 * 1024
 # The characters of a key name, for str.strip(): a key is valid when nothing is
-# left. No regular expressions here: this runs for every line of every file at boot.
+# left. No regular expressions in the common path: this runs for every line of
+# every file at boot.
 _KEY_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
 # systemd's WHITESPACE and line ends: str.strip() and str.splitlines() would also
 # take form feeds, U+0085, U+2028 and friends, shifting line numbers and values.
 _WHITESPACE = " \t\n\r"
+_COMMENTS = ("#", ";")
+_BOM = "\ufeff"
+# "\r\n" and "\n\r" are one line end each (read_line_full()); tried left to right.
+_LINE_END = re.compile("\r\n|\n\r|\r|\n")
+# What systemd's utf8_is_valid() refuses beyond Python's UTF-8 decoder: U+FDD0..U+FDEF
+# and U+xFFFE/U+xFFFF. Undecodable bytes arrive as surrogates (surrogateescape).
+_NOT_UTF8 = re.compile(
+    "[\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(17))
+    + "]"
+)
+_NOT_UTF8_MESSAGE = "not valid UTF-8 (systemd stops reading the file here)"
 
 
 @dataclass(frozen=True)
@@ -55,52 +95,102 @@ class UnitFile:
 
 
 def _split_lines(text: str) -> list[str]:
-    """TEXT split at "\\r\\n", "\\r" and "\\n", and at nothing else."""
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text.split("\n")
+    """TEXT split at line ends as systemd reads them, and at nothing else."""
+    if "\r" not in text:
+        return text.split("\n")
+    return _LINE_END.split(text)
 
 
-def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
+def _size(text: str) -> int:
+    """TEXT's length in bytes as systemd counts it (undecodable bytes count one)."""
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
+def _logical_lines(text: str, path: str) -> Iterable[tuple[int, str]]:
     """(first line number, line) for each line, continuation lines joined."""
-    lines = [raw.strip(_WHITESPACE) for raw in _split_lines(text)]
-    if "\\" not in text:
-        # No continuation anywhere (nearly every file): each line stands alone.
+    lines = _split_lines(text)
+    if "\\" not in text and _BOM not in text and len(text) * 4 < LINE_MAX:
+        # No continuation, no mark, no line near the limit (nearly every
+        # file): each line stands alone and comments are skipped by parse().
         return enumerate(lines, 1)
-    return _join_continuations(lines)
+    return _join_continuations(lines, path, check_size=len(text) * 4 >= LINE_MAX)
 
 
-def _join_continuations(lines: list[str]) -> Iterator[tuple[int, str]]:
+def _join_continuations(
+    lines: list[str], path: str, *, check_size: bool
+) -> Iterator[tuple[int, str]]:
     start = 0
-    parts: list[str] = []
+    joined: str | None = None  # the continuation so far, its last backslash made a space
+    bom_seen = False
     for number, line in enumerate(lines, 1):
-        if parts and line[:1] in ("#", ";"):
-            # systemd ignores comment lines inside a continuation.
+        if check_size and _size(line) >= LINE_MAX:
+            raise ConfigError(
+                f"line too long (systemd reads lines of at most {LINE_MAX - 1} bytes)",
+                path=path, line=number,
+            )
+        # Comments first: they neither continue nor end a continuation.
+        if line.lstrip(_WHITESPACE)[:1] in _COMMENTS:
             continue
-        if not parts:
+        if not bom_seen and line.startswith(_BOM):
+            line = line[1:]
+            bom_seen = True
+        if joined is None:
             start = number
-        if line.endswith("\\"):
-            parts.append(line[:-1].rstrip(_WHITESPACE))
+            text = line
+        else:
+            if check_size and _size(joined) + _size(line) > LINE_MAX:
+                raise ConfigError(
+                    f"continued line too long (systemd joins at most {LINE_MAX} bytes)",
+                    path=path, line=start,
+                )
+            text = joined + line
+        # The joined part ends in a space, so the count of trailing backslashes
+        # is that of this line alone.
+        if (len(line) - len(line.rstrip("\\"))) % 2:
+            joined = text[:-1] + " "
             continue
-        parts.append(line)
-        yield start, " ".join(parts).strip(_WHITESPACE)
-        parts = []
-    if parts:
-        yield start, " ".join(parts).strip(_WHITESPACE)
+        joined = None
+        yield from _unless_marked_comment(start, text, path)
+    if joined is not None:
+        yield from _unless_marked_comment(start, joined, path)
+
+
+def _unless_marked_comment(number: int, text: str, path: str) -> Iterator[tuple[int, str]]:
+    """(NUMBER, TEXT), unless TEXT starts with "#" or ";" (possible only once a byte
+    order mark is gone): systemd then checks its UTF-8 and ignores it (no key it knows)."""
+    if text.lstrip(_WHITESPACE)[:1] not in _COMMENTS:
+        yield number, text
+    elif _NOT_UTF8.search(text):
+        raise ConfigError(_NOT_UTF8_MESSAGE, path=path, line=number)
+
+
+def _nul_line(text: str) -> int:
+    return len(_split_lines(text[: text.index("\0")]))
 
 
 def parse(text: str, path: str | Path) -> list[Entry]:
-    """Parse unit-file TEXT read from PATH (used in messages only)."""
+    """Parse unit-file TEXT read from PATH (used in messages only).
+
+    TEXT is decoded with "surrogateescape" (read() does): bytes that are not
+    UTF-8 are fine in comments and refused elsewhere, as systemd does.
+    """
     path = str(path)
     if "\0" in text:
-        raise ConfigError("file contains a NUL byte", path=path)
+        raise ConfigError("file contains a NUL byte", path=path, line=_nul_line(text))
+    ascii_only = text.isascii()
     section: str | None = None
     entries: list[Entry] = []
-    for number, line in _logical_lines(text):
-        # Lines come stripped: only the right end of a key and the left end of
-        # a value can hold whitespace.
-        if not line or line[0] in ("#", ";"):
+    for number, raw in _logical_lines(text, path):
+        line = raw.strip(_WHITESPACE)
+        if not line or line[0] in _COMMENTS:
             continue
+        if not ascii_only and _NOT_UTF8.search(line):
+            raise ConfigError(_NOT_UTF8_MESSAGE, path=path, line=number)
+        if line[0] == _BOM:
+            raise ConfigError(
+                "byte order mark (U+FEFF) at the start of a line: only the first is skipped",
+                path=path, line=number,
+            )
         if line[0] == "[":
             name = line[1:-1]
             if line[-1] != "]" or not name or "[" in name or "]" in name:
@@ -123,6 +213,33 @@ def parse(text: str, path: str | Path) -> list[Entry]:
     return entries
 
 
+def format_value(value: str) -> str:
+    """VALUE written after "KEY=" so that systemd reads back exactly VALUE.
+
+    VALUE is what parse() gave: no line end, no whitespace at either end. Only
+    an odd number of trailing backslashes would change meaning (a continuation):
+    a space after them stops that, and systemd strips it again.
+    """
+    if value.endswith("\\") and (len(value) - len(value.rstrip("\\"))) % 2:
+        return value + " "
+    return value
+
+
+def format_line(key: str, value: str, entry: Entry | None = None) -> str:
+    """One "KEY=VALUE" line (with its newline) that systemd reads back as KEY and VALUE.
+
+    ConfigError (naming ENTRY's file and line) if systemd could not read it in one line.
+    """
+    line = f"{key}={format_value(value)}"
+    if len(line) * 4 >= LINE_MAX and _size(line) >= LINE_MAX:
+        raise ConfigError(
+            f"too long to write as one line (systemd reads lines of at most "
+            f"{LINE_MAX - 1} bytes)",
+            path=entry.path if entry else None, line=entry.line if entry else None, key=key,
+        )
+    return line + "\n"
+
+
 def _read_bytes(path: Path) -> bytes:
     """PATH's contents through plain os calls: four system calls, where
     Path.read_bytes() makes nine and two file objects (a thousand VMs at boot)."""
@@ -141,13 +258,10 @@ def read(path: Path, dropins: Iterable[Path] = ()) -> UnitFile:
     entries: list[Entry] = []
     for p in (path, *dropins):
         try:
-            # utf-8-sig: systemd skips a byte order mark at the start of a file.
-            # Bytes, then decode: no text layer (cheaper), and no newline
-            # translation either, which _split_lines() does the same way.
-            text = _read_bytes(p).decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"not valid UTF-8: {e.reason}", path=p) from None
+            data = _read_bytes(p)
         except OSError as e:
             raise ConfigError(f"cannot read: {e.strerror}", path=p) from None
-        entries.extend(parse(text, p))
+        # Bytes, then decode: no text layer (cheaper), and no newline translation
+        # either. Bad UTF-8 is an error only outside comments (parse() says where).
+        entries.extend(parse(data.decode("utf-8", "surrogateescape"), p))
     return UnitFile(str(path), tuple(entries))

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from qemu_unit import generator, names, source, unitfile
@@ -771,3 +771,77 @@ def test_an_unexpected_exception_fails_only_its_vm(tmp_path: Path) -> None:
     assert log.errors == 1
     assert f"{good}: internal error: TypeError" in stderr.getvalue()
     assert dropin(out, "good").is_file() and not dropin(out, "broken").exists()
+
+
+# The writer: what systemd reads from the drop-in is what the parser read
+
+
+_RAW_VALUE = st.lists(
+    st.sampled_from(["a", " ", "\t", "\\", "\\ ", '"', "'", "%%", "#", ";", "=", "[", "]",
+                     "\ufeff", "\u00e9"]),
+    max_size=6,
+).map("".join)
+
+
+@example([("Service", "a\\ ", False)])
+@example([("Unit", "\\\\\\\t", True), ("Service", "x", False)])
+@given(st.lists(st.tuples(st.sampled_from(["Unit", "Service"]), _RAW_VALUE, st.booleans()),
+                min_size=1, max_size=6))
+def test_drop_in_reads_back_as_the_vm_file_was_read(lines: list[tuple[str, str, bool]]) -> None:
+    """Values with backslashes at the end, quotes, marks, continuations (when a raw
+    value ends in a backslash the next line joins it) survive the generator's writer."""
+    from qemu_unit import settings
+
+    text = "[VM]\nNetwork=none\n"
+    for section, raw, continued in lines:
+        text += f"[{section}]\nEnvironment={raw}\n" + ("  more\n" if continued else "")
+    path = Path("/etc/qemu-run/rt.vm")
+    try:
+        unit = unitfile.UnitFile(str(path), tuple(unitfile.parse(text, path)))
+        vm = settings.build_vm(source.Source("rt", "vm", path), unit)
+    except ConfigError:
+        return
+    ((_, dropin),) = generator.convert(vm).files
+    back = unitfile.parse(dropin, "/run/dropin.conf")
+    written = [(e.section, e.key, e.value) for e in back]
+    # The generator's own lines come first in each section.
+    assert [w for w in written if w[0] == "Unit"][1:] == [
+        ("Unit", e.key, e.value) for e in vm.unit
+    ]
+    service = [w for w in written if w[0] == "Service"]
+    assert service[len(service) - len(vm.service):] == [
+        ("Service", e.key, e.value) for e in vm.service
+    ]
+
+
+def test_a_value_ending_in_a_backslash_does_not_continue_in_the_drop_in() -> None:
+    from qemu_unit import settings
+
+    text = "[VM]\nNetwork=none\n[Service]\nEnvironment=A=x\\ \nExecStop=/bin/true\n"
+    path = Path("/etc/qemu-run/bs.vm")
+    vm = settings.build_vm(source.Source("bs", "vm", path),
+                           unitfile.UnitFile(str(path), tuple(unitfile.parse(text, path))))
+    ((_, dropin),) = generator.convert(vm).files
+    assert "Environment=A=x\\ \nExecStop=/bin/true\n" in dropin
+
+
+def test_a_file_name_with_a_line_end_is_refused(tmp_path: Path) -> None:
+    from qemu_unit import settings
+
+    path = Path("/etc/qemu-run/cr.vm")
+    vm = settings.build_vm(source.Source("cr", "vm", path, (Path("/etc/x\r[Service].conf"),)),
+                           unitfile.UnitFile(str(path), ()))
+    with pytest.raises(ConfigError, match="line end"):
+        generator.convert(vm)
+
+
+def test_extension_keys_in_install_are_ignored() -> None:
+    from qemu_unit import settings
+
+    text = "[VM]\nNetwork=none\n[Install]\nX-Note=1\nWantedBy=multi-user.target\n"
+    path = Path("/etc/qemu-run/xi.vm")
+    vm = settings.build_vm(source.Source("xi", "vm", path),
+                           unitfile.UnitFile(str(path), tuple(unitfile.parse(text, path))))
+    assert [link for link, _ in generator.convert(vm).symlinks] == [
+        "multi-user.target.wants/qemu-run@xi.service"
+    ]

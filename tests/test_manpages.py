@@ -169,3 +169,14 @@ def test_module_runs_without_libvirt(tmp_path: Path) -> None:
 def test_date_follows_source_date_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
     assert '"1970-01-01"' in manpages.render_service_page().split("\n")[1]
+
+
+def test_vm_page_states_the_syntax_rules_and_refusals() -> None:
+    from qemu_unit import unitfile
+
+    roff = manpages.render_vm_page()
+    syntax = roff[roff.index(".SH SYNTAX"):roff.index('.SH "[Unit]')]
+    assert f"{unitfile.LINE_MAX} bytes" in syntax
+    for rule in ("odd number of backslashes", "byte order mark", "X\\-", "NUL byte",
+                 "not valid UTF\\-8", "without its closing bracket"):
+        assert rule in syntax, rule

@@ -178,6 +178,16 @@ def test_passthrough_entries_are_kept_with_their_lines() -> None:
     assert (vm.wanted_by, vm.required_by) == (("x", "y"), ("z",))
 
 
+def test_extension_sections_and_vm_keys_are_ignored() -> None:
+    # X- is the extension prefix: systemd ignores X- sections and keys, and so do we.
+    vm = vm_of("[X-Backup]\nWhen=daily\n[VM]\nX-Owner=ops\nCPUs=2\n[Service]\nX-Note=1\n")
+    assert vm.cpus == 2
+    assert [(e.key, e.value) for e in vm.service] == [("X-Note", "1")]
+    assert vm.unit == ()
+    with pytest.raises(ConfigError, match="unknown section"):
+        vm_of("[x-lower]\nA=1\n")
+
+
 def test_name_is_checked() -> None:
     with pytest.raises(ConfigError, match="'/'"):
         vm_of("[VM]\n", name="a/b")

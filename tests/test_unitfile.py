@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qemu_unit.errors import ConfigError
-from qemu_unit.unitfile import Entry, UnitFile, parse, read
+from qemu_unit.unitfile import LINE_MAX, Entry, UnitFile, format_line, parse, read
 
 
 def values(text: str) -> list[tuple[str, str, str, int]]:
@@ -42,21 +44,78 @@ def test_repeated_keys_are_all_kept_in_order() -> None:
     assert [(e.value, e.line) for e in parse(text, "/x")] == [("/a", 2), ("", 3), ("/b", 4)]
 
 
-def test_continuation_lines_join_with_a_space_and_keep_the_first_line() -> None:
+def test_continuation_replaces_the_backslash_and_keeps_the_next_line_as_written() -> None:
+    # systemd: the backslash becomes a space, the next line is appended with its
+    # indentation; only the ends of the joined line are stripped.
     text = "[VM]\nKernelCmdline=console=ttyS0 \\\n   quiet \\\n   rw\nCPUs=2\n"
     assert values(text) == [
-        ("VM", "KernelCmdline", "console=ttyS0 quiet rw", 2),
+        ("VM", "KernelCmdline", "console=ttyS0     quiet     rw", 2),
         ("VM", "CPUs", "2", 5),
+    ]
+    assert values('[Service]\nEnvironment="A=x\\\n  y"\n') == [
+        ("Service", "Environment", '"A=x   y"', 2)
     ]
 
 
-def test_comment_inside_a_continuation_is_ignored() -> None:
-    text = "[VM]\nKernelCmdline=a \\\n# not part of it\n b\n"
-    assert values(text) == [("VM", "KernelCmdline", "a b", 2)]
+def test_comment_inside_a_continuation_is_dropped() -> None:
+    text = "[VM]\nKernelCmdline=a \\\n# not part of it\n  ; nor this\n b\n"
+    assert values(text) == [("VM", "KernelCmdline", "a   b", 2)]
+
+
+def test_a_comment_never_continues() -> None:
+    # A commented-out multi-line ExecStart= must not swallow the next line.
+    text = "[Service]\n#ExecStart=/bin/a \\\nExecStop=/bin/b\n"
+    assert values(text) == [("Service", "ExecStop", "/bin/b", 3)]
+    text = "[Service]\n  ; x \\\n[Unit]\nDescription=d\n"
+    assert values(text) == [("Unit", "Description", "d", 4)]
+
+
+def test_a_comment_before_a_section_does_not_hide_it(tmp_path: Path) -> None:
+    # The misleading "Description=: unknown key in [VM]" of issue 11.
+    from qemu_unit import settings, source
+
+    path = tmp_path / "web.vm"
+    path.write_text("[VM]\nMemory=1G\n# Network=user \\\n[Unit]\nDescription=web\n")
+    vm = settings.load_vm(source.Source("web", "vm", path))
+    assert [(e.key, e.value) for e in vm.unit] == [("Description", "web")]
+
+
+def test_whitespace_after_a_backslash_ends_the_line() -> None:
+    assert values("[VM]\nKernelCmdline=a\\ \nCPUs=2\n") == [
+        ("VM", "KernelCmdline", "a\\", 2),
+        ("VM", "CPUs", "2", 3),
+    ]
+    assert values("[VM]\nKernelCmdline=a\\\t\nCPUs=2\n") == [
+        ("VM", "KernelCmdline", "a\\", 2),
+        ("VM", "CPUs", "2", 3),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("slashes", "continues"), [(1, True), (2, False), (3, True), (4, False), (5, True)]
+)
+def test_only_an_odd_number_of_trailing_backslashes_continues(
+    slashes: int, continues: bool
+) -> None:
+    run = "\\" * slashes
+    got = values(f"[VM]\nKernelCmdline=a{run}\nCPUs=2\n")
+    if continues:
+        # The last backslash became a space; the others are the value's.
+        assert got == [("VM", "KernelCmdline", f"a{run[1:]} CPUs=2", 2)]
+    else:
+        assert got == [("VM", "KernelCmdline", f"a{run}", 2), ("VM", "CPUs", "2", 3)]
+
+
+def test_a_blank_line_ends_a_continuation() -> None:
+    assert values("[VM]\nKernelCmdline=a\\\n\nCPUs=2\n") == [
+        ("VM", "KernelCmdline", "a", 2),
+        ("VM", "CPUs", "2", 4),
+    ]
 
 
 def test_continuation_at_end_of_file() -> None:
     assert values("[VM]\nKernelCmdline=a \\") == [("VM", "KernelCmdline", "a", 2)]
+    assert values("[VM]\nKernelCmdline=a \\\n") == [("VM", "KernelCmdline", "a", 2)]
 
 
 def test_crlf_and_cr_line_ends() -> None:
@@ -65,6 +124,15 @@ def test_crlf_and_cr_line_ends() -> None:
         ("VM", "Memory", "1G", 3),
         ("VM", "Machine", "pc", 4),
     ]
+
+
+@pytest.mark.parametrize(
+    ("ends", "lines"),
+    [("\n\r", 1), ("\r\n", 1), ("\n\n", 2), ("\r\r", 2), ("\r\n\r", 2), ("\n\r\n", 2)],
+)
+def test_line_end_pairs_count_once(ends: str, lines: int) -> None:
+    # read_line_full(): "\n\r" and "\r\n" are one line end, a repeated one is another.
+    assert values(f"[VM]{ends}CPUs=2\n") == [("VM", "CPUs", "2", 1 + lines)]
 
 
 @pytest.mark.parametrize("char", ["\x0c", "\x0b", "\x1c", "\x85", "\u2028"])
@@ -95,7 +163,15 @@ def test_sections_lists_in_first_seen_order() -> None:
         ("[VM]\n=value\n", 2, None, "invalid key name ''"),
         ("[VM]\nbad key=1\n", 2, None, "invalid key name 'bad key'"),
         ("Memory=1G\n[VM]\n", 1, "Memory", "assignment outside of any section"),
-        ("[VM]\nA=\0\n", None, None, "NUL byte"),
+        ("[VM]\r\nA=1\nB=\0\n", 3, None, "NUL byte"),
+        ("\ufeff[VM]\n\ufeffA=1\n", 2, None, "byte order mark"),
+        ("# x\n\ufeff[VM]\n\ufeff[Unit]\n", 3, None, "byte order mark"),
+        ("[VM]\nA=caf\udce9\n", 2, None, "not valid UTF-8"),
+        ("[VM]\nA=\uffff\n", 2, None, "not valid UTF-8"),
+        ("[VM]\nA=\ufdd0\n", 2, None, "not valid UTF-8"),
+        ("[VM]\nA=\U0010fffe\n", 2, None, "not valid UTF-8"),
+        ("[VM]\nA=x\\\n caf\udce9\n", 2, None, "not valid UTF-8"),
+        ("\ufeff#caf\udce9\n", 1, None, "not valid UTF-8"),
     ],
 )
 def test_syntax_errors_name_file_and_line(
@@ -131,12 +207,95 @@ def test_read_skips_a_byte_order_mark(tmp_path: Path) -> None:
     assert [(e.key, e.line) for e in read(path).entries] == [("CPUs", 2)]
 
 
+def test_read_skips_the_first_mark_at_the_start_of_a_line(tmp_path: Path) -> None:
+    # systemd skips one mark: on the first line that starts with one, not only line 1.
+    path = tmp_path / "bom.vm"
+    path.write_bytes(b"# comment\n\xef\xbb\xbf[VM]\nCPUs=2\nKernelCmdline=a\xef\xbb\xbfb\n")
+    assert [(e.key, e.value, e.line) for e in read(path).entries] == [
+        ("CPUs", "2", 3), ("KernelCmdline", "a\ufeffb", 4)
+    ]
+
+
+def test_a_mark_before_a_comment_makes_it_a_line_that_continues() -> None:
+    # systemd looks for comments before it skips the mark: this line is not a
+    # comment, it continues, and the joined "# ..." line is ignored (no known key).
+    with pytest.raises(ConfigError, match="outside of any section") as info:
+        values("\ufeff# c \\\n[VM]\nA=1\n")
+    assert info.value.line == 3
+    assert values("[VM]\n\ufeff# c \\\nCPUs=2\nMemory=1G\n") == [("VM", "Memory", "1G", 4)]
+
+
+def test_bytes_that_are_not_utf8_are_fine_in_comments(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.vm"
+    path.write_bytes(b"# caf\xe9\n[VM]\n  ; \xff\xfe\nCPUs=2\nKernelCmdline=a \\\n#\xe9\n b\n")
+    assert [(e.key, e.value) for e in read(path).entries] == [
+        ("CPUs", "2"), ("KernelCmdline", "a   b")
+    ]
+
+
+def test_line_length_limit_is_systemds(tmp_path: Path) -> None:
+    # LONG_LINE_MAX: a line of LINE_MAX bytes is too long, joined lines may reach it.
+    key = b"KernelCmdline="
+    path = tmp_path / "long.vm"
+    path.write_bytes(b"[VM]\n" + key + b"x" * (LINE_MAX - 1 - len(key)) + b"\n")
+    assert len(read(path).entries[0].value) == LINE_MAX - 1 - len(key)
+    path.write_bytes(b"[VM]\n" + key + b"x" * (LINE_MAX - len(key)) + b"\n")
+    with pytest.raises(ConfigError, match="line too long") as info:
+        read(path)
+    assert (info.value.path, info.value.line) == (str(path), 2)
+    # Also a comment: systemd fails to read the line before it sees the "#".
+    path.write_bytes(b"[VM]\n#" + "\u00e9".encode() * (LINE_MAX // 2) + b"\n")
+    with pytest.raises(ConfigError, match="line too long"):
+        read(path)
+    half = LINE_MAX // 2
+    rest = LINE_MAX - half - 1 - len(key)
+    path.write_bytes(b"[VM]\n" + key + b"x" * half + b"\\\n" + b"y" * rest + b"\n")
+    assert len(read(path).entries[0].value) == LINE_MAX - len(key)
+    path.write_bytes(b"[VM]\n" + key + b"x" * half + b"\\\n" + b"y" * (rest + 1) + b"\n")
+    with pytest.raises(ConfigError, match="continued line too long") as info:
+        read(path)
+    assert info.value.line == 2
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
+def test_format_value_reads_back_as_the_value(value: str) -> None:
+    # Whatever parse() can give as a value, written by format_line(), parses back equal.
+    text = f"[Service]\nEnvironment={value}\nX-After=1\n"
+    try:
+        entries = parse(text, "/x")
+    except ConfigError:
+        return
+    if not entries or entries[0].key != "Environment":
+        return
+    read_value = entries[0].value
+    written = "[Service]\n" + format_line("Environment", read_value) + "X-After=1\n"
+    assert [(e.key, e.value) for e in parse(written, "/y")] == [
+        ("Environment", read_value), ("X-After", "1")
+    ]
+
+
+@pytest.mark.parametrize("value", ["a\\", "a\\\\\\", "\\", "a \\ b\\"])
+def test_format_value_stops_a_trailing_backslash_from_continuing(value: str) -> None:
+    written = "[Service]\n" + format_line("Environment", value) + "ExecStop=/b\n"
+    assert [(e.key, e.value) for e in parse(written, "/y")] == [
+        ("Environment", value), ("ExecStop", "/b")
+    ]
+    assert format_line("A", "a\\\\") == "A=a\\\\\n"
+
+
+def test_format_line_refuses_what_systemd_cannot_read_in_one_line() -> None:
+    entry = Entry("Service", "Environment", "x", "/etc/qemu-run/web.vm", 7)
+    with pytest.raises(ConfigError, match="too long") as info:
+        format_line("Environment", "x" * LINE_MAX, entry)
+    assert str(info.value).startswith("/etc/qemu-run/web.vm:7: Environment=: ")
+
+
 def test_read_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "latin1.vm"
     bad.write_bytes(b"[VM]\nKernelCmdline=caf\xe9\n")
     with pytest.raises(ConfigError, match="not valid UTF-8") as info:
         read(bad)
-    assert info.value.path == str(bad)
+    assert (info.value.path, info.value.line) == (str(bad), 2)
     missing = tmp_path / "missing.conf"
     with pytest.raises(ConfigError, match="cannot read") as info:
         read(tmp_path / "nope.vm")
