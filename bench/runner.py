@@ -24,12 +24,13 @@ import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qemu_unit import domain, render, settings, source  # noqa: E402
+from qemu_unit import domain, host, settings, source  # noqa: E402
 from tests.support.container import Container  # noqa: E402
 from tests.support.guest import build_test_guest, cmdline  # noqa: E402
 from tests.support.venv import test_install  # noqa: E402
@@ -94,7 +95,7 @@ class Notify:
                 return time.monotonic()
 
 
-def setup() -> tuple[Path, str]:
+def setup() -> tuple[Path, settings.VMConfig]:
     subprocess.run(["systemd-sysusers", str(REPO / "units/qemu-unit.sysusers")], check=True)
     shutil.rmtree(BASE, ignore_errors=True)
     (BASE / "cfg").mkdir(parents=True)
@@ -105,8 +106,13 @@ def setup() -> tuple[Path, str]:
     )
     subprocess.run(["chmod", "-R", "a+rX", str(BASE)], check=True)
     subprocess.run(["chown", "-R", "qemu-run:", str(BASE)], check=True)
-    vm = settings.load_vm(source.find_source("bench", [BASE / "cfg"]))
-    return BASE / "cfg", domain.render(vm, "tcg", nvram_dir=BASE / "state")
+    return BASE / "cfg", settings.load_vm(source.find_source("bench", [BASE / "cfg"]))
+
+
+def build_at(vm: settings.VMConfig, root: Path) -> ET.Element:
+    """The domain qemu-unit would start, with its sockets under ROOT."""
+    dirs = host.Dirs(state=BASE / "state", root=root, cache=BASE / "cache")
+    return domain.build(vm, host.plan(vm, dirs, accel=settings.Accel.TCG))
 
 
 def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:
@@ -136,16 +142,14 @@ def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:
     return {"ready": ready, "stop": stop, "rss": rss}
 
 
-def run_bare(xml: str) -> dict[str, float]:
+def run_bare(vm: settings.VMConfig) -> dict[str, float]:
     root = "/run/qub-bare"
     Path(root).mkdir(exist_ok=True)
     shutil.rmtree(f"{root}/run", ignore_errors=True)  # no stale domain from an aborted run
     shutil.chown(root, "qemu-run", "qemu-run")
     sock = f"{root}/console.sock"
-    adapted, _ = render.adapt_xml(xml, name="bench", path="bench", console=Path(sock),
-                                  agent=Path(f"{root}/agent.sock"), kvm=None)
     xml_path = BASE / "bare.xml"
-    xml_path.write_text(adapted)
+    xml_path.write_text(domain.serialize(build_at(vm, Path(root))))
     xml_path.chmod(0o644)
     env = {"PATH": "/usr/bin:/bin", "HOME": root}
     proc = Proc([*AS_USER, "/usr/bin/python3", str(REPO / "bench/bare_libvirt.py"), root,
@@ -162,13 +166,19 @@ def run_bare(xml: str) -> dict[str, float]:
     return {"ready": ready, "stop": stop, "rss": rss}
 
 
-def run_virt_qemu_run(xml: str) -> dict[str, float]:
+def run_virt_qemu_run(vm: settings.VMConfig) -> dict[str, float]:
     root = Path("/run/qub-vqr")
     (root / "etc").mkdir(parents=True, exist_ok=True)
     (root / "etc/qemu.conf").write_text('stdio_handler = "file"\n')
     subprocess.run(["chown", "-R", "qemu-run:", str(root)], check=True)
     xml_path = BASE / "vqr.xml"
-    xml_path.write_text(xml)
+    # No one listens on a console socket here: virt-qemu-run gets a pty instead.
+    tree = build_at(vm, root)
+    serial = tree.find("devices/serial")
+    assert serial is not None
+    serial.set("type", "pty")
+    serial.remove(serial.find("source"))  # type: ignore[arg-type]
+    xml_path.write_text(domain.serialize(tree))
     xml_path.chmod(0o644)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(root)}
     proc = Proc([*AS_USER, "virt-qemu-run", "-v", "-r", str(root), str(xml_path)], env)
@@ -218,14 +228,14 @@ def main() -> int:
         print("bench/runner.py: run as root", file=sys.stderr)
         return 1
     qemu_unit = test_install()
-    cfg, xml = setup()
+    cfg, vm = setup()
     results: dict[str, list[dict[str, float]]] = {"qemu-unit": [], "libvirt": [], "vqr": []}
     # One discarded warm-up each: every embed root pays its capability probe once.
     for i in range(args.rounds + 1):
         for key, fn in (
             ("qemu-unit", lambda: run_qemu_unit(qemu_unit, cfg)),
-            ("libvirt", lambda: run_bare(xml)),
-            ("vqr", lambda: run_virt_qemu_run(xml)),
+            ("libvirt", lambda: run_bare(vm)),
+            ("vqr", lambda: run_virt_qemu_run(vm)),
         ):
             r = fn()
             if i:

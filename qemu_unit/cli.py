@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qemu_unit import log
-from qemu_unit.errors import EX_CONFIG, QemuUnitError
+from qemu_unit.errors import ConfigError, QemuUnitError
 
 PROG = "qemu-unit"
 DESCRIPTION = (
@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "render",
         help="print the libvirt domain XML a VM produces",
-        description="Print the domain XML the runner would start for NAME (before it attaches "
-        "its console socket). Accel=auto is resolved on this host.",
+        description="Print exactly the domain XML the runner would hand to libvirt for NAME, "
+        "run as the current user (as root: the system directories of qemu-run@NAME.service), "
+        "for .vm and .xml VMs alike. Accel=auto is resolved on this host.",
     )
     p.add_argument("name", metavar="NAME")
     config_dir(p)
@@ -130,28 +131,57 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from qemu_unit import runner
 
-    if os.geteuid() == 0 and not os.environ.get("INVOCATION_ID"):
-        runner.prepare_root_dirs_as_root(args.name)
-        runner.drop_privileges()
     return runner.run(
         args.name, shutdown_timeout=args.shutdown_timeout, search_path=_search_path(args)
     )
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from qemu_unit import render
+    from qemu_unit import domain, host, settings, source
 
-    sys.stdout.write(render.render_name(args.name, _search_path(args)))
+    vm = settings.load_vm(source.find_source(args.name, _search_path(args)))
+    sys.stdout.write(domain.render(vm, host.plan(vm)))
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from qemu_unit import render
+def _is_file(target: str) -> bool:
+    """TARGET is a file when it names one: a path, or NAME.vm/NAME.xml that exists here."""
+    path = Path(target)
+    return "/" in target or (path.suffix in (".vm", ".xml") and path.exists())
 
-    problems = render.validate(args.targets, _search_path(args))
+
+def validate(targets: Sequence[str], search_path: Sequence[Path] | None = None) -> list[str]:
+    """Check each target; one message per invalid one. No target: everything visible.
+
+    Nothing here depends on this host's KVM: a VM is checked as its configuration says.
+    """
+    from qemu_unit import host, settings, source
+
+    problems: list[str] = []
+    found: list[source.Source] = []
+    if not targets:
+        errors: list[ConfigError] = []
+        found = list(source.list_sources(search_path, errors=errors))
+        problems += [str(e) for e in errors]
+    for target in (*targets, *found):
+        try:
+            if isinstance(target, source.Source):
+                src = target
+            elif _is_file(target):
+                src = source.from_file(Path(target))
+            else:
+                src = source.find_source(target, search_path)
+            host.plan(settings.load_vm(src), probe=False)
+        except QemuUnitError as e:
+            problems.append(str(e))
+    return problems
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    problems = validate(args.targets, _search_path(args))
     for problem in problems:
-        print(problem, file=sys.stderr)
-    return EX_CONFIG if problems else 0
+        log.log.error("%s", problem)
+    return os.EX_CONFIG if problems else 0
 
 
 def cmd_install(args: argparse.Namespace) -> int:

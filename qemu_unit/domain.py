@@ -1,17 +1,20 @@
-"""VMConfig -> libvirt domain XML, declared with ElementTree.
+"""The final libvirt domain of a VM: `build(vm, plan) -> Element`, declared with ElementTree.
 
-The XML is complete for a plain start; the runner changes only what depends
-on the host at start time (the first serial port becomes its console socket).
+The tree is complete: what the runner hands to createXML is `render(vm, plan)`,
+serialised once, and `qemu-unit render` prints the same string. A .vm VM is
+built from its keys; a DomainXML= VM's own domain is taken over (name, type,
+console socket, agent socket, NVRAM). The host facts come from the plan
+(host.py); nothing here looks at the host.
 """
 
 from __future__ import annotations
 
-import stat
+import copy
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Literal
 
-from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.errors import ConfigError
+from qemu_unit.host import DiskPlan, Plan
 from qemu_unit.settings import (
     Accel,
     Console,
@@ -20,9 +23,11 @@ from qemu_unit.settings import (
     NetworkKind,
     ShutdownMethod,
     VMConfig,
-    detect_format,
     is_q35,
 )
+
+# Keep the conventional prefix of libvirt's QEMU namespace (<qemu:commandline>).
+ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
 
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 _DEV_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "ide": "hd"}
@@ -57,17 +62,10 @@ class _Targets:
         return prefix + _letters(index)
 
 
-def _is_block(path: Path) -> bool:
-    try:
-        return stat.S_ISBLK(path.stat().st_mode)
-    except OSError:
-        return False
-
-
-def _disk(devices: ET.Element, disk: Disk, targets: _Targets) -> None:
-    block = _is_block(disk.path)
+def _disk(devices: ET.Element, disk: Disk, plan: DiskPlan, targets: _Targets) -> None:
+    block = plan.block
     element = _sub(devices, "disk", type="block" if block else "file", device="disk")
-    driver = {"name": "qemu", "type": detect_format(disk)}
+    driver = {"name": "qemu", "type": plan.format}
     if disk.cache not in (None, "default"):
         driver["cache"] = disk.cache
     _sub(element, "driver", **driver)
@@ -85,14 +83,14 @@ def _cdrom(devices: ET.Element, path: Path, bus: str, targets: _Targets) -> None
     _sub(element, "readonly")
 
 
-def _cpu(domain: ET.Element, vm: VMConfig, accel: str) -> None:
+def _cpu(domain: ET.Element, vm: VMConfig, accel: Accel) -> None:
     model = vm.cpu_model
     if model is None:
-        model = "host-passthrough" if accel == "kvm" else None
+        model = "host-passthrough" if accel is Accel.KVM else None
     if model is None:
         return
     if model in ("host-passthrough", "host-model"):
-        if accel != "kvm":
+        if accel is not Accel.KVM:
             raise ConfigError(f"CPUModel={model} needs KVM, and the VM runs under TCG",
                               path=vm.source_path, key="CPUModel")
         _sub(domain, "cpu", mode=model)
@@ -103,57 +101,74 @@ def _cpu(domain: ET.Element, vm: VMConfig, accel: str) -> None:
         _sub(cpu, "model", model, fallback="forbid")
 
 
-def read_domain_xml(vm: VMConfig) -> str:
-    """The text of VM's DomainXML= file, checked to be a libvirt <domain>."""
-    assert vm.domain_xml is not None
-    try:
-        text = vm.domain_xml.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else "not valid UTF-8"
-        raise ConfigError(f"cannot read domain XML: {reason}", path=vm.domain_xml) from None
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as e:
-        raise ConfigError(f"invalid XML: {e}", path=vm.domain_xml) from None
-    if root.tag != "domain":
-        raise ConfigError(f"the root element is <{root.tag}>, not <domain>", path=vm.domain_xml)
-    return text
+def _domain_type(plan: Plan) -> str:
+    return "kvm" if plan.accel is Accel.KVM else "qemu"
 
 
-def host_files(root: ET.Element) -> list[tuple[str, str, bool]]:
-    """(element, path, writable) of each host file a domain names that must exist when
-    it starts: disk and CD-ROM images or devices, kernel, initrd, device tree, firmware.
-    The NVRAM file is not among them: libvirt makes it from a template."""
-    files = []
-    for disk in root.iterfind("./devices/disk"):
-        src = disk.find("source")
-        where = None if src is None else (src.get("file") or src.get("dev"))
-        if where:
-            writable = disk.find("readonly") is None and disk.get("device") != "cdrom"
-            files.append(("disk", where, writable))
-    for tag in ("kernel", "initrd", "dtb", "loader"):
-        element = root.find(f"./os/{tag}")
-        if element is not None and element.text and element.text.strip():
-            files.append((tag, element.text.strip(), False))
-    return files
+def _nvram(vm: VMConfig, plan: Plan) -> str:
+    """A UEFI VM's variables live in its state directory: libvirt copies the firmware's
+    template there on first start, and they outlive the runtime directory (the root)."""
+    return str(plan.dirs.state / f"{vm.name}_VARS.fd")
 
 
-def render(vm: VMConfig, accel: Literal["kvm", "tcg"], *, nvram_dir: Path | None = None) -> str:
-    """The libvirt domain XML of VM running under ACCEL.
+def _take_console(devices: ET.Element, plan: Plan) -> None:
+    """Serial port 0 connects to the runner's console socket, so no line is lost;
+    libvirt mirrors it as the console again."""
+    for cons in devices.findall("console"):
+        target = cons.find("target")
+        if target is None or target.get("type", "serial") == "serial":
+            devices.remove(cons)
+    serial = devices.find("serial")
+    if serial is None:
+        serial = _sub(devices, "serial")
+        _sub(serial, "target", port="0")
+    serial.attrib.clear()
+    serial.set("type", "unix")
+    for child in list(serial):
+        if child.tag != "target":
+            serial.remove(child)
+    serial.insert(0, ET.Element("source", mode="connect", path=str(plan.dirs.console_socket)))
 
-    A UEFI VM keeps its variables in NVRAM_DIR/NAME_VARS.fd (libvirt copies the
-    firmware's template there on first start); without NVRAM_DIR libvirt picks a
-    path inside its root, which does not outlive the runtime directory.
-    For a DomainXML= VM this is that file's text, unchanged.
-    """
-    if accel not in ("kvm", "tcg"):
-        raise QemuUnitError(f"cannot render for accelerator {accel!r}: the runner picks kvm or tcg")
-    if vm.accel is not Accel.AUTO and vm.accel != accel:
-        raise QemuUnitError(f"the VM says Accel={vm.accel}, cannot render it for {accel}")
-    if vm.domain_xml is not None:
-        return read_domain_xml(vm)
 
-    domain = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
+def _take_over(vm: VMConfig, plan: Plan) -> ET.Element:
+    """A DomainXML= VM's own domain, made ours: name, type, console, agent, NVRAM."""
+    assert plan.domain_xml is not None
+    domain = copy.deepcopy(plan.domain_xml)
+    domain.set("type", _domain_type(plan))
+    name = domain.find("name")
+    if name is None:
+        name = ET.Element("name")
+        domain.insert(0, name)
+    name.text = vm.name
+    devices = domain.find("devices")
+    if devices is None:
+        devices = _sub(domain, "devices")
+    for chan in devices.findall("channel"):
+        target = chan.find("target")
+        if target is not None and target.get("name") == GUEST_AGENT_CHANNEL:
+            chan.set("type", "unix")
+            for old in chan.findall("source"):
+                chan.remove(old)
+            chan.insert(0, ET.Element("source", mode="bind", path=str(plan.dirs.agent_socket)))
+    os_ = domain.find("os")
+    loader = None if os_ is None else os_.find("loader")
+    pflash = loader is not None and loader.get("type") == "pflash"
+    if os_ is not None and (os_.get("firmware") == "efi" or pflash):
+        nvram = os_.find("nvram")
+        if nvram is None:
+            nvram = _sub(os_, "nvram")
+        if not (nvram.text or "").strip() and not nvram.get("template"):
+            nvram.text = _nvram(vm, plan)
+    if vm.console is Console.JOURNAL:
+        _take_console(devices, plan)
+    return domain
+
+
+def build(vm: VMConfig, plan: Plan) -> ET.Element:
+    """The final domain tree of VM on this host, as PLAN describes the host."""
+    if plan.domain_xml is not None:
+        return _take_over(vm, plan)
+    domain = ET.Element("domain", type=_domain_type(plan))
     _sub(domain, "name", vm.name)
     _sub(domain, "uuid", vm.domain_uuid())
     # libvirt counts in KiB; round up so that the guest gets at least Memory=.
@@ -167,8 +182,7 @@ def render(vm: VMConfig, accel: Literal["kvm", "tcg"], *, nvram_dir: Path | None
         # Secure Boot firmware needs SMM and enrolled keys; this picks plain OVMF.
         firmware = _sub(os_, "firmware")
         _sub(firmware, "feature", enabled="no", name="secure-boot")
-        if nvram_dir is not None:
-            _sub(os_, "nvram", str(nvram_dir / f"{vm.name}_VARS.fd"))
+        _sub(os_, "nvram", str(_nvram(vm, plan)))
     if vm.kernel is not None:
         _sub(os_, "kernel", str(vm.kernel))
         if vm.initrd is not None:
@@ -183,15 +197,15 @@ def render(vm: VMConfig, accel: Literal["kvm", "tcg"], *, nvram_dir: Path | None
     features = _sub(domain, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
-    _cpu(domain, vm, accel)
+    _cpu(domain, vm, plan.accel)
     _sub(domain, "on_poweroff", "destroy")
     _sub(domain, "on_reboot", "restart")
     _sub(domain, "on_crash", "destroy")
 
     devices = _sub(domain, "devices")
     targets = _Targets()
-    for disk in vm.disks:
-        _disk(devices, disk, targets)
+    for disk, disk_plan in zip(vm.disks, plan.disks, strict=True):
+        _disk(devices, disk, disk_plan, targets)
     cdrom_bus = "sata" if is_q35(vm.machine) else "ide"
     for cdrom in vm.cdroms:
         _cdrom(devices, cdrom, cdrom_bus, targets)
@@ -215,18 +229,25 @@ def render(vm: VMConfig, accel: Literal["kvm", "tcg"], *, nvram_dir: Path | None
         _sub(interface, "model", type="virtio")
 
     if vm.console is Console.JOURNAL:
-        serial = _sub(devices, "serial", type="pty")
-        _sub(serial, "target", port="0")
-        console = _sub(devices, "console", type="pty")
-        _sub(console, "target", type="serial", port="0")
+        _take_console(devices, plan)
     if ShutdownMethod.AGENT in vm.shutdown_mode:
-        # No <source>: libvirt makes the socket path (the runner may set a shorter one).
         channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "source", mode="bind", path=str(plan.dirs.agent_socket))
         _sub(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
     # Guests starve for entropy under TCG without it; /dev/urandom never blocks.
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     _sub(devices, "memballoon", model="none")
 
+    return domain
+
+
+
+def serialize(domain: ET.Element) -> str:
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode") + "\n"
+
+
+def render(vm: VMConfig, plan: Plan) -> str:
+    """The domain XML the runner starts: what `qemu-unit render NAME` prints."""
+    return serialize(build(vm, plan))

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import os
 
-# sysexits.h: EX_CONFIG. Listed in the unit's RestartPreventExitStatus=.
-EX_CONFIG = 78
-EX_FAILURE = 1
-
 
 class QemuUnitError(Exception):
     """An error that names where it comes from: file, line and key when known."""
 
-    exit_status = EX_FAILURE
+    exit_status = 1
 
     def __init__(
         self,
@@ -40,4 +36,5 @@ class QemuUnitError(Exception):
 class ConfigError(QemuUnitError):
     """Bad input: a restart cannot fix it."""
 
-    exit_status = EX_CONFIG
+    # sysexits.h EX_CONFIG (78), in the unit's RestartPreventExitStatus=.
+    exit_status = os.EX_CONFIG

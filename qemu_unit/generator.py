@@ -187,9 +187,9 @@ def _xml_needs(path: Path) -> HostNeeds:
         _XML_INTERFACES.get(i.get("type", ""), "bridge")
         for i in root.iterfind("./devices/interface")
     ]
-    from qemu_unit import domain  # with ElementTree: only DomainXML= VMs pay for it
+    from qemu_unit import host  # with ElementTree: only DomainXML= VMs pay for it
 
-    files = [(name, writable) for _tag, name, writable in domain.host_files(root)]
+    files = [(p.path, p.writable) for p in host.xml_paths(root)]
     nvram = root.findtext("./os/nvram", "").strip()
     if nvram.startswith("/"):
         files.append((nvram, True))

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_unit.errors import QemuUnitError
+from qemu_unit.host import SERVICE_USER
 from qemu_unit.log import log
 
 UNIT = "qemu-run@.service"
 GENERATOR = "qemu-unit-generator"
-SERVICE_USER = "qemu-run"
 
 
 @dataclass(frozen=True)

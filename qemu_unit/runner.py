@@ -17,16 +17,15 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from qemu_unit import domain, log, render, settings, source
+from qemu_unit import domain, host, log, settings, source
 from qemu_unit.console import Console
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.names import check_name
+from qemu_unit.host import SERVICE_USER, Dirs
 from qemu_unit.notify import Notifier
 
 logger = log.log
@@ -34,44 +33,10 @@ logger = log.log
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 4)
 # A guest still booting misses a power-button press; pressing again is harmless.
 SHUTDOWN_RETRY = 5.0
-# systemd's sun_path limit; the deepest socket libvirt makes is the monitor's.
-SUN_PATH_MAX = 107
-MONITOR_SUFFIX = len("/lib/qemu/domain-999-") + 20 + len("/monitor.sock")
 QEMU_CONF = """\
 # Written by qemu-unit at every start; edits are lost.
 stdio_handler = "file"
 """
-
-
-@dataclass(frozen=True)
-class Dirs:
-    state: Path  # persistent: NVRAM, libvirt's lib/
-    root: Path  # the embed root; volatile
-    cache: Path  # shared by every VM of the host: QEMU capabilities
-
-
-def _first(env: str) -> Path | None:
-    value = os.environ.get(env)
-    return Path(value.split(":")[0]) if value else None
-
-
-def finalize_dirs(name: str) -> Dirs:
-    """The unit's StateDirectory=/RuntimeDirectory=/CacheDirectory=, or per-user defaults."""
-    home = Path(os.environ.get("HOME") or "/")
-    if os.geteuid() == 0:
-        state, root, cache = Path("/var/lib/qemu-run"), Path("/run/qemu-run"), Path(
-            "/var/cache/qemu-run"
-        )
-    else:
-        state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local/state") / "qemu-run"
-        runtime = os.environ.get("XDG_RUNTIME_DIR")
-        root = Path(runtime) / "qemu-run" if runtime else Path(f"/tmp/qemu-run-{os.getuid()}")
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "qemu-run"
-    return Dirs(
-        state=_first("STATE_DIRECTORY") or state / name,
-        root=_first("RUNTIME_DIRECTORY") or root / name,
-        cache=_first("CACHE_DIRECTORY") or cache,
-    )
 
 
 # -- libvirt --------------------------------------------------------------------------------
@@ -188,15 +153,9 @@ _STOPPED_REASONS = {
 
 
 class Runner:
-    def __init__(
-        self,
-        name: str,
-        *,
-        shutdown_timeout: float | None = None,
-        search_path: list[Path] | None = None,
-    ) -> None:
-        self.name = check_name(name)
-        self.search_path = search_path
+    def __init__(self, src: source.Source, *, shutdown_timeout: float | None = None) -> None:
+        self.src = src
+        self.name = src.name
         self.shutdown_timeout_override = shutdown_timeout
         self.notify = Notifier()
         self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -205,38 +164,20 @@ class Runner:
         self.destroy_started = False
 
     # Everything that can fail on bad input, before anything is acquired.
-    def check(self) -> tuple[settings.VMConfig, Dirs, str, str]:
-        src = source.find_source(self.name, self.search_path)
-        vm = settings.load_vm(src)
-        settings.check_files(vm)
-        dirs = finalize_dirs(self.name)
-        if len(os.fspath(dirs.root)) + MONITOR_SUFFIX > SUN_PATH_MAX:
-            raise ConfigError(
-                f"embed root {dirs.root} is too long for QEMU's monitor socket path "
-                f"({SUN_PATH_MAX} bytes max): use a shorter VM name"
-            )
-        accel = render.finalize_accel(vm)
-        # A full XML file may say type='kvm' whatever Accel= says: refuse it clearly.
-        kvm = render.kvm_problem() if vm.domain_xml is not None else None
-        xml = domain.render(vm, accel, nvram_dir=dirs.state)
-        console = dirs.root / "console.sock" if vm.console.value == "journal" else None
-        xml, virt = render.adapt_xml(
-            xml,
-            name=self.name,
-            path=os.fspath(vm.domain_xml or vm.source_path),
-            console=console,
-            agent=dirs.root / "agent.sock",
-            kvm=kvm,
-        )
-        return vm, dirs, xml, ("kvm" if virt == "kvm" else "tcg")
+    def check(self) -> tuple[settings.VMConfig, host.Plan, str]:
+        vm = settings.load_vm(self.src)
+        plan = host.plan(vm)
+        return vm, plan, domain.render(vm, plan)
 
     def run(self) -> int:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.notify.status("Checking configuration")
-        vm, dirs, xml, accel = self.check()
+        vm, plan, xml = self.check()
         self.vm = vm
+        dirs = plan.dirs
+        accel = str(plan.accel)
         self.shutdown_timeout = (
             self.shutdown_timeout_override
             if self.shutdown_timeout_override is not None
@@ -251,8 +192,8 @@ class Runner:
             conn = self._open(dirs)
             stack.callback(self._close, conn)
             console = None
-            if vm.console.value == "journal":
-                console = Console(dirs.root / "console.sock", log.console_sink(self.name))
+            if vm.console is settings.Console.JOURNAL:
+                console = Console(dirs.console_socket, log.console_sink(self.name))
                 if vm.ready:
                     pattern = re.compile(vm.ready)
                     console.watchers.append(
@@ -492,23 +433,13 @@ def _service_user(user: str) -> Any:
         ) from None
 
 
-def drop_privileges(user: str = "qemu-run") -> None:
-    """Run as the VM user when started as root by hand (the unit sets User= itself)."""
+def become_service_user(name: str, user: str = SERVICE_USER) -> None:
+    """Started as root by hand (the unit sets User= itself): create and hand over the
+    system directories of VM NAME, then run as the service user."""
     import grp
 
     pw = _service_user(user)
-    groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
-    os.setgroups(groups)
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-    os.environ["HOME"] = pw.pw_dir
-    os.environ["USER"] = os.environ["LOGNAME"] = user
-
-
-def prepare_root_dirs_as_root(name: str, user: str = "qemu-run") -> None:
-    """Create and hand over the system directories before privileges are dropped."""
-    pw = _service_user(user)
-    dirs = finalize_dirs(check_name(name))  # a hostile name must not steer root's mkdir
+    dirs = host.finalize_dirs(name)
     for d in (dirs.state, dirs.root, dirs.cache):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chown(d, pw.pw_uid, pw.pw_gid)
@@ -521,7 +452,18 @@ def prepare_root_dirs_as_root(name: str, user: str = "qemu-run") -> None:
         ("CACHE_DIRECTORY", dirs.cache),
     ):
         os.environ.setdefault(var, os.fspath(d))
+    groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+    os.setgroups(groups)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    os.environ["HOME"] = pw.pw_dir
+    os.environ["USER"] = os.environ["LOGNAME"] = user
 
 
-def run(name: str, **kwargs: Any) -> int:
-    return Runner(name, **kwargs).run()
+def run(name: str, *, shutdown_timeout: float | None = None,
+        search_path: list[Path] | None = None) -> int:
+    """`qemu-unit run NAME`: find the VM (the one check of NAME), then run it."""
+    src = source.find_source(name, search_path)
+    if os.geteuid() == 0 and not os.environ.get("INVOCATION_ID"):
+        become_service_user(src.name)
+    return Runner(src, shutdown_timeout=shutdown_timeout).run()

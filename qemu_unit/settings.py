@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
 from qemu_unit.errors import ConfigError
-from qemu_unit.names import check_name, split_template
+from qemu_unit.names import split_template
 from qemu_unit.source import Source
 from qemu_unit.unitfile import Entry, UnitFile, read
 
@@ -43,7 +41,6 @@ EXTENSION_PREFIX = "X-"
 # namespace uuid5(NAMESPACE_URL, UUID_NAMESPACE_URL).
 UUID_NAMESPACE_URL = "https://github.com/qemu-unit/qemu-unit"
 MAC_PREFIX = "52:54:00"  # QEMU/KVM's locally administered OUI.
-QCOW2_MAGIC = b"QFI\xfb"
 
 
 class Accel(StrEnum):
@@ -137,7 +134,7 @@ class VMConfig:
     unit: tuple[Entry, ...] = ()
     service: tuple[Entry, ...] = ()
     install: tuple[Entry, ...] = ()
-    # Every file named by the configuration, for check_files().
+    # Every file named by the configuration, for host.check_files().
     files: tuple[FileRef, ...] = ()
     # The assignments that set the [VM] keys, for messages about them (see origin()).
     origins: tuple[Entry, ...] = ()
@@ -581,7 +578,13 @@ SETTINGS: tuple[Setting, ...] = (
         "DomainXML", "domain_xml", parse_path, None, "PATH",
         "Use this complete libvirt domain XML file (absolute path; specifiers are "
         "expanded) instead of describing the VM with the keys above. The runner sets the "
-        "domain's name and type. Only Accel=, Console=, ShutdownMode=, ShutdownTimeout= "
+        "domain's name and type (kvm or qemu, as Accel= decides; with Accel=auto as the "
+        "file's <domain type=> says), points its first serial port at the runner's console "
+        "socket (Console=journal) and its guest agent channel at the runner's socket, and "
+        "keeps UEFI variables in the VM's state directory unless the file names an <nvram> "
+        "path. The host paths the file names (disk images and directories, file system "
+        "sources, kernel, firmware, the emulator...) must exist when the VM starts. "
+        "Only Accel=, Console=, ShutdownMode=, ShutdownTimeout= "
         "and Ready= may be used with it: any other key is an error. A NAME.xml file in "
         "the search path is the same as a NAME.vm with only DomainXML=.",
         specifiers=True,
@@ -731,7 +734,6 @@ def parse_vm(
     dropins: tuple[Path, ...] = (),
 ) -> VMConfig:
     """Build the VMConfig of VM NAME from parsed UNIT (pure: reads no file)."""
-    check_name(name)
     passthrough: dict[str, list[Entry]] = {s: [] for s in PASSTHROUGH_SECTIONS}
     a = _Assignments()
     for entry in unit.entries:
@@ -858,51 +860,3 @@ def build_vm(source: Source, unit: UnitFile) -> VMConfig:
 def load_vm(source: Source) -> VMConfig:
     """Read SOURCE (and its drop-ins) and build its VMConfig."""
     return build_vm(source, read_source(source))
-
-
-def detect_format(disk: Disk) -> str:
-    """DISK's format: as given, else qcow2 or raw from the file's first bytes.
-
-    An unreadable file counts as raw: QEMU will say why it cannot open it.
-    """
-    if disk.format is not None:
-        return disk.format
-    try:
-        # Only files and block devices: opening a FIFO or a tty could block forever.
-        mode = disk.path.stat().st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            return "raw"
-        with open(disk.path, "rb") as f:
-            header = f.read(16)
-    except OSError:
-        return "raw"
-    if header[:4] != QCOW2_MAGIC:
-        return "raw"
-    if int.from_bytes(header[8:16], "big") != 0:
-        # A probed backing file is how a guest writing a raw disk could read host files.
-        raise ConfigError(
-            f"{disk.path} is a qcow2 image with a backing file: write format=qcow2",
-            path=disk.entry.path if disk.entry else None,
-            line=disk.entry.line if disk.entry else None,
-            key="Disk",
-        )
-    return "qcow2"
-
-
-def check_files(vm: VMConfig) -> None:
-    """Check that every file VM needs exists and is readable; raise ConfigError if not."""
-    for ref in vm.files:
-        problem = None
-        if not ref.path.exists():
-            problem = "does not exist"
-        elif ref.path.is_dir():
-            problem = "is a directory"
-        elif not os.access(ref.path, os.R_OK):
-            problem = "is not readable"
-        if problem is not None:
-            if ref.entry is None:
-                raise ConfigError(problem, path=ref.path)
-            raise _fail(ref.entry, f"{ref.path} {problem}")
-    for disk in vm.disks:
-        detect_format(disk)
-

@@ -179,6 +179,16 @@ def find_source(name: str, path: Sequence[str | os.PathLike[str]] | None = None)
     return source
 
 
+def from_file(path: Path) -> Source:
+    """The Source of a NAME.vm or NAME.xml given by its path (drop-ins beside it)."""
+    if not path.exists():
+        raise ConfigError("no such file", path=path)
+    kind: Kind = "xml" if path.suffix == ".xml" else "vm"
+    name = check_name(path.name.rsplit(".", 1)[0])
+    dropins = find_dropins([name], (path.parent,)) if kind == "vm" else ()
+    return Source(name=name, kind=kind, path=path, dropins=dropins)
+
+
 class Listing:
     """The VMs visible in the search path: each directory listed once, NAMES
     sorted; sources() finds the definitions of any share of them (the

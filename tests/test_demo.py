@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu_unit import demo, settings, unitfile
+from qemu_unit import demo, host, settings, unitfile
 from qemu_unit.errors import QemuUnitError
 from tests.support.guest import CACHE_DIR, BareQemu
 
@@ -132,7 +132,7 @@ def test_write_demo_writes_a_vm_file_settings_accepts(tmp_path: Path, dest: Path
     assert vm.memory == 256 * 1024**2 and vm.cpus == 1
     assert vm.kernel is not None and vm.kernel.is_file()
     assert vm.initrd is not None and vm.initrd.is_file()
-    settings.check_files(vm)
+    host.check_files(vm)
     without = demo.write_demo(tmp_path / "etc", dest)
     assert "runfor" not in without.read_text()
 

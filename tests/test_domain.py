@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from qemu_unit import domain
-from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.errors import ConfigError
 from qemu_unit.settings import Accel, Disk, VMConfig, parse_vm, stable_uuid
 from qemu_unit.unitfile import UnitFile, parse
-from tests.test_fixtures import NVRAM_DIR, fixtures, load_fixture
+from tests.test_fixtures import fixtures, load_fixture, plan_of
 
 # Defines each domain through qemu:///embed and prints what libvirt made of it.
 DEFINE = r"""
@@ -67,7 +67,7 @@ def tcg_domains() -> tuple[dict[str, str], list[str]]:
         if vm.accel is Accel.KVM:
             kvm_only.append(f.name)
             continue
-        out[f.name] = domain.render(vm, "tcg", nvram_dir=NVRAM_DIR / vm.name)
+        out[f.name] = domain.render(vm, plan_of(vm))
     return out, kvm_only
 
 
@@ -111,22 +111,19 @@ def defined() -> Iterator[dict[str, Any]]:
     # The unprivileged embed driver cannot open /dev/kvm here: these are only
     # schema-checked (test_fixtures.py), and this list says so.
     assert kvm_only == ["accel-kvm"]
-    domains["agent-and-everything"] = domain.render(
-        vm_of(
-            "[VM]\nFirmware=uefi\nMachine=pc\nDisk=/dev/null,bus=ide\nDisk=/dev/null,bus=scsi\n"
-            "CDROM=/dev/null\nNetwork=tap:t0\nNetwork=bridge:br0\nShutdownMode=acpi agent\n"
-            "CPUModel=qemu64\nCPUs=2\nMemory=300M\n",
-            name="agent-and-everything",
-        ),
-        "tcg",
-        nvram_dir=Path("/var/lib/qemu-run/x"),
+    every = vm_of(
+        "[VM]\nFirmware=uefi\nMachine=pc\nDisk=/dev/null,bus=ide\nDisk=/dev/null,bus=scsi\n"
+        "CDROM=/dev/null\nNetwork=tap:t0\nNetwork=bridge:br0\nShutdownMode=acpi agent\n"
+        "CPUModel=qemu64\nCPUs=2\nMemory=300M\n",
+        name="agent-and-everything",
     )
+    domains["agent-and-everything"] = domain.render(every, plan_of(every))
     # What settings.parse_disk refuses, built by hand: libvirt must refuse it too.
     for bus, machine in (("sata", "q35"), ("ide", "pc")):
         disk = Disk(Path("/dev/null"), format="raw", readonly=True, bus=bus)
         vm = VMConfig(name=f"ro-{bus}", source_path=Path("/x.vm"), machine=machine,
                       disks=(disk,), uuid=stable_uuid(f"ro-{bus}"))
-        domains[f"refused-readonly-{bus}"] = domain.render(vm, "tcg")
+        domains[f"refused-readonly-{bus}"] = domain.render(vm, plan_of(vm))
     yield define_all(domains)
 
 
@@ -151,7 +148,9 @@ def test_libvirt_reads_what_was_meant(defined: dict[str, Any]) -> None:
     assert every.findtext("vcpu") == "2"
     assert every.findtext("memory") == str(300 * 1024)
     assert every.find("os").get("firmware") == "efi"  # type: ignore[union-attr]
-    assert every.findtext("os/nvram") == "/var/lib/qemu-run/x/agent-and-everything_VARS.fd"
+    assert every.findtext("os/nvram") == (
+        "/var/lib/qemu-run/agent-and-everything/agent-and-everything_VARS.fd"
+    )
     channel = every.find("devices/channel/target")
     assert channel is not None and channel.get("name") == "org.qemu.guest_agent.0"
     # libvirt keeps disks sorted by bus and target.
@@ -176,36 +175,48 @@ def test_rendered_uuid_and_macs_survive_libvirt(defined: dict[str, Any]) -> None
 # Rendering without libvirt.
 
 
+def render(vm: VMConfig, accel: str = "tcg") -> ET.Element:
+    return root_of(domain.render(vm, plan_of(vm, accel)))
+
+
 def test_kvm_domain_uses_host_passthrough_by_default() -> None:
-    root = root_of(domain.render(vm_of("[VM]\n"), "kvm"))
+    root = render(vm_of("[VM]\n"), "kvm")
     assert root.get("type") == "kvm"
     assert root.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
-
-
-def test_render_needs_a_decided_accelerator() -> None:
-    with pytest.raises(QemuUnitError, match="the runner picks kvm or tcg"):
-        domain.render(vm_of("[VM]\n"), "auto")  # type: ignore[arg-type]
-    with pytest.raises(QemuUnitError, match="Accel=tcg"):
-        domain.render(vm_of("[VM]\nAccel=tcg\n"), "kvm")
 
 
 def test_host_cpu_models_need_kvm() -> None:
     vm = vm_of("[VM]\nCPUModel=host-passthrough\n")
     with pytest.raises(ConfigError) as info:
-        domain.render(vm, "tcg")
+        render(vm, "tcg")
     assert info.value.key == "CPUModel"
-    assert root_of(domain.render(vm, "kvm")).find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
+    assert render(vm, "kvm").find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
 
 
-def test_uefi_without_nvram_dir_leaves_the_path_to_libvirt() -> None:
-    root = root_of(domain.render(vm_of("[VM]\nFirmware=uefi\n"), "tcg"))
+def test_uefi_variables_live_in_the_state_directory() -> None:
+    root = render(vm_of("[VM]\nFirmware=uefi\n"))
     assert root.find("os").get("firmware") == "efi"  # type: ignore[union-attr]
-    assert root.find("os/nvram") is None
+    assert root.findtext("os/nvram") == "/var/lib/qemu-run/web/web_VARS.fd"
+
+
+def test_console_and_agent_are_the_runners_sockets() -> None:
+    root = render(vm_of("[VM]\nShutdownMode=agent acpi\n"))
+    [serial] = root.findall("devices/serial")
+    assert serial.get("type") == "unix"
+    assert serial.find("source").attrib == {  # type: ignore[union-attr]
+        "mode": "connect", "path": "/run/qemu-run/web/console.sock",
+    }
+    assert root.findall("devices/console") == []  # libvirt mirrors serial 0 itself
+    [channel] = root.findall("devices/channel")
+    assert channel.find("source").attrib == {  # type: ignore[union-attr]
+        "mode": "bind", "path": "/run/qemu-run/web/agent.sock",
+    }
+    assert render(vm_of("[VM]\nConsole=none\n")).findall("devices/serial") == []
 
 
 def test_target_names_continue_past_z() -> None:
     disks = "".join("Disk=/dev/null\n" for _ in range(28))
-    root = root_of(domain.render(vm_of(f"[VM]\n{disks}CDROM=/dev/null\n"), "tcg"))
+    root = render(vm_of(f"[VM]\n{disks}CDROM=/dev/null\n"))
     devs = [t.get("dev") for t in root.findall("devices/disk/target")]
     assert devs[:2] == ["vda", "vdb"] and devs[25:28] == ["vdz", "vdaa", "vdab"]
     assert devs[28] == "sda"  # the CD-ROM, on SATA for q35
@@ -218,7 +229,7 @@ def test_block_devices_are_block_disks() -> None:
         None,
     )
     assert block is not None, "this test needs a block device in /dev (e.g. /dev/loop0)"
-    root = root_of(domain.render(vm_of(f"[VM]\nDisk={block},format=raw\n"), "tcg"))
+    root = render(vm_of(f"[VM]\nDisk={block},format=raw\n"))
     disk = root.find("devices/disk")
     assert disk is not None and disk.get("type") == "block"
     assert disk.find("source").get("dev") == block  # type: ignore[union-attr]
@@ -227,37 +238,71 @@ def test_block_devices_are_block_disks() -> None:
 def test_probed_format_is_rendered(tmp_path: Path) -> None:
     image = tmp_path / "d.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
-    root = root_of(domain.render(vm_of(f"[VM]\nDisk={image}\n"), "tcg"))
+    root = render(vm_of(f"[VM]\nDisk={image}\n"))
     assert root.find("devices/disk/driver").get("type") == "qcow2"  # type: ignore[union-attr]
 
 
 def test_text_is_escaped_not_spliced() -> None:
     vm = vm_of("[VM]\nKernel=/k\nKernelCmdline=a='<b>' & \"c\"\n")
-    root = root_of(domain.render(vm, "tcg"))
-    assert root.findtext("os/cmdline") == "a='<b>' & \"c\""
+    assert render(vm).findtext("os/cmdline") == "a='<b>' & \"c\""
 
 
-def test_domain_xml_is_returned_unchanged(tmp_path: Path) -> None:
-    text = (
-        "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>\n"
-        "  <name>x</name><qemu:commandline><qemu:arg value='-no-reboot'/></qemu:commandline>\n"
-        "</domain>\n"
-    )
-    path = tmp_path / "x.xml"
-    path.write_text(text)
-    vm = vm_of(f"[VM]\nDomainXML={path}\nAccel=auto\n")
-    assert domain.render(vm, "tcg") == text
+# Taking over a DomainXML= VM's own domain.
+
+VIRSH_XML = """<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>old</name>
+  <memory>262144</memory>
+  <os firmware='efi'><type>hvm</type></os>
+  <devices>
+    <serial type='pty'><target port='0'/></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <console type='pty'><target type='virtio' port='1'/></console>
+    <channel type='unix'><source mode='bind' path='/var/lib/long/path/ga.sock'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+  </devices>
+  <qemu:commandline><qemu:arg value='-no-reboot'/></qemu:commandline>
+</domain>"""
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [(None, "cannot read domain XML"), (b"<domain>", "invalid XML"),
-     (b"\xff<domain/>", "not valid UTF-8"), (b"<network/>", "not <domain>")],
-)
-def test_bad_domain_xml(tmp_path: Path, content: bytes | None, message: str) -> None:
-    path = tmp_path / "x.xml"
-    if content is not None:
-        path.write_bytes(content)
-    with pytest.raises(ConfigError, match=message) as info:
-        domain.render(vm_of(f"[VM]\nDomainXML={path}\n"), "tcg")
-    assert info.value.path == str(path)
+def take_over(tmp_path: Path, xml: str, keys: str = "", accel: str = "tcg") -> ET.Element:
+    path = tmp_path / "web.xml"
+    path.write_text(xml)
+    return render(vm_of(f"[VM]\nDomainXML={path}\n{keys}"), accel)
+
+
+def test_name_type_console_agent_and_nvram_are_taken_over(tmp_path: Path) -> None:
+    root = take_over(tmp_path, VIRSH_XML)
+    assert root.findtext("name") == "web"
+    assert root.get("type") == "qemu"  # as planned: TCG
+    [serial] = root.findall("devices/serial")
+    assert serial.get("type") == "unix"
+    assert serial.find("source").attrib == {  # type: ignore[union-attr]
+        "mode": "connect",
+        "path": "/run/qemu-run/web/console.sock",
+    }
+    assert serial.find("target").get("port") == "0"  # type: ignore[union-attr]
+    # The serial console goes (libvirt mirrors serial 0 again); the virtio one stays.
+    consoles = root.findall("devices/console")
+    assert [c.find("target").get("type") for c in consoles] == ["virtio"]  # type: ignore[union-attr]
+    [chan] = root.findall("devices/channel")
+    assert chan.find("source").get("path") == "/run/qemu-run/web/agent.sock"  # type: ignore[union-attr]
+    assert root.findtext("os/nvram") == "/var/lib/qemu-run/web/web_VARS.fd"
+    # The QEMU namespace keeps its prefix (libvirt matches the URI; people read the prefix).
+    text = domain.serialize(root)
+    assert "<qemu:commandline>" in text and "<qemu:arg value=\"-no-reboot\" />" in text
+
+
+def test_a_domain_without_serial_gets_one(tmp_path: Path) -> None:
+    root = take_over(tmp_path, "<domain type='qemu'><name>x</name></domain>")
+    [serial] = root.findall("devices/serial")
+    assert serial.get("type") == "unix"
+
+
+def test_console_none_leaves_serial_alone(tmp_path: Path) -> None:
+    root = take_over(tmp_path, VIRSH_XML, "Console=none\n")
+    assert root.find("devices/serial").get("type") == "pty"  # type: ignore[union-attr]
+
+
+def test_an_explicit_nvram_path_is_kept(tmp_path: Path) -> None:
+    xml = VIRSH_XML.replace("<type>hvm</type>", "<type>hvm</type><nvram>/srv/v.fd</nvram>")
+    assert take_over(tmp_path, xml).findtext("os/nvram") == "/srv/v.fd"

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 from qemu_unit import domain, unitfile
 from qemu_unit.errors import QemuUnitError
+from qemu_unit.names import check_name
 from qemu_unit.settings import SETTINGS, parse_vm
+from tests.test_fixtures import plan_of
 
 KEYS = [s.name for s in SETTINGS] + ["Memroy", "WantedBy", "Description", "", "a b", "=", "é"]
 SECTIONS = ["VM", "Unit", "Service", "Install", "vm", "", "[VM]", "Container", "V\nM"]
@@ -46,13 +48,13 @@ FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
 def parse_and_render(text: str, name: str) -> None:
     try:
         unit = unitfile.UnitFile("/f.vm", tuple(unitfile.parse(text, "/f.vm")))
-        vm = parse_vm(name, unit)
+        vm = parse_vm(check_name(name), unit)  # source.find_source checks the name first
     except QemuUnitError:
         return
     # What parses must also render (or fail the same way) into well-formed XML.
     for accel in ("kvm", "tcg"):
         try:
-            xml = domain.render(vm, accel)
+            xml = domain.render(vm, plan_of(vm, accel))
         except QemuUnitError:
             continue
         if vm.domain_xml is None:
@@ -87,4 +89,4 @@ def test_fuzzing_reaches_the_renderer() -> None:
     # Guard against a strategy that never gets past the parser.
     assert Path(os.devnull).exists()
     vm = parse_vm("web", unitfile.UnitFile("/f", tuple(unitfile.parse("[VM]\nCPUs=2\n", "/f"))))
-    assert "<vcpu>2</vcpu>" in domain.render(vm, "tcg")
+    assert "<vcpu>2</vcpu>" in domain.render(vm, plan_of(vm))

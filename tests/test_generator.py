@@ -531,9 +531,9 @@ def test_generator_imports_neither_libvirt_nor_systemd(tmp_path: Path) -> None:
     )
     rc, ours, bad = re.fullmatch(r"(\d) (.*) \| (.*)\n", result.stdout).groups()  # type: ignore[union-attr]
     assert bad == ""
-    # domain: pure ElementTree, loaded only for DomainXML= VMs (the files they name).
+    # host: ElementTree, loaded only for DomainXML= VMs (the host paths they name).
     allowed = {"qemu_unit", "qemu_unit.errors", "qemu_unit.unitfile", "qemu_unit.settings",
-               "qemu_unit.source", "qemu_unit.names", "qemu_unit.generator", "qemu_unit.domain"}
+               "qemu_unit.source", "qemu_unit.names", "qemu_unit.generator", "qemu_unit.host"}
     assert set(ours.split()) <= allowed
     # It really ran: the corpus has bad files, and good ones were generated.
     assert rc == "1" and dropin(tmp_path / "out", "minimal").is_file()

@@ -12,10 +12,7 @@ from qemu_unit import settings
 from qemu_unit.errors import ConfigError
 from qemu_unit.settings import (
     SETTINGS,
-    Disk,
     VMConfig,
-    check_files,
-    detect_format,
     load_vm,
     parse_size,
     parse_timespan,
@@ -188,58 +185,6 @@ def test_extension_sections_and_vm_keys_are_ignored() -> None:
         vm_of("[x-lower]\nA=1\n")
 
 
-def test_name_is_checked() -> None:
-    with pytest.raises(ConfigError, match="'/'"):
-        vm_of("[VM]\n", name="a/b")
-
-
-# Disk formats.
-
-
-def test_detect_format(tmp_path: Path) -> None:
-    raw = tmp_path / "raw.img"
-    raw.write_bytes(b"\0" * 4096)
-    qcow2 = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "1M"], check=True)
-    assert detect_format(Disk(raw)) == "raw"
-    assert detect_format(Disk(qcow2)) == "qcow2"
-    assert detect_format(Disk(qcow2, format="raw")) == "raw"  # as given, never probed
-    assert detect_format(Disk(tmp_path / "missing")) == "raw"
-    assert detect_format(Disk(Path("/dev/null"))) == "raw"
-
-
-def test_probed_qcow2_with_a_backing_file_is_refused(tmp_path: Path) -> None:
-    base = tmp_path / "base.img"
-    base.write_bytes(b"\0" * 4096)
-    overlay = tmp_path / "overlay.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay)],
-        check=True,
-    )
-    vm = vm_of(f"[VM]\n\nDisk={overlay}\n")
-    with pytest.raises(ConfigError, match="backing file: write format=qcow2") as info:
-        check_files(vm)
-    assert (info.value.line, info.value.key) == (3, "Disk")
-    explicit = vm_of(f"[VM]\nDisk={overlay},format=qcow2\n")
-    check_files(explicit)
-    assert detect_format(explicit.disks[0]) == "qcow2"
-
-
-# Files.
-
-
-def test_check_files_names_the_assignment(tmp_path: Path) -> None:
-    (tmp_path / "dir").mkdir()
-    vm = vm_of(f"[VM]\nCDROM=/dev/null\nCDROM={tmp_path}/dir\n")
-    with pytest.raises(ConfigError, match="is a directory") as info:
-        check_files(vm)
-    assert (info.value.path, info.value.line, info.value.key) == ("/x.vm", 3, "CDROM")
-
-
-def test_check_files_passes_for_readable_files() -> None:
-    check_files(vm_of("[VM]\nKernel=/dev/null\nInitrd=/dev/null\nDisk=/dev/null\n"))
-
-
 def test_load_vm_reads_the_file_and_its_dropins(tmp_path: Path) -> None:
     main = tmp_path / "web.vm"
     main.write_text("[VM]\nMemory=1G\nNetwork=user\n")
@@ -249,24 +194,6 @@ def test_load_vm_reads_the_file_and_its_dropins(tmp_path: Path) -> None:
     assert (vm.memory, vm.networks, vm.source_path, vm.dropins) == (
         2 * 1024**3, (), main, (dropin,)
     )
-
-
-def test_load_vm_of_an_xml_source(tmp_path: Path) -> None:
-    xml = tmp_path / "web%.xml"
-    xml.write_text("<domain/>")
-    dropin = tmp_path / "10.conf"
-    dropin.write_text("[VM]\nShutdownTimeout=3s\n")
-    vm = load_vm(Source("web", "xml", xml, (dropin,)))
-    assert (vm.domain_xml, vm.shutdown_timeout, vm.source_path) == (xml, 3.0, xml)
-    timeout = vm.origin("ShutdownTimeout")
-    assert vm.origin("DomainXML") is None and timeout is not None
-    assert (timeout.path, timeout.line) == (str(dropin), 2)
-    check_files(vm)
-    xml.unlink()
-    with pytest.raises(ConfigError, match="does not exist") as info:
-        check_files(vm)
-    # The XML file is not an assignment: no line, no key.
-    assert (info.value.path, info.value.line, info.value.key) == (str(xml), None, None)
 
 
 def test_load_vm_of_an_xml_source_refuses_other_keys(tmp_path: Path) -> None:

@@ -1,0 +1,322 @@
+"""The host plan: everything a VM's domain needs to know about this host, learned once.
+
+`plan(vm)` runs before anything is acquired and is where bad input fails: the
+files the VM names (each disk header read once), the accelerator (/dev/kvm
+opened once), a DomainXML= file (read, parsed and its host paths checked once),
+the directories the runner will use. `domain.build(vm, plan)` turns the VM and
+its plan into the final domain tree without looking at the host again.
+
+A feature that prepares something on the host (an overlay, a seed image, a
+credential file) adds a field to `Plan`, fills it in `plan()`, and adds the
+elements that use it in `domain.build`.
+
+No libvirt here: `qemu-unit render`/`validate` use this as the runner does.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.settings import Accel, Disk, VMConfig
+
+QCOW2_MAGIC = b"QFI\xfb"
+# The user the unit runs as; the runner becomes it when root starts it by hand.
+SERVICE_USER = "qemu-run"
+# The sun_path limit; the deepest socket libvirt makes in the root is QEMU's monitor.
+SUN_PATH_MAX = 107
+MONITOR_SUFFIX = len("/lib/qemu/domain-999-") + 20 + len("/monitor.sock")
+# ElementTree serialises (and copies) recursively: a hostile nesting depth would end
+# in a RecursionError. libvirt's own domain XML is a dozen levels deep.
+MAX_XML_DEPTH = 100
+
+
+@dataclass(frozen=True)
+class Dirs:
+    """Where the runner keeps a VM's files (see finalize_dirs)."""
+
+    state: Path  # persistent: NVRAM, libvirt's lib/
+    root: Path  # the embed root; volatile
+    cache: Path  # shared by every VM of the host: QEMU capabilities
+
+    @property
+    def console_socket(self) -> Path:
+        return self.root / "console.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.root / "agent.sock"
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """What the host says about one Disk=: its format and whether it is a block device."""
+
+    format: str
+    block: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the host contributes to VM's domain; built by plan(), read by domain.build."""
+
+    accel: Accel  # KVM or TCG, never AUTO
+    dirs: Dirs
+    disks: tuple[DiskPlan, ...] = ()  # one per VMConfig.disks, in order
+    # A DomainXML= VM's own domain, parsed and checked; domain.build takes over a copy.
+    domain_xml: ET.Element | None = None
+
+
+def _first(env: str) -> Path | None:
+    value = os.environ.get(env)
+    return Path(value.split(":")[0]) if value else None
+
+
+def finalize_dirs(name: str) -> Dirs:
+    """The unit's StateDirectory=/RuntimeDirectory=/CacheDirectory=, or per-user defaults."""
+    home = Path(os.environ.get("HOME") or "/")
+    if os.geteuid() == 0:
+        state, root = Path("/var/lib/qemu-run"), Path("/run/qemu-run")
+        cache = Path("/var/cache/qemu-run")
+    else:
+        state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local/state") / "qemu-run"
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        root = Path(runtime) / "qemu-run" if runtime else Path(f"/tmp/qemu-run-{os.getuid()}")
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "qemu-run"
+    return Dirs(
+        state=_first("STATE_DIRECTORY") or state / name,
+        root=_first("RUNTIME_DIRECTORY") or root / name,
+        cache=_first("CACHE_DIRECTORY") or cache,
+    )
+
+
+def kvm_problem() -> str | None:
+    """Why /dev/kvm cannot be used by this process, or None when it can."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"/dev/kvm: {e.strerror}"
+    os.close(fd)
+    return None
+
+
+def _origin(vm: VMConfig, key: str) -> dict[str, Any]:
+    entry = vm.origin(key)
+    if entry is None:
+        return {"path": vm.source_path, "key": key}
+    return {"path": entry.path, "line": entry.line, "key": key}
+
+
+def finalize_accel(vm: VMConfig, xml: ET.Element | None, *, probe: bool = True) -> Accel:
+    """The one accelerator decision: KVM where asked for (or auto) and /dev/kvm opens.
+
+    A DomainXML= VM with Accel=auto runs as its <domain type=> says. Without PROBE
+    nothing is opened: the VM is taken as its configuration says (validate).
+    """
+    wanted = vm.accel
+    if wanted is Accel.AUTO and xml is not None:
+        wanted = Accel.KVM if xml.get("type") == "kvm" else Accel.TCG
+        if wanted is Accel.KVM and probe and (problem := kvm_problem()) is not None:
+            raise ConfigError(f"<domain type='kvm'> but KVM is unusable ({problem})",
+                              path=vm.domain_xml)
+        return wanted
+    if wanted is Accel.TCG or not probe:
+        return Accel.KVM if wanted is Accel.KVM else Accel.TCG
+    problem = kvm_problem()
+    if problem is None:
+        return Accel.KVM
+    if wanted is Accel.KVM:
+        raise ConfigError(f"KVM requested but unusable ({problem})", **_origin(vm, "Accel"))
+    from qemu_unit.log import log  # here: the generator imports this module for XML VMs
+
+    log.warning("KVM is unusable (%s); falling back to TCG, which is much slower", problem)
+    return Accel.TCG
+
+
+def check_files(vm: VMConfig) -> None:
+    """Every file VM's keys name must exist and be readable; ConfigError if not."""
+    for ref in vm.files:
+        problem = None
+        if not ref.path.exists():
+            problem = "does not exist"
+        elif ref.path.is_dir():
+            problem = "is a directory"
+        elif not os.access(ref.path, os.R_OK):
+            problem = "is not readable"
+        if problem is not None:
+            if ref.entry is None:
+                raise ConfigError(problem, path=ref.path)
+            raise ConfigError(f"{ref.path} {problem}", path=ref.entry.path,
+                              line=ref.entry.line, key=ref.entry.key)
+
+
+def detect_format(disk: Disk) -> str:
+    """DISK's format: as given, else qcow2 or raw from the file's first bytes.
+
+    An unreadable file counts as raw: QEMU will say why it cannot open it.
+    """
+    if disk.format is not None:
+        return disk.format
+    try:
+        # Only files and block devices: opening a FIFO or a tty could block forever.
+        mode = disk.path.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return "raw"
+        with open(disk.path, "rb") as f:
+            header = f.read(16)
+    except OSError:
+        return "raw"
+    if header[:4] != QCOW2_MAGIC:
+        return "raw"
+    if int.from_bytes(header[8:16], "big") != 0:
+        # A probed backing file is how a guest writing a raw disk could read host files.
+        raise ConfigError(
+            f"{disk.path} is a qcow2 image with a backing file: write format=qcow2",
+            path=disk.entry.path if disk.entry else None,
+            line=disk.entry.line if disk.entry else None,
+            key="Disk",
+        )
+    return "qcow2"
+
+
+def _is_block(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def plan_disk(disk: Disk) -> DiskPlan:
+    return DiskPlan(detect_format(disk), _is_block(disk.path))
+
+
+# -- DomainXML= -----------------------------------------------------------------------------
+
+
+def read_domain_xml(path: Path) -> ET.Element:
+    """The <domain> of a DomainXML= file, parsed and no deeper than MAX_XML_DEPTH."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not valid UTF-8"
+        raise ConfigError(f"cannot read domain XML: {reason}", path=path) from None
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as e:
+        raise ConfigError(f"invalid XML: {e}", path=path, line=e.position[0]) from None
+    if root.tag != "domain":
+        raise ConfigError(f"the root element is <{root.tag}>, not <domain>", path=path)
+    # Iterative on purpose: this is what stands between the file and recursion.
+    level = [root]
+    for _ in range(MAX_XML_DEPTH):
+        level = [child for element in level for child in element]
+        if not level:
+            return root
+    raise ConfigError(f"elements nested deeper than {MAX_XML_DEPTH} levels", path=path)
+
+
+@dataclass(frozen=True)
+class HostPath:
+    """A host path a domain XML names: KIND is 'file', 'dir' or 'exec'."""
+
+    tag: str
+    path: str
+    writable: bool
+    kind: str = "file"
+
+
+def xml_paths(root: ET.Element) -> list[HostPath]:
+    """Each host path a domain names that must exist when it starts: disks (files, block
+    devices, directories, backing files), filesystem sources, kernel, initrd, device
+    tree, firmware, ACPI tables, fw_cfg files, the emulator. Not the NVRAM file:
+    libvirt makes it from a template."""
+    out: list[HostPath] = []
+    for disk in root.iterfind("./devices/disk"):
+        src = disk.find("source")
+        writable = disk.find("readonly") is None and disk.get("device") != "cdrom"
+        if src is not None:
+            if src.get("file") or src.get("dev"):
+                out.append(HostPath("disk", src.get("file") or src.get("dev") or "", writable))
+            elif src.get("dir"):
+                out.append(HostPath("disk", src.get("dir") or "", writable, "dir"))
+        for backing in disk.iterfind(".//backingStore/source"):
+            if backing.get("file") or backing.get("dev"):
+                out.append(HostPath("backingStore", backing.get("file") or backing.get("dev")
+                                    or "", False))
+    for fs in root.iterfind("./devices/filesystem"):
+        src = fs.find("source")
+        if src is None:
+            continue
+        writable = fs.find("readonly") is None
+        if fs.get("type", "mount") == "mount" and src.get("dir"):
+            out.append(HostPath("filesystem", src.get("dir") or "", writable, "dir"))
+        elif src.get("file") or src.get("dev"):
+            out.append(HostPath("filesystem", src.get("file") or src.get("dev") or "", writable))
+    for tag in ("kernel", "initrd", "dtb", "loader", "acpi/table"):
+        text = (root.findtext(f"./os/{tag}") or "").strip()
+        if text:
+            out.append(HostPath(tag.rpartition("/")[2], text, False))
+    for entry in root.iterfind("./sysinfo/entry"):
+        if entry.get("file"):
+            out.append(HostPath("sysinfo", entry.get("file") or "", False))
+    emulator = (root.findtext("./devices/emulator") or "").strip()
+    if emulator:
+        out.append(HostPath("emulator", emulator, False, "exec"))
+    return out
+
+
+def check_xml_paths(root: ET.Element, path: Path | str) -> None:
+    """The host paths the domain names exist as what they must be: a clear error here
+    beats QEMU's exit inside libvirt later."""
+    for p in xml_paths(root):
+        problem = None
+        if not os.path.exists(p.path):
+            problem = "missing"
+        elif p.kind == "dir" and not os.path.isdir(p.path):
+            problem = "not a directory"
+        elif p.kind != "dir" and os.path.isdir(p.path):
+            problem = "a directory"
+        elif p.kind == "exec" and not os.access(p.path, os.X_OK):
+            problem = "not executable"
+        elif not os.access(p.path, os.R_OK):
+            problem = "not readable"
+        if problem is not None:
+            raise ConfigError(f"<{p.tag}> names {p.path}, which is {problem}", path=path)
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+
+def plan(
+    vm: VMConfig, dirs: Dirs | None = None, *, accel: Accel | None = None, probe: bool = True
+) -> Plan:
+    """Learn what VM needs from this host; ConfigError for anything that cannot work.
+
+    DIRS default to the runner's (finalize_dirs). ACCEL, when given, is taken as
+    decided (tests); without PROBE, /dev/kvm is not opened and the VM is taken as
+    its configuration says (validate).
+    """
+    if accel is Accel.AUTO:
+        raise QemuUnitError("a plan needs a decided accelerator (kvm or tcg)")
+    if accel is not None and vm.accel is not Accel.AUTO and vm.accel is not accel:
+        raise QemuUnitError(f"the VM says Accel={vm.accel}, cannot plan it for {accel}")
+    dirs = dirs or finalize_dirs(vm.name)
+    if len(os.fspath(dirs.root)) + MONITOR_SUFFIX > SUN_PATH_MAX:
+        raise ConfigError(
+            f"embed root {dirs.root} is too long for QEMU's monitor socket path "
+            f"({SUN_PATH_MAX} bytes max): use a shorter VM name"
+        )
+    check_files(vm)
+    xml = None
+    if vm.domain_xml is not None:
+        xml = read_domain_xml(vm.domain_xml)
+        check_xml_paths(xml, vm.domain_xml)
+    disks = tuple(plan_disk(d) for d in vm.disks)
+    if accel is None:
+        accel = finalize_accel(vm, xml, probe=probe)
+    return Plan(accel=accel, dirs=dirs, disks=disks, domain_xml=xml)

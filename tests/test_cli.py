@@ -1,0 +1,109 @@
+"""cli.py: the `qemu-unit` command's faces: render, validate, messages and exit statuses."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from qemu_unit import cli, host
+from qemu_unit.settings import Accel
+
+
+@pytest.fixture
+def unit_dirs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directories the unit gives the runner, so that render sees what run sees."""
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/qemu-run/x")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/qemu-run/x")
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/qemu-run")
+
+
+def test_render_and_validate_honour_accel_of_a_domain_xml_vm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], unit_dirs: None
+) -> None:
+    (tmp_path / "full.xml").write_text(
+        "<domain type='kvm'><name>x</name><memory>262144</memory>"
+        "<os><type>hvm</type><kernel>/nonexistent/vmlinuz</kernel></os></domain>"
+    )
+    (tmp_path / "x.vm").write_text(f"[VM]\nDomainXML={tmp_path}/full.xml\nAccel=tcg\n")
+    [problem] = cli.validate(["x"], [tmp_path])
+    assert problem == f"{tmp_path}/full.xml: <kernel> names /nonexistent/vmlinuz, which is missing"
+    [problem] = cli.validate([str(tmp_path / "x.vm")])  # by path, same answer
+    assert "/nonexistent/vmlinuz" in problem
+    (tmp_path / "full.xml").write_text(
+        "<domain type='kvm'><name>x</name><memory>262144</memory></domain>"
+    )
+    assert cli.main(["render", "--config-dir", str(tmp_path), "x"]) == 0
+    assert "<domain type=\"qemu\">" in capsys.readouterr().out  # Accel=tcg decides
+
+
+def test_render_of_an_xml_vm_is_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], unit_dirs: None
+) -> None:
+    # Before, an .xml VM rendered its input unchanged: not what the runner starts.
+    (tmp_path / "x.xml").write_text(
+        "<domain type='qemu'><name>other</name><memory>262144</memory>"
+        "<devices><serial type='pty'><target port='0'/></serial></devices></domain>"
+    )
+    assert cli.main(["render", "--config-dir", str(tmp_path), "x"]) == 0
+    out = capsys.readouterr().out
+    assert "<name>x</name>" in out
+    assert '<source mode="connect" path="/run/qemu-run/x/console.sock" />' in out
+
+
+def test_render_prints_what_the_runner_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], unit_dirs: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qemu_unit import runner, source
+
+    monkeypatch.setattr(host, "kvm_problem", lambda: "/dev/kvm: test")
+    for text in ("[VM]\nKernel=/dev/null\nShutdownMode=agent\nFirmware=uefi\n",):
+        (tmp_path / "x.vm").write_text(text)
+        assert cli.main(["render", "--config-dir", str(tmp_path), "x"]) == 0
+        printed = capsys.readouterr().out
+        _vm, _plan, xml = runner.Runner(source.find_source("x", [tmp_path])).check()
+        assert printed == xml
+
+
+def test_validate_messages_carry_the_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.vm").write_text("[VM]\nMemory=lots\n")
+    assert cli.main(["validate", str(tmp_path / "bad.vm")]) == os.EX_CONFIG
+    err = capsys.readouterr().err
+    assert err == f"qemu-unit: {tmp_path}/bad.vm:2: Memory=: invalid size 'lots': " \
+        "expected a number with K, M, G or T\n"
+
+
+@pytest.mark.parametrize("command", ["render", "validate", "run"])
+def test_deeply_nested_xml_is_one_line_and_exit_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("INVOCATION_ID", "test")  # no privilege dropping for `run` as root
+    short = Path(tempfile.mkdtemp(prefix="qu"))  # room for the monitor socket's path
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(short / "run"))
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path / "cache"))
+    (tmp_path / "deep.xml").write_text(
+        "<domain type='qemu'><name>d</name>" + "<a>" * 1000 + "</a>" * 1000 + "</domain>"
+    )
+    status = cli.main([command, "--config-dir", str(tmp_path), "deep"])
+    err = capsys.readouterr().err
+    assert status == os.EX_CONFIG, err
+    assert err == f"qemu-unit: {tmp_path}/deep.xml: elements nested deeper than " \
+        f"{host.MAX_XML_DEPTH} levels\n"
+    assert not (short / "run").exists()  # failed before anything was acquired
+    short.rmdir()
+
+
+def test_validate_does_not_depend_on_this_hosts_kvm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(host, "kvm_problem", lambda: pytest.fail("validate probed /dev/kvm"))
+    (tmp_path / "k.vm").write_text("[VM]\nAccel=kvm\n")
+    assert cli.validate(["k"], [tmp_path]) == []
+    assert Accel.KVM == "kvm"
