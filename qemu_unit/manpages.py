@@ -559,7 +559,14 @@ The guest powered off, or was shut down on request.
 .B 1
 Failure (QEMU or libvirt failed, the guest crashed).
 .B Restart=on\-failure
-starts the machine again.
+starts the machine again, at most 10 times within 10 minutes
+.RB ( StartLimitBurst= ", " StartLimitIntervalSec= ;
+manual starts count too); then the unit stays failed until
+.BR "systemctl reset\-failed" .
+A runner that stops sending watchdog pings for
+.B WatchdogSec=
+(60 seconds) is killed with its QEMU; the runner itself stops QEMU and fails when
+QEMU's monitor leaves a question unanswered for half that time (a hung QEMU).
 .TP
 .B 78
 Configuration error (EX_CONFIG): the

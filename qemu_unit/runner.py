@@ -33,6 +33,9 @@ logger = log.log
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 4)
 # A guest still booting misses a power-button press; pressing again is harmless.
 SHUTDOWN_RETRY = 5.0
+# QEMU pauses a guest whose disk write hit ENOSPC (werror=enospc); nobody but the
+# runner can resume an embedded domain, so it tries again at this pace.
+RESUME_RETRY = 5.0
 QEMU_CONF = """\
 # Written by qemu-unit at every start; edits are lost.
 stdio_handler = "file"
@@ -142,6 +145,41 @@ def _is_config_error(e: libvirt.libvirtError) -> bool:
     )
 
 
+class MonitorProbe:
+    """Asks QEMU's monitor a trivial question from a thread of its own.
+
+    libvirt answers dom.state() from its own bookkeeping, so a hung QEMU goes
+    unnoticed there. ioThreadInfo() is a real QMP round trip (query-iothreads)
+    that does not taint the domain, unlike qemuMonitorCommand; it blocks for as
+    long as QEMU does not answer, hence the thread.
+    """
+
+    def __init__(self, dom: libvirt.virDomain) -> None:
+        self._dom = dom
+        self._ask = threading.Event()
+        self._asked_at: float | None = None  # None: nothing unanswered
+        threading.Thread(target=self._run, name="monitor-probe", daemon=True).start()
+
+    def ask(self) -> None:
+        """Ask again unless the last question is still unanswered."""
+        if self._asked_at is None:
+            self._asked_at = time.monotonic()
+            self._ask.set()
+
+    def unanswered_for(self) -> float:
+        asked = self._asked_at
+        return 0.0 if asked is None else time.monotonic() - asked
+
+    def _run(self) -> None:
+        while True:
+            self._ask.wait()
+            self._ask.clear()
+            # An error is an answer too: a domain that is gone reports STOPPED anyway.
+            with contextlib.suppress(libvirt.libvirtError):
+                self._dom.ioThreadInfo()
+            self._asked_at = None
+
+
 # -- the runner ------------------------------------------------------------------------------
 
 _STOPPED_REASONS = {
@@ -225,6 +263,12 @@ class Runner:
         if dom.name() == self.name:
             self.events.put(("reboot",))
 
+    def _on_io_error(
+        self, _conn: Any, dom: Any, path: str, alias: str, action: int, reason: str, _opaque: Any
+    ) -> None:
+        if dom.name() == self.name:
+            self.events.put(("io-error", path or alias, action, reason))
+
     def _open(self, dirs: Dirs) -> libvirt.virConnect:
         uri = f"qemu:///embed?root={dirs.root}"
         try:
@@ -240,6 +284,9 @@ class Runner:
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
         )
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None)
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, self._on_io_error, None
+        )
         return conn
 
     def _close(self, conn: libvirt.virConnect) -> None:
@@ -287,10 +334,12 @@ class Runner:
         assert self.dom is not None
         wd = self.notify.watchdog_usec
         wd_interval = wd / 2e6 if wd else None
+        probe = MonitorProbe(self.dom) if wd_interval else None
         next_wd = time.monotonic()
         deadline: float | None = None
         next_extend = 0.0
         next_retry = 0.0
+        next_resume: float | None = None  # set while the guest is paused on a disk error
         ready = not self.vm.ready
         while True:
             now = time.monotonic()
@@ -298,6 +347,8 @@ class Runner:
             wakeups = [t for t in (deadline, next_extend, next_retry) if waiting and t]
             if wd_interval:
                 wakeups.append(next_wd)
+            if next_resume is not None:
+                wakeups.append(next_resume)
             timeout = max(0.0, min(wakeups) - now) if wakeups else None
             try:
                 item = self.events.get(timeout=timeout)
@@ -312,6 +363,18 @@ class Runner:
                     logger.info("Guest shut down")
             elif kind == "reboot":
                 logger.info("Guest rebooted")
+            elif kind == "io-error":
+                # Every retry that fails again reports anew: say it once per episode.
+                if next_resume is None and item[2] == libvirt.VIR_DOMAIN_EVENT_IO_ERROR_PAUSE:
+                    what = "no space left on device" if item[3] == "enospc" else item[3]
+                    logger.error(
+                        "Disk %s: %s; the guest is paused and resumes once the write "
+                        "succeeds (retried every %gs)", item[1], what, RESUME_RETRY,
+                    )
+                    self.notify.status(f"Paused: disk {item[1]}: {what}")
+                    next_resume = time.monotonic() + RESUME_RETRY
+                elif next_resume is None:
+                    logger.warning("Disk %s: I/O error (%s)", item[1], item[3])
             elif kind == "ready" and not ready:
                 ready = True
                 logger.info("Guest console matched %r: ready", self.vm.ready)
@@ -348,8 +411,15 @@ class Runner:
                 if now >= next_retry:
                     next_retry = now + SHUTDOWN_RETRY
                     self._request_shutdown(again=True)
-            if wd_interval and now >= next_wd:
+            if next_resume is not None and now >= next_resume:
+                next_resume = self._resume_after_io_error(now)
+            if probe and wd_interval and now >= next_wd:
                 next_wd = now + wd_interval
+                # Half a watchdog period without an answer: noticed within one period.
+                silent = probe.unanswered_for()
+                if silent >= wd_interval * 0.9:
+                    return self._hung(silent, dirs)
+                probe.ask()
                 try:
                     # state(), not info(): libvirt 9.0's info() warns on every call that
                     # it cannot parse /proc stat lines of QEMU's "CPU 0/TCG" threads.
@@ -359,6 +429,36 @@ class Runner:
                         logger.error("libvirt does not answer for the domain: %s", e)
                 else:
                     self.notify.watchdog()
+
+    def _resume_after_io_error(self, now: float) -> float | None:
+        """Resume a guest paused by a disk error; None once it keeps running."""
+        assert self.dom is not None
+        try:
+            state, reason = self.dom.state()
+            if state != libvirt.VIR_DOMAIN_PAUSED or reason != libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+                logger.info("Guest runs again after the disk error")
+                self.notify.status("Running")
+                return None
+            self.dom.resume()
+        except libvirt.libvirtError as e:
+            logger.warning("Resuming after the disk error failed: %s", _libvirt_message(e))
+        return now + RESUME_RETRY
+
+    def _hung(self, silent: float, dirs: Dirs) -> int:
+        """QEMU stopped answering its monitor: kill it and fail, so that systemd restarts."""
+        logger.error(
+            "QEMU has not answered its monitor for %.1fs: it is hung; killing it", silent
+        )
+        self.notify.status(f"Failed: QEMU hung (no monitor answer for {silent:.0f}s)")
+        self.destroy_started = True
+        # destroy() alone waits 10 s for a hung QEMU to honour SIGTERM first.
+        pidfile = dirs.root / "run" / "qemu" / f"{self.name}.pid"
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        assert self.dom is not None
+        with contextlib.suppress(libvirt.libvirtError):
+            self.dom.destroy()
+        return 1
 
     def _request_shutdown(self, again: bool = False) -> None:
         assert self.dom is not None

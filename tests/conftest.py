@@ -1,6 +1,6 @@
 """Session fixtures and the policy for system tests.
 
-System tests (marked `system`, and everything under tests/system/) need root,
+System tests (marked `system`, and everything under tests/system/ and tests/stress/) need root,
 systemd-nspawn, nsenter and QEMU. When those are missing the tests FAIL: a
 green run must mean they ran. A developer who knows may set
 QEMU_UNIT_SKIP_SYSTEM=1 to skip them instead.
@@ -29,6 +29,8 @@ from tests.support.requirements import unavailable  # noqa: E402
 from tests.support.venv import test_install  # noqa: E402
 
 SYSTEM_DIR = REPO / "tests" / "system"
+# Faults and load under a real systemd (issue 10): system tests too.
+STRESS_DIR = REPO / "tests" / "stress"
 SYSTEM_TOOLS = ("systemd-nspawn", "nsenter", "qemu-system-x86_64", "mount")
 
 
@@ -43,7 +45,7 @@ def system_test_problems() -> list[str]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if SYSTEM_DIR in Path(str(item.path)).parents:
+        if {SYSTEM_DIR, STRESS_DIR} & set(Path(str(item.path)).parents):
             item.add_marker(pytest.mark.system)
 
 

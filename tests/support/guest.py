@@ -1,7 +1,7 @@
 """The test guest: one initramfs whose /init does what `qemu_unit.mode=` says.
 
 Every console line a test looks for starts with `qemu-unit-guest:`. Modes:
-poweroff, wait, ignore, reboot, ready, net, efivar (see TEST_INIT). Once the
+poweroff, wait, ignore, reboot, ready, net, efivar, fill (see TEST_INIT). Once the
 guest has printed `qemu-unit-guest: booted`, an ACPI power button press is
 never lost: the button is opened before that line, and evdev queues presses.
 Extra kernel arguments: `qemu_unit.url=URL` (net: fetch URL and print
@@ -26,7 +26,8 @@ from qemu_unit import demo
 CACHE_DIR = Path("/var/tmp/qemu-unit-tests/guest")
 PREFIX = "qemu-unit-guest:"
 # virtio_pci/virtio_net for `net`, efivarfs for `efivar` (all modules in Debian's cloud kernel).
-MODULES = ("button", "evdev", "virtio_pci", "virtio_net", "efivarfs")
+# virtio_blk for `fill`.
+MODULES = ("button", "evdev", "virtio_pci", "virtio_net", "virtio_blk", "efivarfs")
 EFIVAR_GUID = "5d1b7a0e-4c1f-4e0b-9a53-7c2f3e8d9b10"
 EFIVAR_NAME = f"QemuUnitTest-{EFIVAR_GUID}"
 
@@ -89,6 +90,14 @@ efivar() {
     fi
 }
 
+# write to the first virtio disk until it is full or fails, then wait for the button
+fill() {
+    if [ ! -b /dev/vda ]; then say "fill: no /dev/vda"; return; fi
+    say "filling /dev/vda"
+    dd if=/dev/urandom of=/dev/vda bs=64k conv=fsync 2>/dev/null
+    say "fill ended"
+}
+
 mode=$(cmdline_arg qemu_unit.mode)
 echo  # firmware may leave escape codes on the current console line
 say "booted"
@@ -122,6 +131,10 @@ net)
     ;;
 efivar)
     efivar
+    wait_then_off
+    ;;
+fill)
+    fill
     wait_then_off
     ;;
 *)
