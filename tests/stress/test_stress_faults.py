@@ -101,7 +101,7 @@ def test_start_stop_storm_leaves_nothing_behind(ct: Container) -> None:
         before = {n: booted(ct, n) for n in STORM}
         ct.systemctl("start", *units, timeout=120)
         for n in STORM:
-            wait_for(f"{n} boot {round_}", lambda n=n: booted(ct, n) > before[n], timeout=90)
+            wait_for(f"{n} boot {round_}", lambda n=n, b=before: booted(ct, n) > b[n], timeout=90)
         ct.systemctl("stop", *units, timeout=120)
         assert_clean(ct, *STORM)
         # The persistent state must not grow with every start.

@@ -1,0 +1,53 @@
+"""MonitorProbe: a question QEMU's monitor leaves unanswered is measured, not waited for."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import libvirt
+
+from qemu_unit.runner import MonitorProbe
+
+
+class FakeDomain:
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def ioThreadInfo(self) -> list[object]:  # noqa: N802 - libvirt's name
+        self.calls += 1
+        self.release.wait(5)
+        if self.calls == 2:
+            raise libvirt.libvirtError("domain is not running")
+        return []
+
+
+def _answered(probe: MonitorProbe) -> bool:
+    deadline = time.monotonic() + 5
+    while probe.unanswered_for() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return probe.unanswered_for() == 0.0
+
+
+def test_unanswered_question_ages_and_is_not_asked_twice() -> None:
+    dom = FakeDomain()
+    probe = MonitorProbe(dom)  # type: ignore[arg-type]
+    assert probe.unanswered_for() == 0.0
+    probe.ask()
+    time.sleep(0.2)
+    probe.ask()  # still pending: no second call piles up behind a hung monitor
+    assert probe.unanswered_for() >= 0.2
+    assert dom.calls == 1
+    dom.release.set()
+    assert _answered(probe)
+
+
+def test_an_error_counts_as_an_answer() -> None:
+    dom = FakeDomain()
+    dom.release.set()
+    probe = MonitorProbe(dom)  # type: ignore[arg-type]
+    for _ in range(2):
+        probe.ask()
+        assert _answered(probe)
+    assert dom.calls == 2
