@@ -242,7 +242,8 @@ and
 .B [Service]
 sections are copied into the generated drop-in of
 .BI qemu\-run@ NAME .service
-as they are, after what the VM's configuration implies, so they win: for example
+as they are and in their order, after what the VM's configuration implies, so they
+win: for example
 .BR Description= ,
 .BR After= ,
 .BR MemoryMax= ,

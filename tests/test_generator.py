@@ -845,3 +845,22 @@ def test_extension_keys_in_install_are_ignored() -> None:
     assert [link for link, _ in generator.convert(vm).symlinks] == [
         "multi-user.target.wants/qemu-run@xi.service"
     ]
+
+
+def test_unit_and_service_lines_keep_their_order() -> None:
+    # systemd stops reading a file at a fatal value (a relative ExecStartPre=): the
+    # [Unit] line after it must be lost in the drop-in as in the file.
+    from qemu_unit import settings
+
+    text = ("[Unit]\nDescription=a\n[VM]\nNetwork=none\n[Service]\nExecStartPre=bin/x\n"
+            "[Unit]\nAfter=b.service\n[Service]\nNice=1\n")
+    path = Path("/etc/qemu-run/order.vm")
+    vm = settings.build_vm(source.Source("order", "vm", path),
+                           unitfile.UnitFile(str(path), tuple(unitfile.parse(text, path))))
+    ((_, dropin),) = generator.convert(vm).files
+    body = dropin[dropin.index("[Unit]"):]
+    assert body == (
+        "[Unit]\nSourcePath=/etc/qemu-run/order.vm\nDescription=a\n\n"
+        "[Service]\nTimeoutStopSec=70\nExecStartPre=bin/x\n\n"
+        "[Unit]\nAfter=b.service\n\n[Service]\nNice=1\n"
+    )
