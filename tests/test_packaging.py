@@ -1,7 +1,9 @@
 """The .deb and the .rpm: what they install, what their scripts do, lintian.
 
-Each package is built once per session from the working tree (packaging/build-deb,
-packaging/build-rpm). Missing tools fail the tests (tests/support/requirements.py).
+Each package is built once per session, as a distribution builds it: from an unpacked
+sdist (a release tarball, no git; packaging/build-deb, packaging/build-rpm). The system
+test tests/system/test_deb_system.py builds from the git checkout. Missing tools fail the
+tests (tests/support/requirements.py).
 """
 
 from __future__ import annotations
@@ -63,10 +65,35 @@ class Built:
 
 
 @pytest.fixture(scope="session")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    need("dpkg-buildpackage", "dh", "pybuild", "lintian", "dpkg-deb", "git")
+def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The unpacked sdist of the working tree, built by Debian's setuptools (PEP 517)."""
+    out = tmp_path_factory.mktemp("sdist")
+    build = "import sys, setuptools.build_meta as b; print(b.build_sdist(sys.argv[1]))"
+    done = run("/usr/bin/python3", "-c", build, out, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    tarball = out / done.stdout.split()[-1]
+    run("tar", "-C", out, "-xzf", tarball, check=True)
+    tree = out / f"qemu-unit-{VERSION}"
+    # What a distribution gets: no repository to ask for files or dates.
+    assert not (tree / ".git").exists() and run("git", "-C", tree, "rev-parse").returncode != 0
+    return tree
+
+
+def test_sdist_carries_what_the_packages_are_built_from(sdist: Path) -> None:
+    for needed in ("packaging/build-deb", "packaging/build-rpm", "packaging/copy-tree",
+                   "packaging/source-date", "packaging/debian/rules",
+                   "packaging/rpm/qemu-unit.spec", "packaging/examples/web.vm",
+                   "units/qemu-run@.service", "units/qemu-unit-generator", "LICENSE",
+                   "README.md", "docs/DESIGN.md", "tests/conftest.py", "setup.sh"):
+        assert (sdist / needed).is_file(), needed
+    assert os.access(sdist / "packaging/build-deb", os.X_OK)
+
+
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory: pytest.TempPathFactory, sdist: Path) -> Built:
+    need("dpkg-buildpackage", "dh", "pybuild", "lintian", "dpkg-deb")
     out = tmp_path_factory.mktemp("deb")
-    done = run(PACKAGING / "build-deb", out / "pkg", timeout=300)
+    done = run(sdist / "packaging/build-deb", out / "pkg", timeout=300)
     debs = list((out / "pkg").glob("*.deb"))
     assert len(debs) == 1, done.stdout + done.stderr
     tree = out / "tree"
@@ -75,10 +102,10 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 @pytest.fixture(scope="session")
-def rpm(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    need("rpmbuild", "rpm", "rpm2cpio", "cpio", "git")
+def rpm(tmp_path_factory: pytest.TempPathFactory, sdist: Path) -> Built:
+    need("rpmbuild", "rpm", "rpm2cpio", "cpio")
     out = tmp_path_factory.mktemp("rpm")
-    done = run(PACKAGING / "build-rpm", out / "pkg", timeout=300)
+    done = run(sdist / "packaging/build-rpm", out / "pkg", timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     rpms = list((out / "pkg").glob("*.rpm"))
     assert len(rpms) == 1, done.stdout
