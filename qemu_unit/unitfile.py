@@ -126,7 +126,7 @@ def _join_continuations(
         if check_size and _size(line) >= LINE_MAX:
             raise ConfigError(
                 f"line too long (systemd reads lines of at most {LINE_MAX - 1} bytes)",
-                path=path, line=number,
+                path=path, line=number, key=_key_of(line if joined is None else joined),
             )
         # Comments first: they neither continue nor end a continuation.
         if line.lstrip(_WHITESPACE)[:1] in _COMMENTS:
@@ -141,7 +141,7 @@ def _join_continuations(
             if check_size and _size(joined) + _size(line) > LINE_MAX:
                 raise ConfigError(
                     f"continued line too long (systemd joins at most {LINE_MAX} bytes)",
-                    path=path, line=start,
+                    path=path, line=start, key=_key_of(joined),
                 )
             text = joined + line
         # The joined part ends in a space, so the count of trailing backslashes
@@ -162,6 +162,15 @@ def _unless_marked_comment(number: int, text: str, path: str) -> Iterator[tuple[
         yield number, text
     elif _NOT_UTF8.search(text):
         raise ConfigError(_NOT_UTF8_MESSAGE, path=path, line=number)
+
+
+def _key_of(line: str) -> str | None:
+    """The key LINE assigns, for messages about the whole line (None: not an assignment)."""
+    key, sep, _ = line.partition("=")
+    key = key.strip(_WHITESPACE)
+    if sep and key and not key.strip(_KEY_CHARS):
+        return key
+    return None
 
 
 def _nul_line(text: str) -> int:
@@ -185,7 +194,7 @@ def parse(text: str, path: str | Path) -> list[Entry]:
         if not line or line[0] in _COMMENTS:
             continue
         if not ascii_only and _NOT_UTF8.search(line):
-            raise ConfigError(_NOT_UTF8_MESSAGE, path=path, line=number)
+            raise ConfigError(_NOT_UTF8_MESSAGE, path=path, line=number, key=_key_of(line))
         if line[0] == _BOM:
             raise ConfigError(
                 "byte order mark (U+FEFF) at the start of a line: only the first is skipped",

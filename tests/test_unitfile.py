@@ -166,11 +166,12 @@ def test_sections_lists_in_first_seen_order() -> None:
         ("[VM]\r\nA=1\nB=\0\n", 3, None, "NUL byte"),
         ("\ufeff[VM]\n\ufeffA=1\n", 2, None, "byte order mark"),
         ("# x\n\ufeff[VM]\n\ufeff[Unit]\n", 3, None, "byte order mark"),
-        ("[VM]\nA=caf\udce9\n", 2, None, "not valid UTF-8"),
-        ("[VM]\nA=\uffff\n", 2, None, "not valid UTF-8"),
-        ("[VM]\nA=\ufdd0\n", 2, None, "not valid UTF-8"),
-        ("[VM]\nA=\U0010fffe\n", 2, None, "not valid UTF-8"),
-        ("[VM]\nA=x\\\n caf\udce9\n", 2, None, "not valid UTF-8"),
+        ("[VM]\nA=caf\udce9\n", 2, "A", "not valid UTF-8"),
+        ("[VM]\nA=\uffff\n", 2, "A", "not valid UTF-8"),
+        ("[VM]\nA=\ufdd0\n", 2, "A", "not valid UTF-8"),
+        ("[VM]\nA=\U0010fffe\n", 2, "A", "not valid UTF-8"),
+        ("[VM]\nA=x\\\n caf\udce9\n", 2, "A", "not valid UTF-8"),
+        ("[VM]\n\udce9\n", 2, None, "not valid UTF-8"),
         ("\ufeff#caf\udce9\n", 1, None, "not valid UTF-8"),
     ],
 )
@@ -242,7 +243,7 @@ def test_line_length_limit_is_systemds(tmp_path: Path) -> None:
     path.write_bytes(b"[VM]\n" + key + b"x" * (LINE_MAX - len(key)) + b"\n")
     with pytest.raises(ConfigError, match="line too long") as info:
         read(path)
-    assert (info.value.path, info.value.line) == (str(path), 2)
+    assert (info.value.path, info.value.line, info.value.key) == (str(path), 2, "KernelCmdline")
     # Also a comment: systemd fails to read the line before it sees the "#".
     path.write_bytes(b"[VM]\n#" + "\u00e9".encode() * (LINE_MAX // 2) + b"\n")
     with pytest.raises(ConfigError, match="line too long"):
@@ -254,7 +255,7 @@ def test_line_length_limit_is_systemds(tmp_path: Path) -> None:
     path.write_bytes(b"[VM]\n" + key + b"x" * half + b"\\\n" + b"y" * (rest + 1) + b"\n")
     with pytest.raises(ConfigError, match="continued line too long") as info:
         read(path)
-    assert info.value.line == 2
+    assert (info.value.line, info.value.key) == (2, "KernelCmdline")
 
 
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))

@@ -39,6 +39,9 @@ from tests.support.vm import CONFIG_DIR
 pytestmark = pytest.mark.system
 
 GENERATOR_DIR = "/run/systemd/generator"
+# Where `qemu-unit install` (prefix /usr/local) puts the generator.
+GENERATOR = "/usr/local/lib/systemd/system-generators/qemu-unit-generator"
+GENERATOR_NAME = generator.PROGRAM
 DROPIN = "50-qemu-unit.conf"
 # What may differ: where the drop-in is, and the lines the generator adds itself
 # (SourcePath=, TimeoutStopSec=; the cases have Network=none, so nothing else).
@@ -289,6 +292,17 @@ def test_systemd_reads_every_accepted_case_the_same_as_written_and_as_generated(
     generated = _show(ct, list(units.values()))
 
     accepted = [c for c in cases if verdicts[c.name] is None]
+    # Each refusal is one message naming file and line (and key). nspawn gives the
+    # generator no /dev/kmsg and PID 1 no stderr: read the messages of a run by hand.
+    run = ct.run(GENERATOR, "/run/qemu-unit-generator-test", check=False, timeout=120)
+    messages = run.stderr.splitlines()
+    for case in cases:
+        error = verdicts[case.name]
+        if error is not None:
+            key = f"{error.key}=: " if error.key else ""
+            line = f"{GENERATOR_NAME}: {CONFIG_DIR}/{case.name}.vm:{error.line}: {key}"
+            if not any(m.startswith(line + error.message) for m in messages):
+                problems.append(f"{case.name}: no message {line}{error.message}")
     for case in cases:
         unit = units[case.name]
         ours = f"{GENERATOR_DIR}/{unit}.d/{DROPIN}"
