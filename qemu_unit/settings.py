@@ -110,27 +110,29 @@ class VMConfig:
     """A VM as its .vm file (or NAME.xml) and drop-ins describe it, defaults filled in."""
 
     # (A docstring also spares dataclass() an inspect.signature() at every boot.)
+    # The fields set by keys carry no default here: SETTINGS holds each default once,
+    # and parse_vm() builds every VMConfig from the table (see Setting.field).
     name: str
     source_path: Path
+    memory: int  # bytes
+    cpus: int
+    machine: str
+    accel: Accel
+    cpu_model: str | None  # None: host-passthrough under KVM, QEMU's default under TCG
+    firmware: Firmware
+    kernel: Path | None
+    initrd: Path | None
+    kernel_cmdline: str | None
+    disks: tuple[Disk, ...]
+    cdroms: tuple[Path, ...]
+    networks: tuple[Network, ...]
+    uuid: str | None  # None: derived from the name, see domain_uuid()
+    console: Console
+    shutdown_mode: tuple[ShutdownMethod, ...]
+    shutdown_timeout: float  # seconds
+    ready: str | None  # None: ready once started; else a regex on console lines
+    domain_xml: Path | None
     dropins: tuple[Path, ...] = ()
-    memory: int = 512 * 1024**2  # bytes
-    cpus: int = 1
-    machine: str = "q35"
-    accel: Accel = Accel.AUTO
-    cpu_model: str | None = None  # None: host-passthrough under KVM, QEMU's default under TCG
-    firmware: Firmware = Firmware.BIOS
-    kernel: Path | None = None
-    initrd: Path | None = None
-    kernel_cmdline: str | None = None
-    disks: tuple[Disk, ...] = ()
-    cdroms: tuple[Path, ...] = ()
-    networks: tuple[Network, ...] = ()
-    uuid: str = ""
-    console: Console = Console.JOURNAL
-    shutdown_mode: tuple[ShutdownMethod, ...] = (ShutdownMethod.ACPI,)
-    shutdown_timeout: float = 60.0  # seconds
-    ready: str | None = None  # None: ready once started; else a regex on console lines
-    domain_xml: Path | None = None
     unit: tuple[Entry, ...] = ()
     service: tuple[Entry, ...] = ()
     install: tuple[Entry, ...] = ()
@@ -153,11 +155,6 @@ class VMConfig:
         """The last assignment of [VM] KEY still in effect, None when KEY is at its default."""
         found = [e for e in self.origins if e.key == key]
         return found[-1] if found else None
-
-    @property
-    def instance(self) -> str | None:
-        split = split_template(self.name)
-        return split[1] if split else None
 
     @property
     def wanted_by(self) -> tuple[str, ...]:
@@ -420,6 +417,44 @@ class Setting:
     choices: tuple[str, ...] = ()
     specifiers: bool = False  # %i, %n, %p, %% are expanded
     with_domain_xml: bool = False  # allowed next to DomainXML=
+    # Combination rules, as data: the key this one needs assigned, and a check of each
+    # value against the settled single-valued keys (a message, or None when fine).
+    requires: str | None = None
+    check: Callable[[Any, dict[str, Any]], str | None] | None = None
+    # The field's value from the assignments, when it is not the value or the list of
+    # values (several rows may share a field: the first row's collect builds it).
+    collect: Callable[[_Assignments], Any] | None = None
+    # The host file a value names (host.check_files checks them).
+    names_file: Callable[[Any], Path] | None = None
+
+
+HOST_CPU_MODELS = ("host-passthrough", "host-model")
+
+
+def _check_cpu_model(model: str | None, settled: dict[str, Any]) -> str | None:
+    if settled["Accel"] is Accel.TCG and model in HOST_CPU_MODELS:
+        return f"{model} needs KVM, but Accel=tcg"
+    return None
+
+
+def _check_ready(ready: str | None, settled: dict[str, Any]) -> str | None:
+    if ready is not None and settled["Console"] is Console.NONE:
+        return "console:REGEX needs Console=journal"
+    return None
+
+
+def _check_disk_bus(disk: Disk, settled: dict[str, Any]) -> str | None:
+    if disk.bus == "ide" and is_q35(settled["Machine"]):
+        return f"bus=ide is not available on Machine={settled['Machine']}"
+    return None
+
+
+def _same_path(path: Path) -> Path:
+    return path
+
+
+def _disk_path(disk: Disk) -> Path:
+    return disk.path
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -455,6 +490,7 @@ SETTINGS: tuple[Setting, ...] = (
         "feature the accelerator can offer), or a named QEMU model such as qemu64 or "
         "Skylake-Server. By default host-passthrough under KVM and QEMU's default model "
         "under TCG.",
+        check=lambda model, settled: _check_cpu_model(model, settled),
     ),
     Setting(
         "Firmware", "firmware", _enum_parser(Firmware), "bios", "bios|uefi",
@@ -469,12 +505,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Boot this Linux kernel directly instead of booting from a disk (absolute path; "
         "specifiers are expanded). Not set by default.",
         specifiers=True,
+        names_file=_same_path,
     ),
     Setting(
         "Initrd", "initrd", parse_path, None, "PATH",
         "Initial ramdisk for Kernel= (absolute path; specifiers are expanded). Needs "
         "Kernel=. Not set by default.",
         specifiers=True,
+        requires="Kernel",
+        names_file=_same_path,
     ),
     Setting(
         "KernelCmdline", "kernel_cmdline", parse_cmdline, None, "ARGS",
@@ -485,6 +524,8 @@ SETTINGS: tuple[Setting, ...] = (
         "Kernel=. Empty by default.",
         repeatable=True,
         specifiers=True,
+        requires="Kernel",
+        collect=lambda a: " ".join(a.values("KernelCmdline")) or None,
     ),
     Setting(
         "Disk", "disks", parse_disk, None, "PATH[,OPTION...]",
@@ -501,6 +542,8 @@ SETTINGS: tuple[Setting, ...] = (
         "assignment resets the list. The first disk is the boot disk.",
         repeatable=True,
         specifiers=True,
+        check=lambda disk, settled: _check_disk_bus(disk, settled),
+        names_file=_disk_path,
     ),
     Setting(
         "CDROM", "cdroms", parse_path, None, "PATH",
@@ -509,6 +552,7 @@ SETTINGS: tuple[Setting, ...] = (
         "empty assignment resets the list.",
         repeatable=True,
         specifiers=True,
+        names_file=_same_path,
     ),
     Setting(
         "Network", "networks", parse_network, "user", "none|user|tap:IFACE|bridge:BRIDGE",
@@ -520,6 +564,7 @@ SETTINGS: tuple[Setting, ...] = (
         "are expanded (tap:vm-%i). Without any Network= a VM has one user interface.",
         repeatable=True,
         specifiers=True,
+        collect=lambda a: _networks(a.lists.get("Network"), a.lists.get("MAC", [])),
     ),
     Setting(
         "MAC", "networks", parse_mac, None, "ADDRESS",
@@ -530,6 +575,7 @@ SETTINGS: tuple[Setting, ...] = (
         "list. An interface without a MAC= gets a stable address derived from the VM "
         "name and the interface's index, with the prefix 52:54:00.",
         repeatable=True,
+        collect=lambda a: _networks(a.lists.get("Network"), a.lists.get("MAC", [])),
     ),
     Setting(
         "UUID", "uuid", parse_uuid, None, "UUID",
@@ -573,6 +619,7 @@ SETTINGS: tuple[Setting, ...] = (
         "which needs Console=journal. Units ordered After= this one wait for that. "
         "Defaults to started. Allowed with DomainXML=.",
         with_domain_xml=True,
+        check=lambda ready, settled: _check_ready(ready, settled),
     ),
     Setting(
         "DomainXML", "domain_xml", parse_path, None, "PATH",
@@ -588,10 +635,13 @@ SETTINGS: tuple[Setting, ...] = (
         "and Ready= may be used with it: any other key is an error. A NAME.xml file in "
         "the search path is the same as a NAME.vm with only DomainXML=.",
         specifiers=True,
+        names_file=_same_path,
     ),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+# The rows whose values name host files (host.check_files checks them in this order).
+_FILE_SETTINGS = tuple(s for s in SETTINGS if s.names_file is not None)
 
 
 # Specifiers, as in systemd unit files, but only these. %i is what a template
@@ -700,30 +750,31 @@ class _Assignments:
             return [self.single[key][1]]
         return [e for _, e in self.lists.get(key, [])]
 
+    def assigned(self, key: str) -> list[tuple[Any, Entry]]:
+        """(value, assignment) of each value of KEY in effect."""
+        if key in self.single:
+            return [self.single[key]]
+        return self.lists.get(key, [])
+
     def keys(self) -> list[str]:
         return [*self.single, *(k for k, items in self.lists.items() if items)]
 
 
 def _check_combinations(a: _Assignments, settled: dict[str, Any]) -> None:
-    """Refuse what each key allows alone but not together (SETTLED: a.settled())."""
-    if settled["DomainXML"] is not None:
-        for key in a.keys():
-            if not BY_NAME[key].with_domain_xml and key != "DomainXML":
-                raise _fail(a.entries(key)[0], "not allowed with DomainXML=: the domain XML "
-                            "file says it")
-    for key in ("Initrd", "KernelCmdline"):
-        if (key in a.single or a.lists.get(key)) and "Kernel" not in a.single:
-            raise _fail(a.entries(key)[0], "needs Kernel=")
-    cpu_model = settled["CPUModel"]
-    if settled["Accel"] is Accel.TCG and cpu_model in ("host-passthrough", "host-model"):
-        raise _fail(a.entries("CPUModel")[0], f"{cpu_model} needs KVM, but Accel=tcg")
-    if settled["Ready"] is not None and settled["Console"] is Console.NONE:
-        raise _fail(a.entries("Ready")[0], "console:REGEX needs Console=journal")
-    machine = settled["Machine"]
-    if is_q35(machine):
-        for disk, entry in a.lists.get("Disk", []):
-            if disk.bus == "ide":
-                raise _fail(entry, f"bus=ide is not available on Machine={machine}")
+    """Refuse what each key allows alone but not together, as the rows say."""
+    domain_xml = settled["DomainXML"] is not None
+    for key in a.keys():
+        setting = BY_NAME[key]
+        if domain_xml and not setting.with_domain_xml and setting.field != "domain_xml":
+            raise _fail(a.entries(key)[0], "not allowed with DomainXML=: the domain XML "
+                        "file says it")
+        if setting.requires is not None and setting.requires not in a.keys():
+            raise _fail(a.entries(key)[0], f"needs {setting.requires}=")
+        if setting.check is not None:
+            for value, entry in a.assigned(key):
+                problem = setting.check(value, settled)
+                if problem is not None:
+                    raise _fail(entry, problem)
 
 
 def parse_vm(
@@ -760,14 +811,21 @@ def parse_vm(
     settled = a.settled()
     _check_combinations(a, settled)
 
-    disks = a.values("Disk")
-    files = [FileRef(d.path, d.entry) for d in disks]
-    for key in ("CDROM", "Kernel", "Initrd", "DomainXML"):
-        if key in a.single:
-            files.append(FileRef(*a.single[key]))
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.field in values:
+            continue  # built by an earlier row (MAC= with Network=)
+        if setting.collect is not None:
+            values[setting.field] = setting.collect(a)
+        elif setting.repeatable:
+            values[setting.field] = tuple(a.values(setting.name))
         else:
-            files += [FileRef(p, e) for p, e in a.lists.get(key, ())]
-    cmdline = a.values("KernelCmdline")
+            values[setting.field] = settled[setting.name]
+    files = [
+        FileRef(s.names_file(value), entry)
+        for s in _FILE_SETTINGS
+        for value, entry in a.assigned(s.name)
+    ]
     if source_path is None:
         source_path = Path(unit.path)
     return VMConfig(
@@ -775,24 +833,6 @@ def parse_vm(
         # A Path is immutable: the Source's own serves (one Path less per VM at boot).
         source_path=source_path if isinstance(source_path, Path) else Path(source_path),
         dropins=dropins,
-        memory=settled["Memory"],
-        cpus=settled["CPUs"],
-        machine=settled["Machine"],
-        accel=settled["Accel"],
-        cpu_model=settled["CPUModel"],
-        firmware=settled["Firmware"],
-        kernel=settled["Kernel"],
-        initrd=settled["Initrd"],
-        kernel_cmdline=" ".join(cmdline) if cmdline else None,
-        disks=tuple(disks),
-        cdroms=tuple(a.values("CDROM")),
-        networks=_networks(a.lists.get("Network"), a.lists.get("MAC", [])),
-        uuid=settled["UUID"] or "",
-        console=settled["Console"],
-        shutdown_mode=settled["ShutdownMode"],
-        shutdown_timeout=settled["ShutdownTimeout"],
-        ready=settled["Ready"],
-        domain_xml=settled["DomainXML"],
         unit=tuple(passthrough["Unit"]),
         service=tuple(passthrough["Service"]),
         install=tuple(passthrough["Install"]),
@@ -802,6 +842,7 @@ def parse_vm(
             *(e for _, e in a.single.values()),
             *(e for items in a.lists.values() for _, e in items),
         ),
+        **values,
     )
 
 

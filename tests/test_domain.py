@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 
 from qemu_unit import domain
 from qemu_unit.errors import ConfigError
-from qemu_unit.settings import Accel, Disk, VMConfig, parse_vm, stable_uuid
+from qemu_unit.settings import Accel, Disk, VMConfig, parse_vm
 from qemu_unit.unitfile import UnitFile, parse
 from tests.test_fixtures import fixtures, load_fixture, plan_of
 
@@ -121,8 +122,8 @@ def defined() -> Iterator[dict[str, Any]]:
     # What settings.parse_disk refuses, built by hand: libvirt must refuse it too.
     for bus, machine in (("sata", "q35"), ("ide", "pc")):
         disk = Disk(Path("/dev/null"), format="raw", readonly=True, bus=bus)
-        vm = VMConfig(name=f"ro-{bus}", source_path=Path("/x.vm"), machine=machine,
-                      disks=(disk,), uuid=stable_uuid(f"ro-{bus}"))
+        vm = dataclasses.replace(vm_of(f"[VM]\nMachine={machine}\n", name=f"ro-{bus}"),
+                                 disks=(disk,))
         domains[f"refused-readonly-{bus}"] = domain.render(vm, plan_of(vm))
     yield define_all(domains)
 

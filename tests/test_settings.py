@@ -11,6 +11,7 @@ import pytest
 from qemu_unit import settings
 from qemu_unit.errors import ConfigError
 from qemu_unit.settings import (
+    BY_NAME,
     SETTINGS,
     VMConfig,
     load_vm,
@@ -55,13 +56,35 @@ def test_choices_are_what_the_parser_accepts() -> None:
                 s.parse("no-such-choice", ENTRY)
 
 
-def test_dataclass_defaults_are_the_table_defaults() -> None:
-    # Code building a VMConfig by hand must agree with the parser.
+def test_the_table_builds_every_field() -> None:
+    # Each default is written once, in its row: VMConfig has none for the key fields.
     empty = vm_of("[VM]\n")
-    plain = VMConfig(name="web", source_path=Path("/x.vm"))
+    keyed = {s.field for s in SETTINGS}
+    for f in dataclasses.fields(VMConfig):
+        if f.name in keyed:
+            assert f.default is dataclasses.MISSING, f"{f.name} repeats its row's default"
     for s in SETTINGS:
         if s.default is not None and not s.repeatable:
-            assert getattr(plain, s.field) == getattr(empty, s.field), s.name
+            assert getattr(empty, s.field) == s.parse(s.default, ENTRY), s.name
+        elif s.default is None and s.collect is None:
+            assert getattr(empty, s.field) in (None, ()), s.name
+    assert empty.networks == (settings.Network(settings.NetworkKind.USER, None),)
+    assert empty.kernel_cmdline is None
+
+
+def test_combination_rules_are_rows() -> None:
+    # Each rule lives in the row of the key whose assignment the message names.
+    assert BY_NAME["Initrd"].requires == BY_NAME["KernelCmdline"].requires == "Kernel"
+    with pytest.raises(ConfigError, match="needs Kernel=") as info:
+        vm_of("[VM]\nCPUs=2\nKernelCmdline=quiet\n")
+    assert (info.value.line, info.value.key) == (3, "KernelCmdline")
+    with pytest.raises(ConfigError, match="bus=ide is not available on Machine=q35") as info:
+        vm_of("[VM]\nDisk=/a,bus=virtio\nDisk=/b,bus=ide\n")
+    assert (info.value.line, info.value.key) == (3, "Disk")
+    files = vm_of("[VM]\nKernel=/k\nDisk=/d\nCDROM=/c\n").files
+    assert [(str(f.path), f.entry.key) for f in files if f.entry] == [
+        ("/k", "Kernel"), ("/d", "Disk"), ("/c", "CDROM")
+    ]
 
 
 def test_table_keys_are_the_only_keys() -> None:
