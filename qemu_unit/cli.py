@@ -77,6 +77,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="*", metavar="FILE|NAME")
     config_dir(p)
 
+    p = sub.add_parser(
+        "list",
+        help="list every VM on the search path, running or not",
+        description="One line per VM on the search path, running or not: whether it is "
+        "enabled, its unit's state and sub-state, main PID, since when, the accelerator "
+        "(the one in use while it runs, else Accel=), memory, CPUs, published ports, source "
+        "file and the runner's STATUS= text; a VM that is masked or whose configuration "
+        "cannot be read is listed with the reason. State comes from systemd and from the "
+        "status file each runner keeps in /run/qemu-run/NAME (readable by root and qemu-run). "
+        "With --json, a stable document described by qemu-unit.schema.json "
+        "(/usr/share/doc/qemu-unit/): {\"version\": 1, \"vms\": [...]}.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    config_dir(p)
+
+    p = sub.add_parser(
+        "status",
+        help="show one VM in detail, with its last console lines",
+        description="What list shows for the VM NAME, plus its UUID, QEMU's PID, drop-ins and "
+        "the last lines its guest printed on the serial console (from the journal). With "
+        "--json: {\"version\": 1, \"vm\": {...}, \"console\": [...]}. Exits 78 when no VM "
+        "NAME exists.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "-n", "--lines", type=int, default=10, metavar="N", help="console lines to show (10)"
+    )
+    config_dir(p)
+
+    p = sub.add_parser(
+        "register-machine",
+        help="register the running VM NAME with systemd-machined (the unit does this)",
+        description="Register the VM NAME, whose runner is $MAINPID, with systemd-machined as "
+        "a machine of class vm, so that machinectl list, status and poweroff see it. "
+        "qemu-run@.service runs this as root in ExecStartPost=+ (machined accepts "
+        "registrations from root only); the runner itself stays unprivileged. Never fails: "
+        "a VM that cannot be registered still runs, and a warning says why.",
+    )
+    p.add_argument("name", metavar="NAME")
+
     for verb, what in (("install", "install"), ("uninstall", "remove")):
         p = sub.add_parser(
             verb,
@@ -184,6 +225,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return os.EX_CONFIG if problems else 0
 
 
+def _systemd_problem(problem: str | None) -> None:
+    if problem:
+        log.log.warning("unit states unknown: %s", problem)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from qemu_unit import overview
+
+    vms, problem = overview.collect(search_path=_search_path(args))
+    _systemd_problem(problem)
+    sys.stdout.write(overview.list_json(vms) + "\n" if args.json else overview.list_text(vms))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from qemu_unit import overview
+
+    vm, problem = overview.find_one(args.name, _search_path(args))
+    _systemd_problem(problem)
+    console = overview.console_lines(vm, args.lines) if args.lines > 0 else []
+    if args.json:
+        sys.stdout.write(overview.status_json(vm, console) + "\n")
+    else:
+        sys.stdout.write(overview.status_text(vm, console))
+    return 0
+
+
+def cmd_register_machine(args: argparse.Namespace) -> int:
+    from qemu_unit import machine
+
+    return machine.register_from_unit(args.name)
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from qemu_unit import install
 
@@ -215,6 +289,9 @@ COMMANDS = {
     "run": cmd_run,
     "render": cmd_render,
     "validate": cmd_validate,
+    "list": cmd_list,
+    "status": cmd_status,
+    "register-machine": cmd_register_machine,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
     "demo": cmd_demo,

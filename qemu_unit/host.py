@@ -28,6 +28,8 @@ from qemu_unit.settings import Accel, Disk, VMConfig
 QCOW2_MAGIC = b"QFI\xfb"
 # The user the unit runs as; the runner becomes it when root starts it by hand.
 SERVICE_USER = "qemu-run"
+# The unit's RuntimeDirectory=qemu-run/%i lives here: the embed root of each system VM.
+SYSTEM_RUNTIME = Path("/run/qemu-run")
 # The sun_path limit; the deepest socket libvirt makes in the root is QEMU's monitor.
 SUN_PATH_MAX = 107
 MONITOR_SUFFIX = len("/lib/qemu/domain-999-") + 20 + len("/monitor.sock")
@@ -81,7 +83,7 @@ def finalize_dirs(name: str) -> Dirs:
     """The unit's StateDirectory=/RuntimeDirectory=/CacheDirectory=, or per-user defaults."""
     home = Path(os.environ.get("HOME") or "/")
     if os.geteuid() == 0:
-        state, root = Path("/var/lib/qemu-run"), Path("/run/qemu-run")
+        state, root = Path("/var/lib/qemu-run"), SYSTEM_RUNTIME
         cache = Path("/var/cache/qemu-run")
     else:
         state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local/state") / "qemu-run"

@@ -72,11 +72,15 @@ def world_executable(path: Path) -> bool:
     return bool(path.stat().st_mode & stat.S_IROTH) or path.is_dir()
 
 
+UNIT_COMMAND = "/usr/bin/qemu-unit"
+
+
 def render_unit(text: str, command: str) -> str:
+    """The template with every Exec*= of qemu-unit pointing at COMMAND."""
     lines = []
     for line in text.splitlines():
-        if line.startswith("ExecStart="):
-            line = f"ExecStart={command} run %i"
+        if line.startswith("Exec") and UNIT_COMMAND in line:
+            line = line.replace(UNIT_COMMAND, command, 1)
         lines.append(line)
     return "\n".join(lines) + "\n"
 

@@ -16,13 +16,14 @@ import re
 import signal
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from qemu_unit import domain, host, log, settings, source
+from qemu_unit import domain, host, log, settings, source, status
 from qemu_unit.console import Console
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.host import SERVICE_USER, Dirs
@@ -244,6 +245,19 @@ class Runner:
                 uuid = self.dom.UUIDString()
                 log.set_vm_fields(self.name, uuid)
                 logger.info("Started VM %s (%s, uuid %s)", self.name, accel.upper(), uuid)
+                memory, cpus = status.resources(ET.fromstring(xml))
+                status.write(
+                    dirs.root,
+                    name=self.name,
+                    pid=os.getpid(),
+                    qemu_pid=status.qemu_pid(dirs.root, self.name),
+                    uuid=uuid,
+                    accelerator=accel,
+                    memory=memory,
+                    cpus=cpus,
+                    ports=[],  # PublishPort= (issue 8) fills this in
+                    started=int(time.time()),
+                )
                 if not vm.ready:
                     self.notify.ready(f"Running ({accel.upper()})")
                 else:

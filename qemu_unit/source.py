@@ -239,6 +239,11 @@ class Listing:
                 names.setdefault(stem)
         self.names = sorted(names)
 
+    def find(self, name: str) -> Source | None:
+        """The Source of NAME (None: nothing defines it); MaskedError when it is masked,
+        ConfigError for any other problem."""
+        return _source(name, self.dirs, self._listings)
+
     def sources(
         self, names: Iterable[str], *, errors: list[ConfigError] | None = None
     ) -> list[Source]:
@@ -247,7 +252,7 @@ class Listing:
         sources = []
         for name in names:
             try:
-                source = _source(name, self.dirs, self._listings)
+                source = self.find(name)
             except MaskedError:
                 continue
             except ConfigError as e:

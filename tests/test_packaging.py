@@ -40,6 +40,8 @@ INSTALLED = (
     "usr/share/doc/qemu-unit/examples/tiny.vm",
     "usr/share/doc/qemu-unit/examples/web.vm",
     "usr/share/doc/qemu-unit/examples/uefi.vm",
+    # The JSON Schema of `qemu-unit list/status --json`, for the tools that read them.
+    "usr/share/doc/qemu-unit/qemu-unit.schema.json",
 )
 DEPENDS = (
     "python3-libvirt", "python3-systemd", "python3-sdnotify", "qemu-system-x86",

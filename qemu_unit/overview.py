@@ -1,0 +1,419 @@
+"""`qemu-unit list` and `qemu-unit status NAME`: what VMs exist and what they are doing.
+
+One record per VM, from three places, each asked once: the search path (source,
+settings), systemd (`systemctl show` properties of every unit in one call, never
+its human output) and the runner's status file (status.py). No libvirt: a VM's
+own runner holds its embed root, nobody else may open it.
+
+The JSON form is stable and described by docs/qemu-unit.schema.json; fields are
+only ever added (and `version` raised when a meaning changes).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu_unit import host, settings, source, status
+from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.log import CONSOLE_IDENTIFIER
+from qemu_unit.names import check_name
+
+JSON_VERSION = 1
+CONSOLE_LINES = 10
+
+# What `systemctl status` calls "since": the timestamp of entering the current state.
+_SINCE = {
+    "active": "ActiveEnterTimestamp",
+    "reloading": "ActiveEnterTimestamp",
+    "activating": "InactiveExitTimestamp",
+    "deactivating": "ActiveExitTimestamp",
+    "inactive": "InactiveEnterTimestamp",
+    "failed": "InactiveEnterTimestamp",
+}
+PROPERTIES = (
+    "Id", "LoadState", "ActiveState", "SubState", "Result", "MainPID", "StatusText",
+    "WantedBy", "RequiredBy", "ExecMainStatus", *sorted(set(_SINCE.values())),
+)  # fmt: skip
+# States in which a runner may be up and its status file current.
+_UP = ("active", "activating", "deactivating", "reloading")
+
+
+@dataclass
+class VMState:
+    """One VM as `list` and `status` show it; asdict() of it is the JSON record."""
+
+    name: str
+    unit: str
+    source: str | None = None
+    dropins: list[str] = field(default_factory=list)
+    masked: bool = False
+    error: str | None = None
+    enabled: bool | None = None
+    wanted_by: list[str] = field(default_factory=list)
+    load_state: str | None = None
+    active_state: str | None = None
+    sub_state: str | None = None
+    result: str | None = None
+    exit_status: int | None = None
+    main_pid: int | None = None
+    since: str | None = None
+    status_text: str | None = None
+    accelerator: str | None = None
+    accelerator_setting: str | None = None
+    memory: int | None = None
+    cpus: int | None = None
+    ports: list[dict[str, Any]] = field(default_factory=list)
+    uuid: str | None = None
+    qemu_pid: int | None = None
+
+
+def unit_name(name: str) -> str:
+    return f"qemu-run@{name}.service"
+
+
+# -- systemd ----------------------------------------------------------------------------------
+
+
+def parse_show(text: str) -> list[dict[str, str]]:
+    """`systemctl show` output for several units: one dict per unit, in order."""
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line:
+            if current:
+                blocks.append(current)
+            current = {}
+            continue
+        key, _, value = line.partition("=")
+        current[key] = value
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def unit_properties(units: Sequence[str]) -> dict[str, dict[str, str]] | str:
+    """PROPERTIES of each of UNITS by unit name, or why systemd could not be asked."""
+    if not units:
+        return {}
+    try:
+        result = subprocess.run(
+            ["systemctl", "show", "--timestamp=unix", "-p", ",".join(PROPERTIES), "--", *units],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""},
+        )
+    except OSError as e:
+        return f"systemctl: {e.strerror}"
+    if result.returncode != 0:
+        return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else (
+            f"systemctl show exited with status {result.returncode}"
+        )
+    return {block.get("Id", ""): block for block in parse_show(result.stdout)}
+
+
+def _unix_time(value: str) -> str | None:
+    """'@1764550000' (systemctl --timestamp=unix) -> ISO 8601 UTC; None when unset."""
+    if not value.startswith("@") or not value[1:].isdigit() or value == "@0":
+        return None
+    when = datetime.datetime.fromtimestamp(int(value[1:]), datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value and value.lstrip("-").isdigit() else None
+
+
+def apply_unit(vm: VMState, props: dict[str, str]) -> None:
+    vm.load_state = props.get("LoadState") or None
+    vm.active_state = props.get("ActiveState") or None
+    vm.sub_state = props.get("SubState") or None
+    vm.result = props.get("Result") or None
+    vm.exit_status = _int(props.get("ExecMainStatus"))
+    vm.main_pid = _int(props.get("MainPID")) or None
+    vm.status_text = props.get("StatusText") or None
+    vm.wanted_by = sorted(
+        {*props.get("WantedBy", "").split(), *props.get("RequiredBy", "").split()}
+    )
+    vm.enabled = any(t.endswith(".target") for t in vm.wanted_by)
+    since = _SINCE.get(vm.active_state or "")
+    vm.since = _unix_time(props.get(since, "")) if since else None
+
+
+# -- configuration and runner -----------------------------------------------------------------
+
+
+def apply_config(vm: VMState, src: source.Source) -> None:
+    vm.source = os.fspath(src.path)
+    vm.dropins = [os.fspath(p) for p in src.dropins]
+    try:
+        config = settings.load_vm(src)
+    except QemuUnitError as e:
+        vm.error = str(e)
+        return
+    except OSError as e:
+        vm.error = f"{e.filename or src.path}: {e.strerror}"
+        return
+    if config.domain_xml is not None:
+        # A full domain XML says its own size; Accel= and Memory= do not apply.
+        try:
+            vm.memory, vm.cpus = status.resources(host.read_domain_xml(config.domain_xml))
+        except ConfigError as e:
+            vm.error = str(e)
+        return
+    vm.memory, vm.cpus = config.memory, config.cpus
+    vm.accelerator_setting = config.accel.value
+
+
+def apply_runtime(vm: VMState, root: Path) -> None:
+    """The runner's status file, when it belongs to the runner systemd knows as MainPID."""
+    if vm.active_state not in _UP:
+        return
+    data = status.read(root)
+    if data is None or data.get("pid") != vm.main_pid:
+        return  # not written yet, or left by an earlier runner
+    vm.accelerator = _str(data.get("accelerator"))
+    vm.uuid = _str(data.get("uuid"))
+    pid = data.get("qemu_pid")
+    vm.qemu_pid = pid if isinstance(pid, int) else None
+    for key in ("memory", "cpus"):
+        if isinstance(data.get(key), int):
+            setattr(vm, key, data[key])
+    ports = data.get("ports")
+    if isinstance(ports, list):
+        vm.ports = [p for p in ports if isinstance(p, dict)]
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _state(name: str, find: Any) -> VMState:
+    vm = VMState(name=name, unit=unit_name(name))
+    try:
+        src = find(name)
+    except source.MaskedError as e:
+        vm.masked = True
+        vm.error = str(e)
+        vm.source = os.fspath(e.path) if e.path else None
+        return vm
+    except ConfigError as e:
+        vm.error = str(e)
+        return vm
+    if src is not None:
+        apply_config(vm, src)
+    return vm
+
+
+def collect(
+    names: Sequence[str] | None = None,
+    search_path: Sequence[str | os.PathLike[str]] | None = None,
+    runtime_root: Path = host.SYSTEM_RUNTIME,
+) -> tuple[list[VMState], str | None]:
+    """The VMs NAMES (default: every VM on the search path) and, when systemd could
+    not be asked, why not."""
+    if names is None:
+        listing = source.Listing(search_path)
+        vms = [_state(n, listing.find) for n in listing.names]
+    else:
+        vms = [_state(n, lambda n: source.find_source(n, search_path)) for n in names]
+    props = unit_properties([vm.unit for vm in vms])
+    problem = props if isinstance(props, str) else None
+    for vm in vms:
+        if not isinstance(props, str) and vm.unit in props:
+            apply_unit(vm, props[vm.unit])
+        apply_runtime(vm, runtime_root / vm.name)
+    return vms, problem
+
+
+def find_one(
+    name: str,
+    search_path: Sequence[str | os.PathLike[str]] | None = None,
+    runtime_root: Path = host.SYSTEM_RUNTIME,
+) -> tuple[VMState, str | None]:
+    """One VM, which must exist: on the search path (perhaps broken or masked) or as a
+    loaded unit."""
+    check_name(name)
+    [vm], problem = collect([name], search_path, runtime_root)
+    known = vm.source is not None or vm.active_state not in (None, "inactive")
+    if not known:
+        raise ConfigError(vm.error or f"no VM {name!r}")
+    return vm, problem
+
+
+def console_lines(vm: VMState, count: int = CONSOLE_LINES) -> list[str]:
+    """The last COUNT lines the guest printed, from the journal (as far as we may read it)."""
+    from systemd import journal
+
+    reader = journal.Reader()
+    try:
+        reader.add_match(QEMU_UNIT_VM=vm.name)
+        reader.add_match(SYSLOG_IDENTIFIER=CONSOLE_IDENTIFIER)
+        # A trusted field: only the unit's own processes can log under it.
+        reader.add_match(_SYSTEMD_UNIT=vm.unit)
+        reader.seek_tail()
+        lines: list[str] = []
+        while len(lines) < count:
+            entry = reader.get_previous()
+            if not entry:
+                break
+            message = entry.get("MESSAGE", "")
+            if isinstance(message, bytes):
+                message = message.decode(errors="replace")
+            lines.append(message)
+    finally:
+        reader.close()
+    return lines[::-1]
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def to_json(vm: VMState) -> dict[str, Any]:
+    return asdict(vm)
+
+
+def list_json(vms: Sequence[VMState]) -> str:
+    return json.dumps({"version": JSON_VERSION, "vms": [to_json(vm) for vm in vms]}, indent=2)
+
+
+def status_json(vm: VMState, console: Sequence[str]) -> str:
+    data = {"version": JSON_VERSION, "vm": to_json(vm), "console": list(console)}
+    return json.dumps(data, indent=2)
+
+
+def format_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for suffix, scale in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{suffix}"
+    return f"{size}B"
+
+
+def format_since(since: str | None) -> str:
+    """ISO UTC -> local time, as systemctl shows it."""
+    if since is None:
+        return "-"
+    when = datetime.datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.UTC
+    )
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_ports(ports: Sequence[dict[str, Any]]) -> str:
+    """Podman's notation: 127.0.0.1:8080->80/tcp."""
+    shown = []
+    for p in ports:
+        host = f"{p['host_ip']}:" if p.get("host_ip") else ""
+        proto = p.get("protocol", "tcp")
+        shown.append(f"{host}{p.get('host_port')}->{p.get('guest_port')}/{proto}")
+    return ",".join(shown) or "-"
+
+
+def format_state(vm: VMState) -> str:
+    if vm.masked:
+        return "masked"
+    if vm.active_state is None:
+        return "-"
+    if vm.load_state not in (None, "loaded"):
+        return vm.load_state
+    return f"{vm.active_state}/{vm.sub_state}" if vm.sub_state else vm.active_state
+
+
+def _accel(vm: VMState) -> str:
+    return vm.accelerator or vm.accelerator_setting or "-"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _status(vm: VMState) -> str:
+    if vm.error and not vm.masked:
+        return f"error: {vm.error}"
+    return vm.status_text or ""
+
+
+COLUMNS = ("NAME", "ENABLED", "STATE", "PID", "SINCE", "ACCEL", "MEMORY", "CPUS", "PORTS",
+           "SOURCE", "STATUS")
+
+
+def list_rows(vms: Sequence[VMState]) -> list[tuple[str, ...]]:
+    return [
+        (
+            vm.name,
+            _yes_no(vm.enabled),
+            format_state(vm),
+            str(vm.main_pid) if vm.main_pid else "-",
+            format_since(vm.since),
+            _accel(vm),
+            format_size(vm.memory),
+            str(vm.cpus) if vm.cpus is not None else "-",
+            format_ports(vm.ports),
+            vm.source or "-",
+            _status(vm),
+        )
+        for vm in vms
+    ]
+
+
+def list_text(vms: Sequence[VMState]) -> str:
+    """A table as `machinectl list` prints one; the last column is not padded."""
+    rows = [COLUMNS, *list_rows(vms)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    lines = [
+        " ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
+        for r in rows
+    ]
+    lines.append(f"\n{len(vms)} VM{'s' if len(vms) != 1 else ''} listed.")
+    return "\n".join(lines) + "\n"
+
+
+def status_text(vm: VMState, console: Sequence[str]) -> str:
+    state = format_state(vm)
+    if vm.sub_state and not vm.masked and vm.load_state in (None, "loaded"):
+        state = f"{vm.active_state} ({vm.sub_state})"
+    if vm.since:
+        state += f" since {format_since(vm.since)}"
+    if vm.result not in (None, "success") and vm.active_state == "failed":
+        state += f"; result {vm.result}, exit status {vm.exit_status}"
+    source_text = vm.source or "-"
+    if vm.dropins:
+        source_text += " (drop-ins: " + ", ".join(vm.dropins) + ")"
+    enabled = _yes_no(vm.enabled)
+    if vm.wanted_by:
+        enabled += f" ({', '.join(vm.wanted_by)})"
+    pid = str(vm.main_pid) if vm.main_pid else "-"
+    if vm.qemu_pid:
+        pid += f" (QEMU {vm.qemu_pid})"
+    accel = _accel(vm)
+    if vm.accelerator and vm.accelerator_setting:
+        accel += f" (Accel={vm.accelerator_setting})"
+    fields = [
+        ("Unit", vm.unit),
+        ("Source", source_text),
+        ("Enabled", enabled),
+        ("State", state),
+        ("Main PID", pid),
+        ("UUID", vm.uuid or "-"),
+        ("Accelerator", accel),
+        ("Memory", format_size(vm.memory)),
+        ("CPUs", str(vm.cpus) if vm.cpus is not None else "-"),
+        ("Ports", format_ports(vm.ports)),
+        ("Status", vm.status_text or "-"),
+    ]
+    if vm.error:
+        fields.append(("Error", vm.error))
+    width = max(len(k) for k, _ in fields)
+    out = [f"{vm.name}"] + [f"{k.rjust(width)}: {v}" for k, v in fields]
+    out += ["", f"Console (last {len(console)} lines):" if console else "Console: no lines"]
+    out += [f"  {line}" for line in console]
+    return "\n".join(out) + "\n"

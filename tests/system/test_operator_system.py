@@ -1,0 +1,197 @@
+"""`qemu-unit list` / `status` and machined registration under a real systemd (nspawn)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.container import Container
+from tests.support.schema import validate
+from tests.support.vm import (
+    console,
+    install_qemu_unit,
+    prop,
+    qemu_pids,
+    runner_log,
+    stage_guest,
+    vm_text,
+    wait_for,
+    write_vm,
+)
+
+pytestmark = pytest.mark.system
+
+VMS = ("run", "idle", "dead", "masked", "broken")
+
+
+def prepare(upper: Path) -> None:
+    stage_guest(upper)
+    write_vm(upper, "run", vm_text("wait", vm="CPUs=2", install="WantedBy=multi-user.target"))
+    write_vm(upper, "idle", vm_text("wait"))
+    write_vm(upper, "dead", vm_text("wait").replace("/vmlinuz", "/no-such-kernel"))
+    write_vm(upper, "broken", vm_text("wait", vm="Memroy=1G"))
+    masked = upper / "etc/qemu-run/masked.vm"
+    masked.symlink_to("/dev/null")
+    # An opaque directory hides the host's own VMs (the demo VM): only ours are listed.
+    os.setxattr(masked.parent, "trusted.overlay.opaque", b"y")
+
+
+@pytest.fixture(scope="module")
+def ct(qemu_unit_bin: Path) -> Iterator[Container]:
+    with Container("operator", prepare) as ct:
+        install_qemu_unit(ct, qemu_unit_bin)
+        # WantedBy= started it at boot, with the host's unit: restart it with ours.
+        ct.systemctl("restart", "qemu-run@run")
+        ct.systemctl("start", "qemu-run@dead", check=False)
+        wait_for("guest boot", lambda: "qemu-unit-guest: booted" in console(ct, "run"))
+        yield ct
+        # The guest may still be booting (after the restart test) on a loaded machine:
+        # the runner presses the power button until it listens.
+        ct.systemctl("stop", "qemu-run@run", check=False, timeout=180)
+
+
+def qemu_unit(ct: Container, qemu_unit_bin: Path, *args: str, check: bool = True) -> Any:
+    return ct.run(str(qemu_unit_bin), *args, check=check)
+
+
+def list_json(ct: Container, qemu_unit_bin: Path) -> dict[str, dict[str, Any]]:
+    out = qemu_unit(ct, qemu_unit_bin, "list", "--json").stdout
+    doc = json.loads(out)
+    validate(doc, "list")
+    return {vm["name"]: vm for vm in doc["vms"]}
+
+
+def test_list_json_shows_every_state(ct: Container, qemu_unit_bin: Path) -> None:
+    vms = list_json(ct, qemu_unit_bin)
+    assert sorted(vms) == sorted(VMS)
+
+    run = vms["run"]
+    assert (run["active_state"], run["sub_state"]) == ("active", "running")
+    assert run["main_pid"] == int(prop(ct, "qemu-run@run.service", "MainPID"))
+    assert run["qemu_pid"] in qemu_pids(ct, "run")
+    assert run["accelerator"] == "tcg" and run["accelerator_setting"] == "tcg"
+    assert (run["memory"], run["cpus"]) == (256 * 1024**2, 2)
+    assert run["enabled"] is True and "multi-user.target" in run["wanted_by"]
+    assert run["status_text"].startswith("Running")
+    assert run["source"] == "/etc/qemu-run/run.vm"
+    assert run["since"] and run["since"].endswith("Z")
+    assert run["uuid"] and run["error"] is None
+    assert run["ports"] == []
+
+    idle = vms["idle"]
+    assert (idle["active_state"], idle["main_pid"], idle["enabled"]) == ("inactive", None, False)
+    assert idle["accelerator"] is None and idle["accelerator_setting"] == "tcg"
+
+    dead = vms["dead"]
+    assert (dead["active_state"], dead["result"], dead["exit_status"]) == (
+        "failed", "exit-code", 78)
+    assert "no-such-kernel" in dead["status_text"]
+
+    masked = vms["masked"]
+    assert masked["masked"] is True and "masked" in masked["error"]
+
+    broken = vms["broken"]
+    assert "/etc/qemu-run/broken.vm:" in broken["error"] and "Memroy" in broken["error"]
+    assert broken["memory"] is None
+
+
+def test_list_text(ct: Container, qemu_unit_bin: Path) -> None:
+    out = qemu_unit(ct, qemu_unit_bin, "list").stdout
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "ENABLED", "STATE", "PID"]
+    rows = {line.split()[0]: line for line in lines[1:] if line.strip()}
+    main = prop(ct, "qemu-run@run.service", "MainPID")
+    assert rows["run"].split()[:4] == ["run", "yes", "active/running", main]
+    assert " tcg " in rows["run"] and " 256M " in rows["run"]
+    assert rows["idle"].split()[:3] == ["idle", "no", "inactive/dead"]
+    assert rows["dead"].split()[:3] == ["dead", "no", "failed/failed"]
+    assert rows["masked"].split()[:3] == ["masked", "no", "masked"]
+    assert "error: /etc/qemu-run/broken.vm:" in rows["broken"]
+    assert lines[-1] == "5 VMs listed."
+
+
+def test_status_of_running_vm_has_console_lines(ct: Container, qemu_unit_bin: Path) -> None:
+    doc = json.loads(qemu_unit(ct, qemu_unit_bin, "status", "run", "--json").stdout)
+    validate(doc, "status")
+    assert doc["vm"]["name"] == "run" and doc["vm"]["active_state"] == "active"
+    assert any("qemu-unit-guest: booted" in line for line in doc["console"]), doc["console"]
+    text = qemu_unit(ct, qemu_unit_bin, "status", "run").stdout
+    assert "State: active (running) since" in text
+    assert "qemu-unit-guest: booted" in text.split("Console")[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "expected"),
+    [
+        ("idle", "inactive", "Console: no lines"),
+        ("dead", "failed", "no-such-kernel"),
+        ("masked", "masked", "is masked"),
+        ("broken", "inactive", "Memroy"),
+    ],
+)
+def test_status_of_vm_that_does_not_run(
+    ct: Container, qemu_unit_bin: Path, name: str, state: str, expected: str
+) -> None:
+    doc = json.loads(qemu_unit(ct, qemu_unit_bin, "status", name, "--json").stdout)
+    validate(doc, "status")
+    assert doc["vm"]["main_pid"] is None
+    assert doc["vm"]["masked"] is (name == "masked")
+    text = qemu_unit(ct, qemu_unit_bin, "status", name).stdout
+    assert f"State: {state}" in text and expected in text, text
+
+
+def test_status_of_unknown_vm_exits_78(ct: Container, qemu_unit_bin: Path) -> None:
+    result = qemu_unit(ct, qemu_unit_bin, "status", "nosuch", check=False)
+    assert result.returncode == 78
+    assert "no nosuch.vm or nosuch.xml" in result.stderr
+
+
+def machines(ct: Container) -> dict[str, dict[str, Any]]:
+    out = ct.run("machinectl", "list", "--no-legend", "-o", "json").stdout
+    return {m["machine"]: m for m in json.loads(out or "[]")}
+
+
+def test_machinectl_sees_the_vm_and_powers_it_off(ct: Container, qemu_unit_bin: Path) -> None:
+    unit = "qemu-run@run.service"
+    found = machines(ct)
+    assert found["run"]["class"] == "vm" and found["run"]["service"] == "qemu-unit", found
+    main = prop(ct, unit, "MainPID")
+    show = ct.run("machinectl", "show", "run").stdout
+    assert f"Leader={main}\n" in show and f"Unit={unit}\n" in show and "Class=vm\n" in show
+    status = ct.run("machinectl", "status", "run", "--no-pager").stdout
+    assert f"Leader: {main}" in status and unit in status
+    ct.run("machinectl", "poweroff", "run")
+    wait_for("unit stopped", lambda: prop(ct, unit, "ActiveState") == "inactive", timeout=60)
+    assert "Received SIGRTMIN+4" in runner_log(ct, "run")
+    assert "qemu-unit-guest: power button pressed" in console(ct, "run")
+    assert prop(ct, unit, "Result") == "success"
+    wait_for("machine gone", lambda: "run" not in machines(ct))
+    # Started again (a new leader), it is registered again.
+    ct.systemctl("start", unit)
+    assert machines(ct)["run"]
+    assert f"Leader={prop(ct, unit, 'MainPID')}\n" in ct.run("machinectl", "show", "run").stdout
+
+
+def test_restart_after_runner_kill_replaces_stale_registration(ct: Container) -> None:
+    unit = "qemu-run@run.service"
+    ct.systemctl("start", unit)
+    main = prop(ct, unit, "MainPID")
+    ct.run("kill", "-9", main)
+    wait_for(
+        "restart",
+        lambda: prop(ct, unit, "ActiveState") == "active" and prop(ct, unit, "MainPID") != main,
+        timeout=60,
+    )
+    new = prop(ct, unit, "MainPID")
+    assert f"Leader={new}\n" in ct.run("machinectl", "show", "run").stdout
+
+
+def test_vm_without_network_still_scores_safe(ct: Container) -> None:
+    out = ct.run("systemd-analyze", "security", "--no-pager", "qemu-run@idle.service").stdout
+    score = float(out.rsplit("Overall exposure level for qemu-run@idle.service:", 1)[1].split()[0])
+    assert score <= 1.0, out[-400:]

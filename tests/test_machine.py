@@ -1,0 +1,121 @@
+"""Registration with systemd-machined: which calls are made, and when none is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qemu_unit import install, machine, status
+from qemu_unit.errors import QemuUnitError
+
+UUID = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+
+
+class FakeBus:
+    def __init__(self, machines: dict[str, dict[str, Any]] | None = None) -> None:
+        self.machines = machines or {}
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, *args: str) -> Any:
+        self.calls.append(args)
+        if args[0] == "call":
+            method = args[4]
+            if method == "GetMachine":
+                if args[6] not in self.machines:
+                    raise QemuUnitError(f"No machine '{args[6]}' known")
+                return {"type": "o", "data": [f"/m/{args[6]}"]}
+            if method == "UnregisterMachine":
+                del self.machines[args[6]]
+                return {"type": "o", "data": []}
+            if method == "RegisterMachine":
+                return {"type": "o", "data": [f"/m/{args[6]}"]}
+        if args[0] == "get-property":
+            return {"type": "?", "data": self.machines[args[2].rsplit("/", 1)[1]][args[4]]}
+        raise AssertionError(args)
+
+    def methods(self) -> list[str]:
+        return [c[4] for c in self.calls if c[0] == "call"]
+
+
+@pytest.fixture
+def bus(monkeypatch: pytest.MonkeyPatch) -> FakeBus:
+    fake = FakeBus()
+    monkeypatch.setattr(machine, "_busctl", fake)
+    return fake
+
+
+def test_register_passes_name_uuid_class_and_leader(bus: FakeBus) -> None:
+    assert machine.register("web", 4242, UUID) == "/m/web"
+    [call] = [c for c in bus.calls if c[4] == "RegisterMachine"]
+    assert call[5:8] == ("sayssus", "web", "16")
+    assert bytes(int(b) for b in call[8:24]).hex() == UUID.replace("-", "")
+    assert call[24:] == ("qemu-unit", "vm", "4242", "")
+
+
+def test_register_without_uuid_sends_an_empty_id(bus: FakeBus) -> None:
+    machine.register("web", 4242, None)
+    [call] = [c for c in bus.calls if c[4] == "RegisterMachine"]
+    assert call[5:12] == ("sayssus", "web", "0", "qemu-unit", "vm", "4242", "")
+
+
+def test_stale_registration_of_our_unit_is_replaced(bus: FakeBus) -> None:
+    bus.machines["web"] = {"Unit": "qemu-run@web.service", "Leader": 99}
+    machine.register("web", 4242, UUID)
+    assert bus.methods() == ["GetMachine", "UnregisterMachine", "RegisterMachine"]
+
+
+def test_current_registration_is_kept(bus: FakeBus) -> None:
+    bus.machines["web"] = {"Unit": "qemu-run@web.service", "Leader": 4242}
+    machine.register("web", 4242, UUID)
+    assert bus.methods() == ["GetMachine"]
+
+
+def test_foreign_machine_of_the_same_name_is_left_alone(bus: FakeBus) -> None:
+    bus.machines["web"] = {"Unit": "systemd-nspawn@web.service", "Leader": 7}
+    with pytest.raises(QemuUnitError, match="taken by systemd-nspawn@web.service"):
+        machine.register("web", 4242, UUID)
+    assert "UnregisterMachine" not in bus.methods()
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [("web", True), ("web-1.example", True), ("a_b", True), ("base@inst", False),
+     ("a:b", False), ("a..b", False), ("a.", False), ("x" * 65, False)],
+)  # fmt: skip
+def test_machine_names(name: str, valid: bool) -> None:
+    assert machine.is_machine_name(name) is valid
+
+
+def test_register_from_unit_never_fails(
+    bus: FakeBus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    monkeypatch.setenv("MAINPID", "4242")
+    assert machine.register_from_unit("base@inst", tmp_path) == 0
+    assert bus.calls == [] and "not a valid machine name" in caplog.text
+    monkeypatch.delenv("MAINPID")
+    assert machine.register_from_unit("web", tmp_path) == 0
+    assert bus.calls == [] and "no $MAINPID" in caplog.text
+    monkeypatch.setenv("MAINPID", "4242")
+    bus.machines["web"] = {"Unit": "other.service", "Leader": 1}
+    assert machine.register_from_unit("web", tmp_path) == 0
+    assert "taken by other.service" in caplog.text
+
+
+def test_uuid_comes_from_the_status_file_checked(tmp_path: Path) -> None:
+    root = tmp_path / "web"
+    root.mkdir()
+    assert machine.read_uuid(root) is None
+    status.write(root, uuid=UUID.upper())
+    assert machine.read_uuid(root) == UUID
+    status.write(root, uuid="../../etc")
+    assert machine.read_uuid(root) is None
+
+
+def test_installed_unit_registers_through_this_installation() -> None:
+    text = (Path(__file__).parents[1] / "units" / "qemu-run@.service").read_text()
+    rendered = install.render_unit(text, "/opt/venv/bin/qemu-unit")
+    assert "ExecStartPost=-+/opt/venv/bin/qemu-unit register-machine %i" in rendered
+    assert "ExecStart=/opt/venv/bin/qemu-unit run %i" in rendered
+    assert "/usr/bin/qemu-unit" not in rendered
