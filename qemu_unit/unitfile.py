@@ -150,18 +150,20 @@ def _join_continuations(
             joined = text[:-1] + " "
             continue
         joined = None
-        yield from _unless_marked_comment(start, text, path)
-    if joined is not None:
-        yield from _unless_marked_comment(start, joined, path)
+        if _is_assignment_or_section(start, text, path):
+            yield start, text
+    if joined is not None and _is_assignment_or_section(start, joined, path):
+        yield start, joined
 
 
-def _unless_marked_comment(number: int, text: str, path: str) -> Iterator[tuple[int, str]]:
-    """(NUMBER, TEXT), unless TEXT starts with "#" or ";" (possible only once a byte
-    order mark is gone): systemd then checks its UTF-8 and ignores it (no key it knows)."""
+def _is_assignment_or_section(number: int, text: str, path: str) -> bool:
+    """False if TEXT starts with "#" or ";" (possible only once a byte order mark
+    is gone): systemd then checks its UTF-8 and ignores it (no key it knows)."""
     if text.lstrip(_WHITESPACE)[:1] not in _COMMENTS:
-        yield number, text
-    elif _NOT_UTF8.search(text):
+        return True
+    if _NOT_UTF8.search(text):
         raise ConfigError(_NOT_UTF8_MESSAGE, path=path, line=number)
+    return False
 
 
 def _key_of(line: str) -> str | None:
@@ -171,6 +173,11 @@ def _key_of(line: str) -> str | None:
     if sep and key and not key.strip(_KEY_CHARS):
         return key
     return None
+
+
+def _shown(text: str) -> str:
+    """TEXT quoted for a message, cut short: a line may be a megabyte long."""
+    return repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
 
 
 def _nul_line(text: str) -> int:
@@ -203,17 +210,17 @@ def parse(text: str, path: str | Path) -> list[Entry]:
         if line[0] == "[":
             name = line[1:-1]
             if line[-1] != "]" or not name or "[" in name or "]" in name:
-                raise ConfigError(f"invalid section header {line!r}", path=path, line=number)
+                raise ConfigError(f"invalid section header {_shown(line)}", path=path, line=number)
             section = name
             continue
         key, sep, value = line.partition("=")
         key = key.rstrip(_WHITESPACE)
         if not sep:
             raise ConfigError(
-                f"expected KEY=VALUE, got {line!r}", path=path, line=number
+                f"expected KEY=VALUE, got {_shown(line)}", path=path, line=number
             )
         if not key or key.strip(_KEY_CHARS):
-            raise ConfigError(f"invalid key name {key!r}", path=path, line=number)
+            raise ConfigError(f"invalid key name {_shown(key)}", path=path, line=number)
         if section is None:
             raise ConfigError(
                 "assignment outside of any section", path=path, line=number, key=key

@@ -202,6 +202,12 @@ def test_read_applies_dropins_after_the_file(tmp_path: Path) -> None:
     )
 
 
+def test_messages_quote_a_long_line_cut_short() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse("[VM]\n" + "x" * 5000 + "\n", "/x.vm")
+    assert str(info.value) == f"/x.vm:2: expected KEY=VALUE, got {'x' * 80!r}..."
+
+
 def test_read_skips_a_byte_order_mark(tmp_path: Path) -> None:
     path = tmp_path / "bom.vm"
     path.write_bytes(b"\xef\xbb\xbf[VM]\nCPUs=2\n")
