@@ -24,6 +24,9 @@ apt-get install -y -qq --no-install-recommends \
     systemd systemd-container busybox-static cpio gzip xz-utils kmod \
     debhelper dh-python pybuild-plugin-pyproject python3-all lintian rpm groff-base \
     >/dev/null
+# Tests only: `qemu-unit list/status --json` is checked against docs/qemu-unit.schema.json
+# with a real JSON Schema validator (the venv sees Debian's packages).
+apt-get install -y -qq --no-install-recommends python3-jsonschema >/dev/null
 
 echo "==> qemu-unit into $VENV"
 if [ ! -x "$VENV/bin/python" ]; then
