@@ -58,6 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     config_dir(p)
 
     p = sub.add_parser(
+        "console",
+        help="attach this terminal to a running VM's serial console",
+        description="Attach the terminal to the serial console of the running VM NAME, as "
+        "virsh console does: what the guest prints appears here (and still goes to the "
+        "journal and console.log as before), what is typed goes to the guest. Detach with "
+        "Ctrl-]. Several terminals may attach at once. Allowed for root and the VM's user "
+        "(qemu-run); a terminal that does not keep up with the guest is disconnected rather "
+        "than slowing the guest down. Exits 0 on detach, 1 when the console closes (the VM "
+        "stopped, or this client was cut off) or cannot be reached.",
+    )
+    p.add_argument("name", metavar="NAME", help="the VM, as in qemu-run@NAME.service")
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="only watch: nothing typed reaches the guest",
+    )
+
+    p = sub.add_parser(
         "render",
         help="print the libvirt domain XML a VM produces",
         description="Print exactly the domain XML the runner would hand to libvirt for NAME, "
@@ -177,6 +195,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    from qemu_unit import attach
+
+    return attach.attach(args.name, read_only=args.read_only)
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from qemu_unit import domain, host, settings, source
 
@@ -287,6 +311,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run,
+    "console": cmd_console,
     "render": cmd_render,
     "validate": cmd_validate,
     "list": cmd_list,

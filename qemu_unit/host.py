@@ -45,10 +45,16 @@ class Dirs:
     state: Path  # persistent: NVRAM, libvirt's lib/
     root: Path  # the embed root; volatile
     cache: Path  # shared by every VM of the host: QEMU capabilities
+    logs: Path  # console.log, the console's complete copy
 
     @property
     def console_socket(self) -> Path:
         return self.root / "console.sock"
+
+    @property
+    def attach_socket(self) -> Path:
+        """Where `qemu-unit console` connects (console.py serves it)."""
+        return self.root / "console-attach.sock"
 
     @property
     def agent_socket(self) -> Path:
@@ -80,7 +86,7 @@ def _first(env: str) -> Path | None:
 
 
 def finalize_dirs(name: str) -> Dirs:
-    """The unit's StateDirectory=/RuntimeDirectory=/CacheDirectory=, or per-user defaults."""
+    """The unit's State/Runtime/Cache/LogsDirectory=, or per-user defaults."""
     home = Path(os.environ.get("HOME") or "/")
     if os.geteuid() == 0:
         state, root = Path("/var/lib/qemu-run"), SYSTEM_RUNTIME
@@ -90,10 +96,12 @@ def finalize_dirs(name: str) -> Dirs:
         runtime = os.environ.get("XDG_RUNTIME_DIR")
         root = Path(runtime) / "qemu-run" if runtime else Path(f"/tmp/qemu-run-{os.getuid()}")
         cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "qemu-run"
+    logs = Path("/var/log/qemu-run") / name if os.geteuid() == 0 else state / name
     return Dirs(
         state=_first("STATE_DIRECTORY") or state / name,
         root=_first("RUNTIME_DIRECTORY") or root / name,
         cache=_first("CACHE_DIRECTORY") or cache,
+        logs=_first("LOGS_DIRECTORY") or logs,
     )
 
 

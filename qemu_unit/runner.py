@@ -24,7 +24,7 @@ from typing import Any
 import libvirt
 
 from qemu_unit import domain, host, log, settings, source, status
-from qemu_unit.console import Console
+from qemu_unit.console import Console, Policy
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.host import SERVICE_USER, Dirs
 from qemu_unit.notify import Notifier
@@ -85,7 +85,7 @@ def locked_root(root: Path) -> Iterator[None]:
 
 
 def prepare_root(dirs: Dirs) -> None:
-    for d in (dirs.state, dirs.cache):
+    for d in (dirs.state, dirs.cache, dirs.logs):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
     (dirs.root / "etc").mkdir(exist_ok=True, mode=0o700)
     (dirs.root / "etc" / "qemu.conf").write_text(QEMU_CONF)
@@ -232,13 +232,19 @@ class Runner:
             stack.callback(self._close, conn)
             console = None
             if vm.console is settings.Console.JOURNAL:
-                console = Console(dirs.console_socket, log.console_sink(self.name))
+                console = Console(
+                    dirs.console_socket,
+                    log.console_sink(self.name),
+                    Policy.for_vm(vm, dirs.logs),
+                    attach_path=dirs.attach_socket,
+                )
                 if vm.ready:
                     pattern = re.compile(vm.ready)
                     console.watchers.append(
                         lambda line: self.events.put(("ready",)) if pattern.search(line) else None
                     )
-                console.listen()
+                console.listen(header=f"-- qemu-unit: console of {self.name} from "
+                               f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} --\n")
                 stack.callback(console.close)
             with self.running_domain(conn, xml, dirs):
                 assert self.dom is not None
@@ -554,7 +560,7 @@ def become_service_user(name: str, user: str = SERVICE_USER) -> None:
 
     pw = _service_user(user)
     dirs = host.finalize_dirs(name)
-    for d in (dirs.state, dirs.root, dirs.cache):
+    for d in (dirs.state, dirs.root, dirs.cache, dirs.logs):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chown(d, pw.pw_uid, pw.pw_gid)
         with contextlib.suppress(OSError):
@@ -564,6 +570,7 @@ def become_service_user(name: str, user: str = SERVICE_USER) -> None:
         ("STATE_DIRECTORY", dirs.state),
         ("RUNTIME_DIRECTORY", dirs.root),
         ("CACHE_DIRECTORY", dirs.cache),
+        ("LOGS_DIRECTORY", dirs.logs),
     ):
         os.environ.setdefault(var, os.fspath(d))
     groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]

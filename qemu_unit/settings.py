@@ -128,6 +128,9 @@ class VMConfig:
     networks: tuple[Network, ...]
     uuid: str | None  # None: derived from the name, see domain_uuid()
     console: Console
+    console_log: int  # bytes per file of the console's copy; 0: none
+    console_rate_interval: float  # seconds; 0: no limit
+    console_rate_burst: int  # lines per interval; 0: no limit
     shutdown_mode: tuple[ShutdownMethod, ...]
     shutdown_timeout: float  # seconds
     ready: str | None  # None: ready once started; else a regex on console lines
@@ -383,6 +386,17 @@ def parse_timespan(value: str, entry: Entry) -> float:
     return total
 
 
+def parse_console_log(value: str, entry: Entry) -> int:
+    """'no' or '0' -> 0 (no file), else a size as parse_size() reads it."""
+    return 0 if value in ("no", "0") else parse_size(value, entry)
+
+
+def parse_count(value: str, entry: Entry) -> int:
+    if not (0 < len(value) <= 9 and value.isascii() and value.isdigit()):
+        raise _fail(entry, f"invalid number {value!r}: expected 0 to 999999999")
+    return int(value)
+
+
 def parse_ready(value: str, entry: Entry) -> str | None:
     if value == "started":
         return None
@@ -593,6 +607,36 @@ SETTINGS: tuple[Setting, ...] = (
         with_domain_xml=True,
     ),
     Setting(
+        "ConsoleLog", "console_log", parse_console_log, "8M", "SIZE|no",
+        "Keep a complete copy of everything the guest prints on its console (Console=journal) "
+        "in console.log in the VM's logs directory (/var/log/qemu-run/NAME/ for "
+        "qemu-run@NAME.service), whatever the journal drops. When the file would grow past "
+        "SIZE (as Memory= reads sizes, at least 1M) it is renamed to console.log.1, "
+        "replacing the older one, so the copy takes at most twice SIZE. no turns the copy "
+        "off. Defaults to 8M. Allowed with DomainXML=.",
+        with_domain_xml=True,
+    ),
+    Setting(
+        "ConsoleRateLimitIntervalSec", "console_rate_interval", parse_timespan, "30s",
+        "TIMESPAN",
+        "With ConsoleRateLimitBurst=, how many console lines the journal gets: at most "
+        "ConsoleRateLimitBurst= lines in each interval of this length; the lines beyond are "
+        "not sent (console.log still has them, see ConsoleLog=) and one line in the unit's "
+        "journal says how many were not sent and where the complete copy is. 0 turns the "
+        "limit off. This limit replaces journald's for the console: the unit sets journald's "
+        "own (LogRateLimitBurst=) far above what a serial console can print, so that "
+        "journald drops neither console lines nor the runner's messages on its own. "
+        "Defaults to 30s (journald's default interval). Allowed with DomainXML=.",
+        with_domain_xml=True,
+    ),
+    Setting(
+        "ConsoleRateLimitBurst", "console_rate_burst", parse_count, "10000", "LINES",
+        "How many console lines the journal gets per ConsoleRateLimitIntervalSec= (see "
+        "there). 0 turns the limit off. Defaults to 10000 (journald's default burst). "
+        "Allowed with DomainXML=.",
+        with_domain_xml=True,
+    ),
+    Setting(
         "ShutdownMode", "shutdown_mode", parse_shutdown_mode, "acpi", "METHOD...",
         "How the VM is asked to shut down when its unit stops: a space-separated list of "
         "acpi (press the ACPI power button) and agent (ask the QEMU guest agent, which "
@@ -631,7 +675,7 @@ SETTINGS: tuple[Setting, ...] = (
         "keeps UEFI variables in the VM's state directory unless the file names an <nvram> "
         "path. The host paths the file names (disk images and directories, file system "
         "sources, kernel, firmware, the emulator...) must exist when the VM starts. "
-        "Only Accel=, Console=, ShutdownMode=, ShutdownTimeout= "
+        "Only Accel=, Console=, the Console*= keys, ShutdownMode=, ShutdownTimeout= "
         "and Ready= may be used with it: any other key is an error. A NAME.xml file in "
         "the search path is the same as a NAME.vm with only DomainXML=.",
         specifiers=True,

@@ -1,12 +1,17 @@
-"""console.py: line splitting and the socket reader, with a real UNIX socket."""
+"""console.py with real UNIX sockets: lines, the file copy, the rate limit, attached clients."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from qemu_unit.console import MAX_LINE, Console, LineSplitter
+from qemu_unit import log
+from qemu_unit.console import MAX_LINE, Console, LineSplitter, Policy
 
 
 def test_lines_split_across_chunks_and_crlf_stripped() -> None:
@@ -56,3 +61,189 @@ def test_close_without_peer_does_not_hang(tmp_path: Path) -> None:
     console.listen()
     console.close(drain_timeout=2)
     assert console.closed.wait(2)
+
+
+# -- the file copy, the rate limit, a stalled journal, attached clients ------------------------
+
+
+def _qemu(path: Path) -> socket.socket:
+    """The peer QEMU would be: connects to the runner's console socket."""
+    peer = socket.socket(socket.AF_UNIX)
+    peer.connect(str(path))
+    return peer
+
+
+def _run_console(tmp_path: Path, policy: Policy, sink: Callable[[str], None],
+                 lines: list[str]) -> tuple[Console, list[str]]:
+    notes: list[str] = []
+    console = Console(tmp_path / "c.sock", sink, policy)
+    with _captured(notes):
+        console.listen(header="-- header --\n")
+        peer = _qemu(tmp_path / "c.sock")
+        peer.sendall("".join(f"{line}\r\n" for line in lines).encode())
+        peer.close()
+        assert console.closed.wait(10)
+        console.close(send_timeout=30)
+    return console, notes
+
+
+class _Capture(logging.Handler):
+    def __init__(self, out: list[str]) -> None:
+        super().__init__()
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _captured(out: list[str]) -> Iterator[None]:
+    handler = _Capture(out)
+    level = log.log.level
+    log.log.addHandler(handler)
+    log.log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.log.removeHandler(handler)
+        log.log.setLevel(level)
+
+
+def test_rate_limit_drops_are_counted_and_the_file_has_everything(tmp_path: Path) -> None:
+    got: list[str] = []
+    lines = [f"line {i}" for i in range(5000)]
+    policy = Policy(log_path=tmp_path / "logs" / "console.log", log_size=1024**2,
+                    rate_interval=3600, rate_burst=1000)
+    console, notes = _run_console(tmp_path, policy, got.append, lines)
+    assert got == lines[:1000]
+    assert console.dropped == 4000
+    [report] = [n for n in notes if "not sent to the journal" in n]
+    assert report.startswith("4000 console lines were not sent to the journal (4000 over the "
+                             "rate limit of 1000 lines per 3600s)")
+    assert f"the complete console is in {tmp_path}/logs/console.log" in report
+    text = (tmp_path / "logs" / "console.log").read_bytes().decode()
+    assert text == "-- header --\n" + "".join(f"{line}\r\n" for line in lines)
+
+
+def test_console_log_rotates_and_stays_bounded(tmp_path: Path) -> None:
+    log_path = tmp_path / "console.log"
+    lines = [f"{i:07d}" + "x" * 92 for i in range(30000)]  # 3 MB
+    policy = Policy(log_path=log_path, log_size=1024**2)
+    _run_console(tmp_path, policy, lambda _line: None, lines)
+    old, new = Path(f"{log_path}.1").read_bytes(), log_path.read_bytes()
+    assert len(old) <= 1024**2 + 65536 and len(new) <= 1024**2 + 65536
+    # Together the newest lines, in order, none missing.
+    tail = (old + new).decode().split("\r\n")[:-1]
+    numbers = [int(line[:7]) for line in tail if line[:7].isdigit()]
+    assert numbers == list(range(numbers[0], 30000))
+
+
+def test_a_stalled_journal_never_stalls_the_reader(tmp_path: Path) -> None:
+    release = threading.Event()
+    got: list[str] = []
+
+    def stuck_sink(line: str) -> None:
+        release.wait()
+        got.append(line)
+
+    lines = [f"{i:06d}" + "y" * 200 for i in range(60000)]  # 12 MB, more than the queue holds
+    policy = Policy(log_path=tmp_path / "console.log", log_size=64 * 1024**2)
+    console = Console(tmp_path / "c.sock", stuck_sink, policy)
+    console.listen()
+    peer = _qemu(tmp_path / "c.sock")
+    peer.sendall("".join(f"{line}\n" for line in lines).encode())  # returns: nobody blocks
+    peer.close()
+    assert console.closed.wait(10)
+    notes: list[str] = []
+    with _captured(notes):
+        release.set()
+        console.close(send_timeout=30)
+    assert (tmp_path / "console.log").read_text().splitlines() == lines
+    assert console.dropped > 0
+    assert got == sorted(got)  # in order (the numbers are zero-padded)
+    assert len(got) + console.dropped == len(lines)
+    assert any(f"{console.dropped} console lines were not sent" in n and "did not keep up" in n
+               for n in notes)
+
+
+def _attach(path: Path) -> socket.socket:
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(str(path))
+    return client
+
+
+def _recv_until(sock: socket.socket, text: bytes, timeout: float = 10) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while text not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_attached_clients_see_output_and_type_to_the_guest_only(tmp_path: Path) -> None:
+    got: list[str] = []
+    console = Console(tmp_path / "c.sock", got.append, attach_path=tmp_path / "a.sock")
+    console.listen()
+    qemu = _qemu(tmp_path / "c.sock")
+    notes: list[str] = []
+    with _captured(notes):
+        one, two = _attach(tmp_path / "a.sock"), _attach(tmp_path / "a.sock")
+        two.shutdown(socket.SHUT_WR)  # read-only
+        time.sleep(0.3)  # both accepted before the guest prints
+        qemu.sendall(b"login: ")
+        assert _recv_until(one, b"login: ") == b"login: "
+        assert _recv_until(two, b"login: ") == b"login: "
+        one.sendall(b"root\r")
+        qemu.settimeout(10)
+        assert qemu.recv(100) == b"root\r"  # to the guest...
+        qemu.sendall(b"root\r\n# ")
+        assert _recv_until(one, b"# ").endswith(b"root\r\n# ")
+        one.close()
+        qemu.sendall(b"more\n")
+        assert _recv_until(two, b"more\n").endswith(b"more\n")
+        qemu.close()
+        assert console.closed.wait(10)
+        console.close()
+    assert got == ["login: root", "# more"]  # ...and the journal has what the guest printed
+    assert sum("Console client attached" in n for n in notes) == 2
+    assert not (tmp_path / "a.sock").exists()
+
+
+def test_a_client_that_stops_reading_is_cut_off_not_waited_for(tmp_path: Path) -> None:
+    got: list[str] = []
+    console = Console(tmp_path / "c.sock", got.append, attach_path=tmp_path / "a.sock")
+    console.listen()
+    qemu = _qemu(tmp_path / "c.sock")
+    stuck = _attach(tmp_path / "a.sock")
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    time.sleep(0.3)
+    lines = [f"flood {i}" for i in range(200000)]
+    notes: list[str] = []
+    with _captured(notes):
+        qemu.settimeout(20)
+        qemu.sendall("".join(f"{line}\n" for line in lines).encode())
+        qemu.close()
+        assert console.closed.wait(20)
+        console.close(send_timeout=60)
+    assert got == lines
+    assert any("Disconnected console client" in n and "did not keep up" in n for n in notes)
+    stuck.close()
+
+
+def test_refused_client_gets_a_clear_line_and_nothing_else(tmp_path: Path) -> None:
+    console = Console(tmp_path / "c.sock", lambda _line: None, attach_path=tmp_path / "a.sock")
+    console.allowed_uids = set()
+    console.listen()
+    qemu = _qemu(tmp_path / "c.sock")
+    notes: list[str] = []
+    with _captured(notes):
+        client = _attach(tmp_path / "a.sock")
+        assert b"refused" in _recv_until(client, b"\n")
+        assert client.recv(100) == b""
+        qemu.close()
+        assert console.closed.wait(10)
+        console.close()
+    assert any("Refused a console client" in n for n in notes)

@@ -53,7 +53,7 @@ NVRAM_DIR = Path("/var/lib/qemu-run")
 def dirs_of(name: str) -> host.Dirs:
     """The directories the runner uses for NAME as root or under the unit."""
     return host.Dirs(state=NVRAM_DIR / name, root=Path("/run/qemu-run") / name,
-                     cache=Path("/var/cache/qemu-run"))
+                     cache=Path("/var/cache/qemu-run"), logs=Path("/var/log/qemu-run") / name)
 
 
 def plan_of(vm: settings.VMConfig, accel: str = "tcg") -> host.Plan:

@@ -168,7 +168,7 @@ def test_a_decided_accelerator_must_fit_the_vm() -> None:
 
 
 def test_the_embed_root_must_leave_room_for_the_monitor_socket() -> None:
-    long = host.Dirs(state=Path("/s"), root=Path("/r" * 40), cache=Path("/c"))
+    long = host.Dirs(state=Path("/s"), root=Path("/r" * 40), cache=Path("/c"), logs=Path("/l"))
     with pytest.raises(ConfigError, match="too long for QEMU's monitor socket"):
         host.plan(vm_of("[VM]\n"), long, accel=Accel.TCG)
 

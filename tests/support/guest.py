@@ -1,7 +1,11 @@
 """The test guest: one initramfs whose /init does what `qemu_unit.mode=` says.
 
 Every console line a test looks for starts with `qemu-unit-guest:`. Modes:
-poweroff, wait, ignore, reboot, ready, net, efivar, fill (see TEST_INIT). Once the
+poweroff, wait, ignore, reboot, ready, net, efivar, fill, flood, shell (see TEST_INIT).
+`flood` prints `qemu_unit.lines=` (default 100000) lines `flood N` as fast as
+it can, then `FLOOD-END`, then waits for the power button; `shell` runs an
+interactive shell on the console (where `flood [N]` does the same) and powers
+off on the power button or when the shell exits. Once the
 guest has printed `qemu-unit-guest: booted`, an ACPI power button press is
 never lost: the button is opened before that line, and evdev queues presses.
 Extra kernel arguments: `qemu_unit.url=URL` (net: fetch URL and print
@@ -98,6 +102,24 @@ fill() {
     say "fill ended"
 }
 
+# flood [N]: N lines (default 100000) as fast as the shell prints, then FLOOD-END
+cat >/bin/flood <<'EOF'
+#!/bin/sh
+n=${1:-100000}
+read start _ </proc/uptime
+i=0
+while [ $i -lt $n ]; do
+    echo "flood $i"
+    i=$((i + 1))
+done
+echo FLOOD-END
+read end _ </proc/uptime
+# the guest's own view: how long printing took (longer than bare QEMU: something held it up)
+cs=$(( ${end%.*}${end#*.} - ${start%.*}${start#*.} ))
+echo "qemu-unit-guest: flood of $n lines took $((cs / 100)) s"
+EOF
+chmod 755 /bin/flood
+
 mode=$(cmdline_arg qemu_unit.mode)
 echo  # firmware may leave escape codes on the current console line
 say "booted"
@@ -136,6 +158,16 @@ efivar)
 fill)
     fill
     wait_then_off
+    ;;
+flood)
+    flood "$(cmdline_arg qemu_unit.lines)"
+    wait_then_off
+    ;;
+shell)
+    wait_then_off &
+    say "shell ready"
+    sh -i
+    say "shell exited"
     ;;
 *)
     wait_then_off

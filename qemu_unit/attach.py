@@ -1,0 +1,127 @@
+"""`qemu-unit console NAME`: this terminal on a running VM's serial console.
+
+The runner (console.py) accepts clients on ROOT/console-attach.sock: what the
+guest prints arrives as raw bytes; what is written goes to the guest's input
+and nowhere else. The socket lives in the VM's runtime directory (mode 0700,
+owned by the VM's user) and the runner checks SO_PEERCRED as well: root and
+the VM's user may attach, nobody else. A read-only client shuts its writing
+half at once. The terminal is raw while attached (Ctrl-C goes to the guest)
+and restored on every way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import sys
+import termios
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from qemu_unit import host
+from qemu_unit.errors import QemuUnitError
+from qemu_unit.names import check_name
+
+ESCAPE = b"\x1d"  # Ctrl-]
+SYSTEM_RUNTIME = Path("/run/qemu-run")  # qemu-run@NAME.service's RuntimeDirectory=
+
+
+def find_socket(name: str) -> Path:
+    """The attach socket of VM NAME: the system unit's, else the caller's own runner's."""
+    own = host.finalize_dirs(name).attach_socket
+    candidates = [SYSTEM_RUNTIME / name / own.name, own]
+    denied = None
+    for path in candidates:
+        try:
+            path.stat()
+        except PermissionError:
+            denied = path
+            continue
+        except OSError:
+            continue
+        return path
+    if denied is not None:
+        raise QemuUnitError(
+            f"cannot attach to the console of {name}: permission denied: only root and the "
+            f"VM's user (qemu-run) may attach", path=denied.parent,
+        )
+    raise QemuUnitError(f"VM {name} is not running, or has no console (Console=none): "
+                        f"no {candidates[0]}")
+
+
+def _say(text: str) -> None:
+    # \r: the terminal may be raw.
+    sys.stderr.write(f"\r\n{text}\r\n" if text.startswith("qemu-unit:") else f"{text}\r\n")
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int) -> Iterator[None]:
+    """FD in raw mode (if it is a terminal) until the block is left, however it is left."""
+    if not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _exit_on(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def attach(name: str, read_only: bool = False, stdin: int = 0, stdout: int = 1) -> int:
+    """Copy between the terminal and the console until Ctrl-] or the console closes."""
+    check_name(name)
+    path = find_socket(name)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(os.fspath(path))
+    except PermissionError:
+        raise QemuUnitError(f"cannot attach to the console of {name}: permission denied: only "
+                            f"root and the VM's user (qemu-run) may attach", path=path) from None
+    except OSError as e:
+        raise QemuUnitError(f"VM {name} is not running: {e.strerror}", path=path) from None
+    if read_only:
+        sock.shutdown(socket.SHUT_WR)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on)
+    mode = " (read-only)" if read_only else ""
+    _say(f"Connected to the console of {name}{mode}; detach with Ctrl-]")
+    with sock, raw_terminal(stdin), selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        sel.register(stdin, selectors.EVENT_READ)
+        while True:
+            for key, _ in sel.select():
+                if key.fileobj is sock:
+                    data = sock.recv(65536)
+                    if not data:
+                        _say(f"qemu-unit: the console of {name} was closed (the VM stopped, "
+                             f"or the runner cut off this client for not keeping up)")
+                        return 1
+                    _write_all(stdout, data)
+                    continue
+                data = os.read(stdin, 4096)
+                if not data:
+                    sel.unregister(stdin)  # no more input; keep watching
+                    continue
+                data, escape, _ = data.partition(ESCAPE)
+                if data and not read_only:
+                    sock.sendall(data)
+                if escape:
+                    _say(f"qemu-unit: detached from the console of {name}")
+                    return 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
