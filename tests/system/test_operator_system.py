@@ -16,6 +16,7 @@ from tests.support.vm import (
     console,
     install_qemu_unit,
     prop,
+    put_file,
     qemu_pids,
     runner_log,
     stage_guest,
@@ -195,3 +196,41 @@ def test_vm_without_network_still_scores_safe(ct: Container) -> None:
     out = ct.run("systemd-analyze", "security", "--no-pager", "qemu-run@idle.service").stdout
     score = float(out.rsplit("Overall exposure level for qemu-run@idle.service:", 1)[1].split()[0])
     assert score <= 1.0, out[-400:]
+
+
+DBUS_POLICY = """<?xml version="1.0"?>
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "https://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><policy user="qemu-run"><allow send_destination="org.freedesktop.machine1"
+ send_interface="org.freedesktop.machine1.Manager" send_member="RegisterMachine"/></policy>
+</busconfig>
+"""
+
+
+def test_systemd_252_refuses_registration_by_the_vm_user(ct: Container) -> None:
+    """Why registration is a root step: neither D-Bus nor machined lets qemu-run register.
+
+    Later machined versions check polkit (org.freedesktop.machine1.create-machine, then
+    register-machine): on such a systemd this fails, and the ExecStartPost=+ step can go."""
+    register = (
+        "sleep 30 & exec dbus-send --system --print-reply --dest=org.freedesktop.machine1 "
+        "/org/freedesktop/machine1 org.freedesktop.machine1.Manager.RegisterMachine "
+        "string:probe array:byte:" + ",".join(["1"] * 16) + " string:x string:vm uint32:$! string:"
+    )
+    as_vm_user = ("setpriv", "--reuid=qemu-run", "--regid=qemu-run", "--init-groups",
+                  "sh", "-c", register)  # fmt: skip
+    refused = ct.run(*as_vm_user, check=False)
+    assert refused.returncode != 0
+    assert "AccessDenied: Rejected send message" in refused.stderr  # dbus-daemon's policy
+    # With the D-Bus policy opened for qemu-run, machined itself refuses (its method needs
+    # CAP_SYS_ADMIN; systemd 252 has no polkit action for registering).
+    put_file(ct, "/etc/dbus-1/system.d/zz-test-qemu-run-machine1.conf", DBUS_POLICY)
+    try:
+        ct.systemctl("reload", "dbus")
+        refused = ct.run(*as_vm_user, check=False)
+        assert refused.returncode != 0
+        assert "RegisterMachine() not permitted" in refused.stderr, refused.stderr
+    finally:
+        ct.run("rm", "/etc/dbus-1/system.d/zz-test-qemu-run-machine1.conf")
+        ct.systemctl("reload", "dbus")
+    assert "probe" not in machines(ct)
