@@ -116,3 +116,12 @@ def assert_graceful_stop(ct: Container, vm: str) -> None:
     assert prop(ct, unit, "ActiveState") == "inactive"
     assert prop(ct, unit, "Result") == "success"
     assert qemu_pids(ct, vm) == []
+
+
+def memory_kb(ct: Container, pid: int | str) -> tuple[int, int]:
+    """PSS and USS (private clean + dirty) of PID in kB, from /proc/PID/smaps_rollup."""
+    fields = {}
+    for line in ct.run("cat", f"/proc/{pid}/smaps_rollup").stdout.splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0])
+    return fields["Pss"], fields["Private_Clean"] + fields["Private_Dirty"]
