@@ -39,8 +39,9 @@ def prepare(upper: Path) -> None:
         write_vm(upper, name, vm_text("wait", unit=STORM_UNIT, service=STORM_SERVICE))
     write_vm(upper, "stall", vm_text("wait", service="WatchdogSec=4s"))
     write_vm(upper, "hang", vm_text("wait", service="WatchdogSec=6s"))
-    # Reboots every ~5 s and answers a watchdog probe every second: many events.
-    write_vm(upper, "long", vm_text("reboot", service="WatchdogSec=2s"))
+    # Reboots every ~5 s and answers a monitor probe every 3 s: many events. (A shorter
+    # period would call a monitor that a busy 2-core host keeps waiting ~1 s hung.)
+    write_vm(upper, "long", vm_text("reboot", service="WatchdogSec=6s"))
     write_vm(upper, "efi", vm_text("efivar", vm="Firmware=uefi"))
     write_vm(upper, "fill", vm_text("fill", vm=f"Disk={STATE}/fill/disk.qcow2"))
 
