@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from tests.support.container import Container  # noqa: E402
 from tests.support.venv import test_install  # noqa: E402
 from tests.support.vm import (  # noqa: E402
+    cold_cache,
     install_qemu_unit,
     memory_kb,
     prop,
@@ -53,9 +54,7 @@ def main() -> int:
         stage_guest(upper)
         for n in names:
             write_vm(upper, n, vm_text("wait"))
-        cache = upper / "var/cache/qemu-run"  # opaque: hides the host's warm cache
-        cache.mkdir(parents=True)
-        os.setxattr(cache, "trusted.overlay.opaque", b"y")
+        cold_cache(upper)
 
     with Container("benchmany", prepare, stop_timeout=120) as ct:
         install_qemu_unit(ct, test_install())

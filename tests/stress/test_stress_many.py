@@ -3,13 +3,13 @@ cold capability cache, then the host (the container) shut down with 10 of them r
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
 
 from tests.support.container import Container
 from tests.support.vm import (
+    cold_cache,
     console,
     install_qemu_unit,
     memory_kb,
@@ -30,10 +30,7 @@ def prepare(upper: Path) -> None:
     stage_guest(upper)
     for name in NAMES:
         write_vm(upper, name, vm_text("wait"))
-    # An opaque directory hides the host's (warm) cache: this container starts cold.
-    cache = upper / "var/cache/qemu-run"
-    cache.mkdir(parents=True)
-    os.setxattr(cache, "trusted.overlay.opaque", b"y")
+    cold_cache(upper)
     # Persistent journal in the upper layer: readable after the container is gone.
     (upper / "var/log/journal").mkdir(parents=True, exist_ok=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -60,6 +61,14 @@ def vm_text(
     if install:
         text += f"\n[Install]\n{install.strip()}\n"
     return text
+
+
+def cold_cache(upper: Path) -> None:
+    """Hide the host's (warm) capability cache: the container starts cold (call from `prepare`).
+    An opaque directory in the upper layer shows none of the lower layer's entries."""
+    cache = upper / "var/cache/qemu-run"
+    cache.mkdir(parents=True)
+    os.setxattr(cache, "trusted.overlay.opaque", b"y")
 
 
 def write_vm(upper: Path, name: str, text: str, suffix: str = ".vm") -> None:

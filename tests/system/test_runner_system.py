@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from tests.support.container import Container
 from tests.support.vm import (
     assert_graceful_stop,
+    cold_cache,
     console,
     install_qemu_unit,
     prop,
@@ -309,10 +309,7 @@ def test_cold_cache_concurrent_starts_probe_once(qemu_unit_bin: Path) -> None:
         stage_guest(upper)
         for n in names:
             write_vm(upper, n, vm_text("wait"))
-        # An opaque directory hides the host's (warm) cache: this container starts cold.
-        cache = upper / "var/cache/qemu-run"
-        cache.mkdir(parents=True)
-        os.setxattr(cache, "trusted.overlay.opaque", b"y")
+        cold_cache(upper)
 
     with Container("coldcache", prep) as ct:
         install_qemu_unit(ct, qemu_unit_bin)
