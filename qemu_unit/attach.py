@@ -4,9 +4,9 @@ The runner (console.py) accepts clients on ROOT/console-attach.sock: what the
 guest prints arrives as raw bytes; what is written goes to the guest's input
 and nowhere else. The socket lives in the VM's runtime directory (mode 0700,
 owned by the VM's user) and the runner checks SO_PEERCRED as well: root and
-the VM's user may attach, nobody else. A read-only client shuts its writing
-half at once. The terminal is raw while attached (Ctrl-C goes to the guest)
-and restored on every way out.
+the VM's user may attach, nobody else. A read-only client never writes. The
+terminal is raw while attached (Ctrl-C goes to the guest) and restored on
+every way out.
 """
 
 from __future__ import annotations
@@ -90,15 +90,16 @@ def attach(name: str, read_only: bool = False, stdin: int = 0, stdout: int = 1) 
                             f"root and the VM's user (qemu-run) may attach", path=path) from None
     except OSError as e:
         raise QemuUnitError(f"VM {name} is not running: {e.strerror}", path=path) from None
-    if read_only:
-        sock.shutdown(socket.SHUT_WR)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on)
     mode = " (read-only)" if read_only else ""
-    _say(f"Connected to the console of {name}{mode}; detach with Ctrl-]")
     with sock, raw_terminal(stdin), selectors.DefaultSelector() as sel:
+        _say(f"Connected to the console of {name}{mode}; detach with Ctrl-]")
         sel.register(sock, selectors.EVENT_READ)
-        sel.register(stdin, selectors.EVENT_READ)
+        try:
+            sel.register(stdin, selectors.EVENT_READ)
+        except PermissionError:
+            pass  # /dev/null or a file: epoll cannot wait for it, and there is nothing to type
         while True:
             for key, _ in sel.select():
                 if key.fileobj is sock:

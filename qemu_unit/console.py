@@ -144,7 +144,6 @@ class _Client:
     sock: socket.socket
     pid: int
     uid: int
-    reading: bool = True  # registered with the attach thread's selector
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -441,12 +440,15 @@ class Console:
         if data:
             self._to_guest(data)
             return
-        # End of input: detached, or a read-only client that only watches.
+        # Detached, or cut off by the reader (which only shuts the socket down): the
+        # selector is this thread's, so this thread closes.
         with self._clients_lock:
             sel.unregister(client.sock)
-            client.reading = False
-            if client not in self._clients:
-                client.sock.close()
+            client.sock.close()
+            if client in self._clients:
+                self._clients.remove(client)
+                self._note(f"Console client detached (pid {client.pid}, uid {client.uid})",
+                           logging.INFO)
 
     def _to_guest(self, data: bytes) -> None:
         conn = self._conn
@@ -478,16 +480,9 @@ class Console:
                                               f"guest's output")
 
     def _drop_client(self, client: _Client, why: str | None) -> None:
-        """Called with _clients_lock held."""
+        """Called with _clients_lock held; the attach thread closes on the EOF this causes."""
         self._clients.remove(client)
-        if client.reading:
-            # The attach thread owns the selector: it closes the socket on the EOF this causes.
-            with contextlib.suppress(OSError):
-                client.sock.shutdown(socket.SHUT_RDWR)
-        else:
-            client.sock.close()
-        if why:
-            self._note(why)
-        else:
-            self._note(f"Console client detached (pid {client.pid}, uid {client.uid})",
-                       logging.INFO)
+        with contextlib.suppress(OSError):
+            client.sock.shutdown(socket.SHUT_RDWR)
+        self._note(why or f"Console client detached (pid {client.pid}, uid {client.uid})",
+                   logging.WARNING if why else logging.INFO)

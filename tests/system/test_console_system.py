@@ -7,13 +7,18 @@ does the same on demand).
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import termios
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.container import Container
+from tests.support.container import INSIDE_ENV, Container
 from tests.support.vm import (
     console,
     install_qemu_unit,
@@ -41,6 +46,7 @@ def prepare(upper: Path) -> None:
     # A rate limit (the default is 10,000 lines per 30 s): console.log gets all of them.
     write_vm(upper, "limited", vm_text("flood", vm="ConsoleRateLimitBurst=2000",
                                        cmdline_extra=f"qemu_unit.lines={LIMITED}"))
+    write_vm(upper, "shell", vm_text("shell", vm="ConsoleRateLimitIntervalSec=0"))
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +122,169 @@ def test_rate_limited_flood_is_counted_and_complete_in_console_log(ct: Container
     assert len(journal) >= 2000
     print(f"\nlimited: {len(journal)} lines in the journal, {sum(reports)} reported as not "
           f"sent, {len(copy)} in console.log")
+
+
+# -- qemu-unit console ---------------------------------------------------------------------
+
+
+class Attached:
+    """`qemu-unit console VM ARGS` inside the container, on a pseudo-terminal of its own."""
+
+    def __init__(self, ct: Container, qemu_unit_bin: Path, vm: str, *args: str) -> None:
+        self.master, self.slave = os.openpty()
+        self.saved = termios.tcgetattr(self.slave)
+        self.output = b""
+        self._cond = threading.Condition()
+        env = [f"{k}={v}" for k, v in INSIDE_ENV.items()] + ["TERM=dumb"]
+        self.proc = subprocess.Popen(
+            ["nsenter", "-t", str(ct.leader), "-a", "env", "-i", *env,
+             str(qemu_unit_bin), "console", vm, *args],
+            stdin=self.slave, stdout=self.slave, stderr=self.slave, start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                data = b""
+            with self._cond:
+                if not data:
+                    self._cond.notify_all()
+                    return
+                self.output += data
+                self._cond.notify_all()
+
+    def expect(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while text.encode() not in self.output:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    shows = self.output[-2000:].decode(errors="replace")
+                    raise AssertionError(f"{text!r} not on the terminal after {timeout} s; "
+                                         f"it shows:\n{shows}")
+                self._cond.wait(left)
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def detach(self) -> int:
+        self.type(b"\x1d")
+        status = self.proc.wait(30)
+        self.expect("detached from the console")
+        return status
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.slave)
+        os.close(self.master)
+        self._reader.join(5)
+
+
+def test_attach_type_a_command_two_terminals_detach(ct: Container, qemu_unit_bin: Path) -> None:
+    unit = "qemu-run@shell.service"
+    ct.systemctl("start", unit)
+    try:
+        ct.wait_journal("qemu-unit-guest: shell ready", "-u", unit, "-o", "cat", timeout=60)
+        one = Attached(ct, qemu_unit_bin, "shell")
+        two = Attached(ct, qemu_unit_bin, "shell", "--read-only")
+        try:
+            one.expect("Connected to the console of shell; detach with Ctrl-]")
+            two.expect("Connected to the console of shell (read-only); detach with Ctrl-]")
+            two.type(b"echo typed-$((2+2))-read-only\r")  # must reach nobody
+            one.type(b"echo answer-$((6*7))\r")
+            one.expect("answer-42")
+            two.expect("answer-42")  # both terminals see the guest's output
+            assert one.detach() == 0
+            # The terminal is as it was before: not raw any more.
+            assert termios.tcgetattr(one.slave) == one.saved
+            assert two.proc.poll() is None  # the other one is still attached
+            assert two.detach() == 0
+            assert termios.tcgetattr(two.slave) == two.saved
+        finally:
+            one.close()
+            two.close()
+        assert prop(ct, unit, "ActiveState") == "active"
+        log = runner_log(ct, "shell")
+        assert log.count("Console client attached") == 2
+        assert log.count("Console client detached") == 2
+    finally:
+        ct.systemctl("stop", unit)
+    journal = console(ct, "shell").splitlines()
+    assert "answer-42" in journal
+    assert not any("typed-" in line for line in journal)
+    # The journal has exactly what the guest printed, as console.log has it.
+    assert file_lines(ct, "shell") == journal
+
+
+def test_other_users_are_refused_root_and_qemu_run_are_not(
+    ct: Container, qemu_unit_bin: Path
+) -> None:
+    unit = "qemu-run@shell.service"
+    ct.systemctl("start", unit)
+    try:
+        as_nobody = ct.run("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                           str(qemu_unit_bin), "console", "shell", check=False)
+        assert as_nobody.returncode == 1
+        assert ("cannot attach to the console of shell: permission denied: only root and the "
+                "VM's user (qemu-run) may attach") in as_nobody.stderr
+        assert len(as_nobody.stderr.strip().splitlines()) == 1
+        # The VM's own user attaches (read-only, stdin at EOF: it watches until stopped).
+        as_qemu_run = ct.run("timeout", "3", "setpriv", "--reuid=qemu-run", "--regid=qemu-run",
+                             "--clear-groups", str(qemu_unit_bin), "console", "shell",
+                             "--read-only", check=False, input="")
+        assert as_qemu_run.returncode == 124, as_qemu_run.stderr
+        assert "Connected to the console of shell (read-only)" in as_qemu_run.stderr
+    finally:
+        ct.systemctl("stop", unit)
+    missing = ct.run(str(qemu_unit_bin), "console", "shell", check=False)
+    assert missing.returncode == 1
+    assert "VM shell is not running" in missing.stderr
+
+
+def test_a_stuck_client_delays_nothing(ct: Container, qemu_unit_bin: Path) -> None:
+    unit = "qemu-run@shell.service"
+    ct.systemctl("start", unit)
+    try:
+        ct.wait_journal("qemu-unit-guest: shell ready", "-u", unit, "-o", "cat", timeout=60)
+        # Attached, then never reads: its stdout is a pipe nobody empties.
+        env = [f"{k}={v}" for k, v in INSIDE_ENV.items()]
+        stuck = subprocess.Popen(
+            ["nsenter", "-t", str(ct.leader), "-a", "env", "-i", *env,
+             str(qemu_unit_bin), "console", "shell", "--read-only"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        typist = Attached(ct, qemu_unit_bin, "shell")
+        try:
+            typist.expect("detach with Ctrl-]")
+            wait_for("both attached",
+                     lambda: runner_log(ct, "shell").count("Console client attached") >= 2)
+            start = time.monotonic()
+            typist.type(b"flood\r")
+            typist.expect("flood 1")
+            assert typist.detach() == 0
+            wait_for("FLOOD-END in console.log",
+                     lambda: "FLOOD-END" in ct.run("tail", "-c", "200",
+                                                   str(LOGS / "shell" / "console.log")).stdout,
+                     timeout=180)
+            seconds = time.monotonic() - start
+        finally:
+            typist.close()
+            stuck.kill()
+            stuck.wait()
+            assert stuck.stdout is not None
+            stuck.stdout.close()
+        assert "did not keep up with the guest's output" in runner_log(ct, "shell")
+        assert prop(ct, unit, "ActiveState") == "active"
+    finally:
+        ct.systemctl("stop", unit)
+    journal = console(ct, "shell").splitlines()
+    assert flood_numbers(journal) == list(range(FLOOD))
+    assert "FLOOD-END" in journal
+    took = next(line for line in journal if "qemu-unit-guest: flood of" in line)
+    print(f"\nstuck client: the guest printed {FLOOD} lines in {seconds:.0f} s; {took}")
