@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="NAME")
 
+    p = sub.add_parser(
+        "reset",
+        help="discard a VM's overlay and NVRAM: its next start is a first boot",
+        description="Remove the qcow2 overlay over Image= (and a UEFI VM's NVRAM) from NAME's "
+        "state directory, so that the next start boots the base image afresh (cloud-init runs "
+        "again). Refuses while the VM runs. The base image is not touched.",
+    )
+    p.add_argument("name", metavar="NAME")
+
     for verb, what in (("install", "install"), ("uninstall", "remove")):
         p = sub.add_parser(
             verb,
@@ -177,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--run",
         action="store_true",
         help="run the demo VM in the foreground after building it",
+    )
+    p.add_argument(
+        "--image",
+        metavar="PATH",
+        help="instead, write cloud.vm: this cloud image (qcow2/raw, e.g. Debian's "
+        "genericcloud) as a service, configured by cloud-init, SSH on 127.0.0.1:2222",
+    )
+    p.add_argument(
+        "--ssh-key",
+        metavar="FILE",
+        help="with --image: the public key to install (default: ~/.ssh/id_ed25519.pub, "
+        "id_ecdsa.pub or id_rsa.pub)",
     )
     p.add_argument(
         "--run-for",
@@ -282,6 +303,19 @@ def cmd_register_machine(args: argparse.Namespace) -> int:
     return machine.register_from_unit(args.name)
 
 
+def cmd_reset(args: argparse.Namespace) -> int:
+    from qemu_unit import host, image
+    from qemu_unit.names import check_name
+
+    dirs = host.finalize_dirs(check_name(args.name))
+    removed = image.reset(args.name, dirs.state, dirs.root)
+    for path in removed:
+        print(f"removed {path}", file=sys.stderr)
+    if not removed:
+        print(f"{args.name}: nothing to reset in {dirs.state}", file=sys.stderr)
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from qemu_unit import install
 
@@ -299,6 +333,14 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from qemu_unit import demo
 
+    if args.image:
+        key = (demo.first_key(Path(args.ssh_key)) if args.ssh_key
+               else demo.find_ssh_key(Path.home()))
+        path = demo.write_cloud_demo(Path(args.config_dir), Path(args.image).absolute(), key)
+        print(f"wrote {path}: systemctl start qemu-run@cloud, then "
+              f"ssh -p {demo.CLOUD_SSH_PORT} USER@127.0.0.1 (USER: the image's default user, "
+              "e.g. debian)", file=sys.stderr)
+        return 0
     path = demo.write_demo(Path(args.config_dir), Path(args.data_dir), runfor=args.run_for)
     print(f"wrote {path}", file=sys.stderr)
     if not (args.run or args.run_for):
@@ -317,6 +359,7 @@ COMMANDS = {
     "list": cmd_list,
     "status": cmd_status,
     "register-machine": cmd_register_machine,
+    "reset": cmd_reset,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
     "demo": cmd_demo,

@@ -398,10 +398,54 @@ def write_demo(config_dir: Path, data_dir: Path, runfor: int | None = None) -> P
         f"Initrd={_escape(guest.initrd)}\n"
         f"KernelCmdline={_escape(cmdline)}\n"
     )
+    return _write_vm(config_dir, "demo", text)
+
+
+def _write_vm(config_dir: Path, name: str, text: str) -> Path:
+    """Write CONFIG_DIR/NAME.vm atomically, readable by the VM's user."""
     _make_dir(config_dir)
-    path = config_dir / "demo.vm"
-    part = config_dir / ".demo.vm.part"
+    path = config_dir / f"{name}.vm"
+    part = config_dir / f".{name}.vm.part"
     part.write_text(text)
     part.chmod(0o644)
     os.replace(part, path)
     return path
+
+
+CLOUD_SSH_PORT = 2222
+
+
+def first_key(path: Path) -> str:
+    """The first key line of an OpenSSH public key file."""
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return line.strip()
+    raise QemuUnitError(f"{path}: no SSH public key in it")
+
+
+def find_ssh_key(home: Path) -> str:
+    """The first public key in HOME/.ssh (ed25519 first), as text: the VM's user cannot
+    read a file in root's home, so the key goes into the .vm file itself."""
+    for name in ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"):
+        path = home / ".ssh" / name
+        if path.is_file():
+            return first_key(path)
+    raise QemuUnitError(f"no SSH public key in {home}/.ssh (make one with ssh-keygen, or "
+                        "give --ssh-key FILE)")
+
+
+def write_cloud_demo(config_dir: Path, image: Path, key: str) -> Path:
+    """Write CONFIG_DIR/cloud.vm: the cloud image IMAGE as a service, SSH on 127.0.0.1:2222."""
+    if not image.is_absolute() or not image.is_file():
+        raise QemuUnitError(f"{image}: not an existing file given by its absolute path")
+    text = (
+        "[VM]\n"
+        f"Image={_escape(image)}\n"
+        f"SSHAuthorizedKey={key}\n"
+        f"PublishPort=127.0.0.1:{CLOUD_SSH_PORT}:22\n"
+        "Ready=agent\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+    return _write_vm(config_dir, "cloud", text)

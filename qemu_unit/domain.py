@@ -14,20 +14,26 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from qemu_unit.errors import ConfigError
-from qemu_unit.host import DiskPlan, Plan
+from qemu_unit.host import DiskPlan, ImagePlan, Plan
 from qemu_unit.settings import (
     Accel,
     Console,
     Disk,
     Firmware,
     NetworkKind,
+    ReadyKind,
     ShutdownMethod,
     VMConfig,
     is_q35,
 )
 
 # Keep the conventional prefix of libvirt's QEMU namespace (<qemu:commandline>).
-ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+ET.register_namespace("qemu", QEMU_NS)
+# Where -device puts a network card libvirt does not know about: a slot of the root
+# bus libvirt leaves free (it fills slots from 0x1 upwards).
+EXTRA_NIC_SLOT = 0x10
+FW_CFG_CREDENTIALS = "opt/io.systemd.credentials/"
 
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 _DEV_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "ide": "hd"}
@@ -73,6 +79,66 @@ def _disk(devices: ET.Element, disk: Disk, plan: DiskPlan, targets: _Targets) ->
     _sub(element, "target", dev=targets.next(disk.bus), bus=disk.bus)
     if disk.readonly:
         _sub(element, "readonly")
+
+
+def _image_disk(devices: ET.Element, image: ImagePlan, targets: _Targets) -> None:
+    """The overlay, its backing store declared: libvirt and QEMU never probe the base."""
+    element = _sub(devices, "disk", type="file", device="disk")
+    _sub(element, "driver", name="qemu", type="qcow2")
+    _sub(element, "source", file=str(image.overlay))
+    backing = _sub(element, "backingStore", type="file")
+    _sub(backing, "format", type=image.base_format)
+    _sub(backing, "source", file=str(image.base))
+    _sub(element, "target", dev=targets.next("virtio"), bus="virtio")
+
+
+def _seed_disk(devices: ET.Element, path: Path, targets: _Targets) -> None:
+    """The NoCloud seed as a read-only virtio disk: Debian's cloud kernel has no AHCI
+    driver, so a CD-ROM on q35's SATA bus would be invisible to it."""
+    element = _sub(devices, "disk", type="file", device="disk")
+    _sub(element, "driver", name="qemu", type="raw")
+    _sub(element, "source", file=str(path))
+    _sub(element, "target", dev=targets.next("virtio"), bus="virtio")
+    _sub(element, "readonly")
+    _sub(element, "serial", "cidata")
+
+
+def _fw_cfg(domain: ET.Element, files: tuple[tuple[str, Path], ...]) -> None:
+    """systemd credentials as fw_cfg files: QEMU's command line names the file, not the value."""
+    sysinfo = _sub(domain, "sysinfo", type="fwcfg")
+    for cred_id, path in files:
+        _sub(sysinfo, "entry", name=FW_CFG_CREDENTIALS + cred_id, file=str(path))
+
+
+def _user_netdev(vm: VMConfig, number: int) -> str:
+    """-netdev user,... of VM's user interface number NUMBER: restrict=, hostfwd=."""
+    options = [f"user,id=qunet{number}"]
+    if vm.restrict_network:
+        options.append("restrict=on")
+    if number == 0:
+        options += [f"hostfwd={p.hostfwd()}" for p in vm.publish_ports]
+    return ",".join(options)
+
+
+def _qemu_commandline_nics(domain: ET.Element, vm: VMConfig) -> set[int]:
+    """User interfaces with published ports or isolation, given to QEMU directly.
+
+    libvirt 9.0 has no element for either (its <portForward> needs the passt backend,
+    which it refuses), so these interfaces are QEMU arguments in <qemu:commandline>,
+    at fixed slots of the root bus. Returns the indexes of the interfaces done here.
+    """
+    if not (vm.publish_ports or vm.restrict_network):
+        return set()
+    user = [i for i, n in enumerate(vm.networks) if n.kind is NetworkKind.USER]
+    commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
+    bus = "pcie.0" if is_q35(vm.machine) else "pci.0"
+    macs = vm.macs()
+    for number, index in enumerate(user):
+        device = (f"virtio-net-pci,netdev=qunet{number},mac={macs[index]},bus={bus},"
+                  f"addr={EXTRA_NIC_SLOT + number:#x}")
+        for arg in ("-netdev", _user_netdev(vm, number), "-device", device):
+            ET.SubElement(commandline, f"{{{QEMU_NS}}}arg", value=arg)
+    return set(user)
 
 
 def _cdrom(devices: ET.Element, path: Path, bus: str, targets: _Targets) -> None:
@@ -174,6 +240,8 @@ def build(vm: VMConfig, plan: Plan) -> ET.Element:
     # libvirt counts in KiB; round up so that the guest gets at least Memory=.
     _sub(domain, "memory", str(-(-vm.memory // 1024)), unit="KiB")
     _sub(domain, "vcpu", str(vm.cpus))
+    if plan.credentials:
+        _fw_cfg(domain, plan.credentials)
 
     os_ = _sub(domain, "os")
     _sub(os_, "type", "hvm", arch="x86_64", machine=vm.machine)
@@ -204,15 +272,22 @@ def build(vm: VMConfig, plan: Plan) -> ET.Element:
 
     devices = _sub(domain, "devices")
     targets = _Targets()
+    if plan.image is not None:
+        _image_disk(devices, plan.image, targets)
     for disk, disk_plan in zip(vm.disks, plan.disks, strict=True):
         _disk(devices, disk, disk_plan, targets)
     cdrom_bus = "sata" if is_q35(vm.machine) else "ide"
     for cdrom in vm.cdroms:
         _cdrom(devices, cdrom, cdrom_bus, targets)
+    if plan.seed is not None:
+        _seed_disk(devices, plan.seed, targets)
     if any(d.bus == "scsi" for d in vm.disks):
         _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
 
-    for network, mac in zip(vm.networks, vm.macs(), strict=True):
+    on_commandline = _qemu_commandline_nics(domain, vm)
+    for index, (network, mac) in enumerate(zip(vm.networks, vm.macs(), strict=True)):
+        if index in on_commandline:
+            continue
         kind = {
             NetworkKind.USER: "user",
             NetworkKind.TAP: "ethernet",
@@ -230,7 +305,7 @@ def build(vm: VMConfig, plan: Plan) -> ET.Element:
 
     if vm.console is Console.JOURNAL:
         _take_console(devices, plan)
-    if ShutdownMethod.AGENT in vm.shutdown_mode:
+    if ShutdownMethod.AGENT in vm.shutdown_mode or vm.ready.kind is ReadyKind.AGENT:
         channel = _sub(devices, "channel", type="unix")
         _sub(channel, "source", mode="bind", path=str(plan.dirs.agent_socket))
         _sub(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)

@@ -112,7 +112,7 @@ class Generated:
 class HostNeeds:
     """What a VM touches on the host, as far as the sandbox is concerned."""
 
-    networks: tuple[str, ...] = ()  # 'user', 'tap', 'bridge'
+    networks: tuple[str, ...] = ()  # 'user', 'user-loopback', 'tap', 'bridge'
     # (path, writable) of every file QEMU opens: disks, CD-ROMs, kernel, NVRAM...
     files: tuple[tuple[str, bool], ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -162,7 +162,21 @@ def _vm_needs(vm: settings.VMConfig) -> HostNeeds:
     files = [(str(d.path), not d.readonly) for d in vm.disks]
     files += [(str(p), False) for p in vm.cdroms]
     files += [(str(p), False) for p in (vm.kernel, vm.initrd) if p is not None]
-    return HostNeeds(tuple([str(n.kind) for n in vm.networks]), tuple(files))
+    # Read-only: the base image (the overlay is in the state directory), the seed's
+    # sources, credential files.
+    files += [(str(p), False) for p in (vm.image, vm.user_data, vm.network_config)
+              if p is not None]
+    files += [(str(k), False) for k in vm.ssh_authorized_keys if not isinstance(k, str)]
+    files += [(str(c.path), False) for c in vm.credentials if c.path is not None]
+    kinds = [str(n.kind) for n in vm.networks]
+    if vm.restrict_network:
+        # An isolated user network opens host sockets only for published ports: on
+        # loopback alone, or on every address; with none it needs no network at all.
+        if not vm.publish_ports:
+            kinds = [k for k in kinds if k != "user"]
+        elif all(p.host_ip.startswith("127.") for p in vm.publish_ports):
+            kinds = ["user-loopback" if k == "user" else k for k in kinds]
+    return HostNeeds(tuple(kinds), tuple(files))
 
 
 def _xml_needs(path: Path) -> HostNeeds:
@@ -213,7 +227,9 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
     ProtectHome=yes, PrivateTmp=yes. Each need undoes exactly what it must:
 
     user    QEMU's user-mode stack opens ordinary host sockets: the host's
-            network namespace, IP traffic allowed.
+            network namespace, IP traffic allowed. With RestrictNetwork=yes only
+            published ports open host sockets: none, nothing is relaxed; all on
+            127.x, IP traffic only with localhost (IPAddressAllow=localhost).
     tap     and /dev/net/tun; the tap device must already exist and belong to
             the qemu-run user (made by the administrator, e.g. systemd-networkd).
     bridge  and what qemu-bridge-helper needs to gain CAP_NET_ADMIN from its
@@ -232,7 +248,10 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
         ("TimeoutStopSec", _format_seconds(vm.shutdown_timeout + STOP_MARGIN_SEC)),
     ]
     kinds = set(needs.networks)
-    if kinds:
+    if kinds == {"user-loopback"}:
+        # The host's network namespace, but IP traffic only on loopback.
+        out += [("PrivateNetwork", "no"), ("IPAddressAllow", "localhost")]
+    elif kinds:
         # The empty assignment resets the template's IPAddressDeny=any.
         out += [("PrivateNetwork", "no"), ("IPAddressDeny", "")]
     if kinds & {"tap", "bridge"}:

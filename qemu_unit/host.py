@@ -15,7 +15,9 @@ No libvirt here: `qemu-unit render`/`validate` use this as the runner does.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import stat
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.settings import Accel, Disk, VMConfig
 
 QCOW2_MAGIC = b"QFI\xfb"
+SEED = "seed.iso"  # in the embed root
 # The user the unit runs as; the runner becomes it when root starts it by hand.
 SERVICE_USER = "qemu-run"
 # The unit's RuntimeDirectory=qemu-run/%i lives here: the embed root of each system VM.
@@ -70,6 +73,15 @@ class DiskPlan:
 
 
 @dataclass(frozen=True)
+class ImagePlan:
+    """Image=: the VM's qcow2 overlay over the base, and the base's format (never probed)."""
+
+    overlay: Path
+    base: Path
+    base_format: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """What the host contributes to VM's domain; built by plan(), read by domain.build."""
 
@@ -78,6 +90,10 @@ class Plan:
     disks: tuple[DiskPlan, ...] = ()  # one per VMConfig.disks, in order
     # A DomainXML= VM's own domain, parsed and checked; domain.build takes over a copy.
     domain_xml: ET.Element | None = None
+    image: ImagePlan | None = None
+    seed: Path | None = None  # the cloud-init NoCloud seed, written by prepare()
+    # (ID, file QEMU reads) of each credential; SetCredential= files written by prepare().
+    credentials: tuple[tuple[str, Path], ...] = ()
 
 
 def _first(env: str) -> Path | None:
@@ -329,4 +345,64 @@ def plan(
     disks = tuple(plan_disk(d) for d in vm.disks)
     if accel is None:
         accel = finalize_accel(vm, xml, probe=probe)
-    return Plan(accel=accel, dirs=dirs, disks=disks, domain_xml=xml)
+    return Plan(accel=accel, dirs=dirs, disks=disks, domain_xml=xml, **guest_files(vm, dirs))
+
+
+def guest_files(vm: VMConfig, dirs: Dirs) -> dict[str, Any]:
+    """The Plan fields of the files prepare() makes for VM: overlay, seed, credentials
+    (the base image's header is read here, once)."""
+    image = None
+    if vm.image is not None:
+        from qemu_unit.image import overlay_path  # only Image= VMs pay for it
+
+        base_format = detect_format(Disk(vm.image, entry=vm.origin("Image")))
+        image = ImagePlan(overlay_path(vm, dirs.state, dirs.root), vm.image, base_format)
+    files: tuple[tuple[str, Path], ...] = ()
+    if vm.credentials:
+        from qemu_unit.credentials import planned_files
+
+        files = tuple(planned_files(vm, dirs.root))
+    return {"image": image, "seed": dirs.root / SEED if vm.has_seed else None,
+            "credentials": files}
+
+
+def check_ports(vm: VMConfig) -> None:
+    """Each PublishPort= host port must be free now: one clear line beats QEMU's failure.
+
+    Not part of plan(): `qemu-unit render` of a running VM would find its own ports taken.
+    """
+    for port in vm.publish_ports:
+        kind = socket.SOCK_STREAM if port.protocol == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as s:
+            # As QEMU binds it: a port in TIME_WAIT is free.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((port.host_ip or "0.0.0.0", port.host_port))
+            except OSError as e:
+                entry = port.entry
+                where = {"path": entry.path, "line": entry.line} if entry else {}
+                address = f"{port.host_ip or '*'}:{port.host_port}/{port.protocol}"
+                raise ConfigError(f"host port {address} is not available: {e.strerror}",
+                                  key="PublishPort", **where) from None
+
+
+def prepare(vm: VMConfig, plan: Plan, stack: contextlib.ExitStack) -> None:
+    """Make the files PLAN names before the domain starts: the overlay, the seed, the
+    credential files. STACK removes what must not outlive the VM."""
+    if plan.image is not None:
+        from qemu_unit import image
+
+        image.prepare_overlay(vm, plan.image)
+        if vm.ephemeral:
+            stack.callback(plan.image.overlay.unlink, missing_ok=True)
+    if plan.seed is not None:
+        from qemu_unit import seed
+
+        # cloud-init reads it at every boot of the guest: it stays until the VM stops.
+        stack.callback(plan.seed.unlink, missing_ok=True)
+        seed.write_iso(seed.from_vm(vm), plan.seed)
+    if plan.credentials:
+        from qemu_unit import credentials
+
+        stack.callback(credentials.remove, plan.dirs.root)
+        credentials.write_files(vm, plan.dirs.root)

@@ -37,6 +37,8 @@ SHUTDOWN_RETRY = 5.0
 # QEMU pauses a guest whose disk write hit ENOSPC (werror=enospc); nobody but the
 # runner can resume an embedded domain, so it tries again at this pace.
 RESUME_RETRY = 5.0
+# How often Ready=agent asks the guest agent while the guest boots.
+AGENT_POLL = 0.5
 QEMU_CONF = """\
 # Written by qemu-unit at every start; edits are lost.
 stdio_handler = "file"
@@ -201,11 +203,15 @@ class Runner:
         self.dom: libvirt.virDomain | None = None
         self.stop_requested = False
         self.destroy_started = False
+        # The guest agent took the shutdown command: asking it again would only find it gone
+        # with the shutting-down guest; retries press the other buttons only.
+        self.agent_accepted = False
 
     # Everything that can fail on bad input, before anything is acquired.
     def check(self) -> tuple[settings.VMConfig, host.Plan, str]:
         vm = settings.load_vm(self.src)
         plan = host.plan(vm)
+        host.check_ports(vm)
         return vm, plan, domain.render(vm, plan)
 
     def run(self) -> int:
@@ -226,6 +232,7 @@ class Runner:
         with contextlib.ExitStack() as stack:
             stack.enter_context(locked_root(dirs.root))
             prepare_root(dirs)
+            host.prepare(vm, plan, stack)
             self.notify.status("Starting")
             start_event_loop()
             conn = self._open(dirs)
@@ -238,8 +245,9 @@ class Runner:
                     Policy.for_vm(vm, dirs.logs),
                     attach_path=dirs.attach_socket,
                 )
-                if vm.ready:
-                    pattern = re.compile(vm.ready)
+                if vm.ready.kind is settings.ReadyKind.CONSOLE:
+                    assert vm.ready.regex is not None
+                    pattern = re.compile(vm.ready.regex)
                     console.watchers.append(
                         lambda line: self.events.put(("ready",)) if pattern.search(line) else None
                     )
@@ -248,6 +256,11 @@ class Runner:
                 stack.callback(console.close)
             with self.running_domain(conn, xml, dirs):
                 assert self.dom is not None
+                if plan.credentials:
+                    # QEMU has read them: they need not lie around any longer.
+                    from qemu_unit import credentials
+
+                    credentials.remove(dirs.root)
                 uuid = self.dom.UUIDString()
                 log.set_vm_fields(self.name, uuid)
                 logger.info("Started VM %s (%s, uuid %s)", self.name, accel.upper(), uuid)
@@ -261,15 +274,41 @@ class Runner:
                     accelerator=accel,
                     memory=memory,
                     cpus=cpus,
-                    ports=[],  # PublishPort= (issue 8) fills this in
+                    ports=[{"host_ip": p.host_ip, "host_port": p.host_port,
+                            "guest_port": p.guest_port, "protocol": p.protocol}
+                           for p in vm.publish_ports],
                     started=int(time.time()),
                 )
-                if not vm.ready:
+                if vm.ready.kind is settings.ReadyKind.STARTED:
                     self.notify.ready(f"Running ({accel.upper()})")
+                elif vm.ready.kind is settings.ReadyKind.AGENT:
+                    self.notify.status("Waiting for the guest agent to answer")
+                    self._watch_agent(stack)
                 else:
-                    self.notify.status(f"Waiting for the guest's console to match {vm.ready!r}")
+                    self.notify.status(
+                        f"Waiting for the guest's console to match {vm.ready.regex!r}"
+                    )
                 return self.loop(dirs)
         return 1  # pragma: no cover - loop() returns
+
+    def _watch_agent(self, stack: contextlib.ExitStack) -> None:
+        """Ready=agent: ask the guest agent until it answers, then report readiness."""
+        done = threading.Event()
+        stack.callback(done.set)
+        dom = self.dom
+        assert dom is not None
+
+        def ask() -> None:
+            while not done.is_set():
+                try:
+                    dom.getTime()  # guest-get-time: answered by the agent itself
+                except libvirt.libvirtError:
+                    done.wait(AGENT_POLL)
+                    continue
+                self.events.put(("ready",))
+                return
+
+        threading.Thread(target=ask, name="agent-ready", daemon=True).start()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         # SimpleQueue.put is reentrant: safe from a signal handler.
@@ -360,7 +399,7 @@ class Runner:
         next_extend = 0.0
         next_retry = 0.0
         next_resume: float | None = None  # set while the guest is paused on a disk error
-        ready = not self.vm.ready
+        ready = self.vm.ready.kind is settings.ReadyKind.STARTED
         while True:
             now = time.monotonic()
             waiting = deadline is not None and not self.destroy_started
@@ -397,7 +436,10 @@ class Runner:
                     logger.warning("Disk %s: I/O error (%s)", item[1], item[3])
             elif kind == "ready" and not ready:
                 ready = True
-                logger.info("Guest console matched %r: ready", self.vm.ready)
+                if self.vm.ready.kind is settings.ReadyKind.AGENT:
+                    logger.info("The guest agent answered: ready")
+                else:
+                    logger.info("Guest console matched %r: ready", self.vm.ready.regex)
                 self.notify.ready("Running")
             elif kind == "signal":
                 signame = _signal_name(item[1])
@@ -483,6 +525,8 @@ class Runner:
     def _request_shutdown(self, again: bool = False) -> None:
         assert self.dom is not None
         for mode in self.vm.shutdown_mode:
+            if mode.value == "agent" and self.agent_accepted:
+                continue
             flag = (
                 libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
                 if mode.value == "agent"
@@ -495,6 +539,7 @@ class Runner:
                 continue
             again_ = "again " if again else ""
             logger.info("Asked the guest %sto shut down (%s)", again_, mode.value)
+            self.agent_accepted = self.agent_accepted or mode.value == "agent"
             return
         logger.warning("No shutdown method worked; waiting for the timeout")
 

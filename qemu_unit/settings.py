@@ -70,6 +70,50 @@ class NetworkKind(StrEnum):
     BRIDGE = "bridge"
 
 
+class ReadyKind(StrEnum):
+    STARTED = "started"
+    CONSOLE = "console"
+    AGENT = "agent"
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Ready=: when the unit reports READY=1."""
+
+    kind: ReadyKind
+    regex: str | None = None  # for console:REGEX
+
+    def __str__(self) -> str:
+        return f"console:{self.regex}" if self.kind is ReadyKind.CONSOLE else self.kind.value
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    """A PublishPort= assignment: HOST_IP:HOST_PORT on the host -> GUEST_PORT in the guest."""
+
+    host_ip: str  # "": every address of the host, as Podman does
+    host_port: int
+    guest_port: int
+    protocol: str = "tcp"
+    entry: Entry | None = field(default=None, compare=False, repr=False)
+
+    def hostfwd(self) -> str:
+        """QEMU user networking's hostfwd= value."""
+        return f"{self.protocol}:{self.host_ip}:{self.host_port}-:{self.guest_port}"
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A systemd credential for the guest: SetCredential= or LoadCredential=."""
+
+    id: str
+    # SetCredential='s value. Never in a repr: a traceback or log line must not show it.
+    value: str | None = field(default=None, repr=False)
+    # LoadCredential='s file; None (and no value): $CREDENTIALS_DIRECTORY/ID of the unit.
+    path: Path | None = None
+    entry: Entry | None = field(default=None, compare=False, repr=False)
+
+
 DISK_FORMATS = ("raw", "qcow2", "qed", "vmdk", "vdi", "vpc", "vhdx")
 DISK_BUSES = ("virtio", "sata", "scsi", "ide")
 DISK_CACHES = ("default", "none", "writeback", "writethrough", "directsync", "unsafe")
@@ -133,7 +177,17 @@ class VMConfig:
     console_rate_burst: int  # lines per interval; 0: no limit
     shutdown_mode: tuple[ShutdownMethod, ...]
     shutdown_timeout: float  # seconds
-    ready: str | None  # None: ready once started; else a regex on console lines
+    ready: Ready
+    image: Path | None
+    ephemeral: bool
+    disk_size: int | None  # bytes; None: the base image's size
+    user_data: Path | None
+    ssh_authorized_keys: tuple[str | Path, ...]  # a key, or a file of keys
+    hostname: str | None  # None: derived from the name, see guest_hostname()
+    network_config: Path | None
+    credentials: tuple[Credential, ...]
+    publish_ports: tuple[PublishedPort, ...]
+    restrict_network: bool
     domain_xml: Path | None
     dropins: tuple[Path, ...] = ()
     unit: tuple[Entry, ...] = ()
@@ -153,6 +207,19 @@ class VMConfig:
     def macs(self) -> tuple[str, ...]:
         """Each interface's MAC=, else a stable MAC derived from the name and its index."""
         return tuple(n.mac or stable_mac(self.name, i) for i, n in enumerate(self.networks))
+
+    def guest_hostname(self) -> str:
+        """Hostname=, else the VM name made a valid host name (a-z, 0-9, '-')."""
+        if self.hostname:
+            return self.hostname
+        label = re.sub(r"[^a-z0-9-]+", "-", self.name.lower()).strip("-")[:63].strip("-")
+        return label or "vm"
+
+    @property
+    def has_seed(self) -> bool:
+        """Whether the guest gets a cloud-init NoCloud seed."""
+        return bool(self.user_data or self.ssh_authorized_keys or self.hostname
+                    or self.network_config)
 
     def origin(self, key: str) -> Entry | None:
         """The last assignment of [VM] KEY still in effect, None when KEY is at its default."""
@@ -397,19 +464,126 @@ def parse_count(value: str, entry: Entry) -> int:
     return int(value)
 
 
-def parse_ready(value: str, entry: Entry) -> str | None:
-    if value == "started":
-        return None
+def parse_ready(value: str, entry: Entry) -> Ready:
+    if value in ("started", "agent"):
+        return Ready(ReadyKind(value))
     kind, colon, regex = value.partition(":")
     if kind != "console" or not colon:
-        raise _fail(entry, f"invalid value {value!r}: expected started or console:REGEX")
+        raise _fail(entry, f"invalid value {value!r}: expected started, agent or console:REGEX")
     if not regex:
         raise _fail(entry, "console: needs a regular expression")
     try:
         re.compile(regex)
     except (re.error, RecursionError, OverflowError) as e:
         raise _fail(entry, f"invalid regular expression {regex!r}: {e}") from None
-    return regex
+    return Ready(ReadyKind.CONSOLE, regex)
+
+
+_BOOLEANS = {"1": True, "yes": True, "y": True, "true": True, "t": True, "on": True,
+             "0": False, "no": False, "n": False, "false": False, "f": False, "off": False}
+
+
+def parse_bool(value: str, entry: Entry) -> bool:
+    """A boolean as systemd reads one (yes/no, true/false, on/off, 1/0)."""
+    try:
+        return _BOOLEANS[value.lower()]
+    except KeyError:
+        raise _fail(entry, f"invalid boolean {value!r}: expected yes or no") from None
+
+
+def parse_disk_size(value: str, entry: Entry) -> int:
+    size = parse_size(value, entry)
+    if size % 512:
+        raise _fail(entry, f"invalid size {value!r}: not a multiple of 512 bytes")
+    return size
+
+
+# A label of a host name (RFC 1123); the whole name at most 253 characters.
+_HOST_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+
+
+def parse_hostname(value: str, entry: Entry) -> str:
+    name = value.lower()
+    if len(name) > 253 or not all(re.fullmatch(_HOST_LABEL, p) for p in name.split(".")):
+        raise _fail(entry, f"invalid host name {value!r}: expected labels of a-z, 0-9 and '-' "
+                           "separated by '.'")
+    return name
+
+
+# An OpenSSH public key line: [options] TYPE BASE64 [comment]; options are not for us.
+_SSH_KEY = r"(ssh-(rsa|dss|ed25519)|ecdsa-sha2-nistp(256|384|521)|sk-\S+)\s+[A-Za-z0-9+/]+=*(\s.*)?"
+
+
+def parse_ssh_key(value: str, entry: Entry) -> str | Path:
+    """An OpenSSH public key as in authorized_keys, or the absolute path of a file of them."""
+    if value.startswith("/"):
+        return Path(value)
+    if not re.fullmatch(_SSH_KEY, value):
+        raise _fail(entry, f"invalid SSH public key {value[:40]!r}: expected e.g. "
+                           "'ssh-ed25519 AAAA... comment' or an absolute path to a file of keys")
+    return value
+
+
+# systemd's credential names are file names; fw_cfg names hold at most 55 bytes, 27 of
+# them 'opt/io.systemd.credentials/'.
+CREDENTIAL_ID_MAX = 28
+_CREDENTIAL_ID = r"[A-Za-z0-9_.@-]+"
+
+
+def _credential_id(cred_id: str, entry: Entry) -> str:
+    if not re.fullmatch(_CREDENTIAL_ID, cred_id) or cred_id in (".", ".."):
+        raise _fail(entry, f"invalid credential name {cred_id!r}: expected A-Z a-z 0-9 _ . @ -")
+    if len(cred_id) > CREDENTIAL_ID_MAX:
+        raise _fail(entry, f"credential name {cred_id!r} is longer than {CREDENTIAL_ID_MAX} "
+                           "characters (QEMU's fw_cfg names are short)")
+    return cred_id
+
+
+def parse_set_credential(value: str, entry: Entry) -> Credential:
+    cred_id, colon, secret = value.partition(":")
+    if not colon:
+        raise _fail(entry, "expected ID:VALUE")
+    return Credential(_credential_id(cred_id, entry), value=secret, entry=entry)
+
+
+def parse_load_credential(value: str, entry: Entry) -> Credential:
+    cred_id, colon, path = value.partition(":")
+    _credential_id(cred_id, entry)
+    if not colon:
+        return Credential(cred_id, entry=entry)
+    return Credential(cred_id, path=parse_path(path, entry), entry=entry)
+
+
+def _port(text: str, what: str, entry: Entry) -> int:
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise _fail(entry, f"invalid {what} {text!r}: expected a number from 1 to 65535")
+    return int(text)
+
+
+def parse_publish_port(value: str, entry: Entry) -> PublishedPort:
+    """[[IP:]HOSTPORT:]GUESTPORT[/tcp|/udp], as podman run --publish (no ranges)."""
+    spec, slash, protocol = value.partition("/")
+    if slash and protocol not in ("tcp", "udp"):
+        raise _fail(entry, f"invalid protocol {protocol!r}: expected tcp or udp")
+    if spec.startswith("["):
+        raise _fail(entry, "IPv6 addresses are not supported: QEMU's user network forwards "
+                           "from IPv4 addresses")
+    parts = spec.split(":")
+    if len(parts) == 1:
+        raise _fail(entry, f"{value!r} gives no host port: expected [[IP:]HOSTPORT:]GUESTPORT")
+    if len(parts) > 3 or any("-" in p for p in parts[-2:]):
+        raise _fail(entry, f"invalid port mapping {value!r}: expected [[IP:]HOSTPORT:]GUESTPORT "
+                           "(one port each, no ranges)")
+    host_ip = parts[0] if len(parts) == 3 else ""
+    if host_ip:
+        import ipaddress  # only for this key: the generator would pay for it at every boot
+
+        try:
+            host_ip = str(ipaddress.IPv4Address(host_ip))
+        except ValueError:
+            raise _fail(entry, f"invalid IPv4 address {host_ip!r}") from None
+    return PublishedPort(host_ip, _port(parts[-2], "host port", entry),
+                         _port(parts[-1], "guest port", entry), protocol or "tcp", entry)
 
 
 @dataclass(frozen=True)
@@ -439,7 +613,7 @@ class Setting:
     # values (several rows may share a field: the first row's collect builds it).
     collect: Callable[[_Assignments], Any] | None = None
     # The host file a value names (host.check_files checks them).
-    names_file: Callable[[Any], Path] | None = None
+    names_file: Callable[[Any], Path | None] | None = None
 
 
 HOST_CPU_MODELS = ("host-passthrough", "host-model")
@@ -451,8 +625,8 @@ def _check_cpu_model(model: str | None, settled: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_ready(ready: str | None, settled: dict[str, Any]) -> str | None:
-    if ready is not None and settled["Console"] is Console.NONE:
+def _check_ready(ready: Ready, settled: dict[str, Any]) -> str | None:
+    if ready.kind is ReadyKind.CONSOLE and settled["Console"] is Console.NONE:
         return "console:REGEX needs Console=journal"
     return None
 
@@ -540,6 +714,35 @@ SETTINGS: tuple[Setting, ...] = (
         specifiers=True,
         requires="Kernel",
         collect=lambda a: " ".join(a.values("KernelCmdline")) or None,
+    ),
+    Setting(
+        "Image", "image", parse_path, None, "PATH",
+        "A bootable base image (qcow2 or raw, e.g. a distribution's cloud image; absolute "
+        "path; specifiers are expanded), shared by any number of VMs and never written: the "
+        "VM boots from its own qcow2 overlay, image.qcow2 in its state directory, backed by "
+        "the base with the base's format written into it (QEMU never probes it). The "
+        "overlay is made on the first start and kept across restarts, so the guest's "
+        "changes persist until qemu-unit reset NAME. If the base changes after the overlay "
+        "was made, the runner says so in the journal and does not rebase. The image is "
+        "the first (boot) disk; Disk= adds more. It boots through its own boot loader "
+        "(Firmware=bios|uefi) or with Kernel=. Not set by default.",
+        specifiers=True,
+        names_file=_same_path,
+    ),
+    Setting(
+        "Ephemeral", "ephemeral", parse_bool, "no", "yes|no",
+        "With yes, Image='s overlay lives in the runtime directory and is gone when the "
+        "unit stops: every start is a first boot and nothing the guest writes is kept "
+        "(as podman run --rm). Needs Image=. Defaults to no.",
+        requires="Image",
+    ),
+    Setting(
+        "DiskSize", "disk_size", parse_disk_size, None, "SIZE",
+        "The virtual size of Image='s overlay, as Memory= reads sizes, so that the guest "
+        "(cloud-init's growpart) can grow its root file system. Only ever grows the "
+        "overlay: a size below the current one is reported and ignored. Needs Image=. "
+        "By default the base image's size.",
+        requires="Image",
     ),
     Setting(
         "Disk", "disks", parse_disk, None, "PATH[,OPTION...]",
@@ -656,14 +859,95 @@ SETTINGS: tuple[Setting, ...] = (
         with_domain_xml=True,
     ),
     Setting(
-        "Ready", "ready", parse_ready, "started", "started|console:REGEX",
+        "Ready", "ready", parse_ready, "started", "started|agent|console:REGEX",
         "When the unit reports readiness to systemd (Type=notify): started as soon as "
-        "QEMU runs the guest; console:REGEX once a line the guest prints on its console "
+        "QEMU runs the guest; agent once the QEMU guest agent in the guest answers (a "
+        "booted userspace; adds a guest agent channel, as ShutdownMode=agent does); "
+        "console:REGEX once a line the guest prints on its console "
         "matches the Python regular expression REGEX (searched anywhere in the line), "
         "which needs Console=journal. Units ordered After= this one wait for that. "
         "Defaults to started. Allowed with DomainXML=.",
         with_domain_xml=True,
         check=lambda ready, settled: _check_ready(ready, settled),
+    ),
+    Setting(
+        "PublishPort", "publish_ports", parse_publish_port, None,
+        "[[IP:]HOSTPORT:]GUESTPORT[/tcp|/udp]",
+        "Forward HOSTPORT on the host (on IP, an IPv4 address, else on every address) to "
+        "GUESTPORT of the guest's first user network (Network=user), as podman run "
+        "--publish spells it; tcp by default. Use 127.0.0.1: to keep a port to this host. "
+        "A host port that is already taken fails the start with a message naming it. "
+        "Ports below 1024 need privileges the unit does not have. May be repeated; an "
+        "empty assignment resets the list.",
+        repeatable=True,
+        collect=lambda a: _published_ports(a),
+    ),
+    Setting(
+        "RestrictNetwork", "restrict_network", parse_bool, "no", "yes|no",
+        "With yes, the user networks (Network=user) are isolated (QEMU's restrict=on): the "
+        "guest can reach nothing outside, neither the host nor the internet, and is offered "
+        "no DNS server; PublishPort= forwards still reach it. Together with published "
+        "ports bound to 127.0.0.1 the unit's sandbox then only allows loopback traffic. "
+        "Defaults to no.",
+    ),
+    Setting(
+        "UserData", "user_data", parse_path, None, "PATH",
+        "A cloud-init user-data file (e.g. a #cloud-config file; absolute path; specifiers "
+        "are expanded), handed to the guest in a NoCloud seed: an ISO 9660 image labelled "
+        "cidata, written into the runtime directory at every start and attached as a "
+        "read-only virtio disk. Any of UserData=, SSHAuthorizedKey=, Hostname= or "
+        "NetworkConfig= adds the seed; its meta-data has a stable instance-id (from the "
+        "domain UUID). Not set by default (an empty cloud-config).",
+        specifiers=True,
+        names_file=_same_path,
+    ),
+    Setting(
+        "SSHAuthorizedKey", "ssh_authorized_keys", parse_ssh_key, None, "KEY|PATH",
+        "An SSH public key (as in authorized_keys) or the absolute path of a file of keys, "
+        "installed by cloud-init for the image's default user (debian on Debian, ubuntu "
+        "on Ubuntu); goes into the seed's meta-data as public-keys. May be repeated; an "
+        "empty assignment resets the list.",
+        repeatable=True,
+        names_file=lambda key: key if isinstance(key, Path) else None,
+    ),
+    Setting(
+        "Hostname", "hostname", parse_hostname, None, "NAME",
+        "The guest's host name, set by cloud-init (local-hostname in the seed's "
+        "meta-data). Defaults to the VM name made a valid host name (lower case; "
+        "characters other than a-z, 0-9 and - become -).",
+    ),
+    Setting(
+        "NetworkConfig", "network_config", parse_path, None, "PATH",
+        "A cloud-init network-config file (version 1 or 2; absolute path; specifiers are "
+        "expanded) for the seed. Without it cloud-init configures DHCP on the first "
+        "interface.",
+        specifiers=True,
+        names_file=_same_path,
+    ),
+    Setting(
+        "SetCredential", "credentials", parse_set_credential, None, "ID:VALUE",
+        "A systemd credential for the guest, as systemd's SetCredential= spells it (the "
+        "value is taken literally): passed through QEMU's fw_cfg "
+        "(opt/io.systemd.credentials/ID), which systemd in the guest imports into "
+        "/run/credentials/@system/ID. The value goes into a file only the VM's user can "
+        "read in the runtime directory, removed when the VM stops; it is never on a "
+        "command line, in the journal or in qemu-unit render output. ID: up to 28 of "
+        "A-Z a-z 0-9 _ . @ -. May be repeated; a later assignment of the same ID wins, and "
+        "LoadCredential= of the same ID wins over it; an empty assignment resets the list.",
+        repeatable=True,
+        collect=lambda a: _credentials(a),
+    ),
+    Setting(
+        "LoadCredential", "credentials", parse_load_credential, None, "ID[:PATH]",
+        "A systemd credential for the guest read from PATH (absolute), or without PATH "
+        "from the unit's own credential ID ($CREDENTIALS_DIRECTORY/ID): so a secret given "
+        "to the unit with LoadCredential= or LoadCredentialEncrypted= in [Service] reaches "
+        "the guest without lying in clear anywhere else. Passed like SetCredential=. A "
+        "missing or unreadable file fails the start. May be repeated; a later assignment "
+        "of the same ID wins; an empty assignment resets the list.",
+        repeatable=True,
+        collect=lambda a: _credentials(a),
+        names_file=lambda cred: cred.path,
     ),
     Setting(
         "DomainXML", "domain_xml", parse_path, None, "PATH",
@@ -866,9 +1150,10 @@ def parse_vm(
         else:
             values[setting.field] = settled[setting.name]
     files = [
-        FileRef(s.names_file(value), entry)
+        FileRef(path, entry)
         for s in _FILE_SETTINGS
         for value, entry in a.assigned(s.name)
+        if (path := s.names_file(value)) is not None
     ]
     if source_path is None:
         source_path = Path(unit.path)
@@ -888,6 +1173,37 @@ def parse_vm(
         ),
         **values,
     )
+
+
+def _credentials(a: _Assignments) -> tuple[Credential, ...]:
+    """SetCredential= then LoadCredential=, one per ID: later wins, LoadCredential= over Set."""
+    by_id: dict[str, Credential] = {}
+    for key in ("SetCredential", "LoadCredential"):
+        for cred in a.values(key):
+            by_id.pop(cred.id, None)
+            by_id[cred.id] = cred
+    return tuple(by_id.values())
+
+
+def _published_ports(a: _Assignments) -> tuple[PublishedPort, ...]:
+    """PublishPort= (and RestrictNetwork=) need a user network; a host port is published once."""
+    networks = _networks(a.lists.get("Network"), a.lists.get("MAC", []))
+    has_user = any(n.kind is NetworkKind.USER for n in networks)
+    restrict = a.single.get("RestrictNetwork", (False, None))[0]
+    for key in ("PublishPort", "RestrictNetwork"):
+        entries = a.entries(key)
+        if entries and not has_user and (key == "PublishPort" or restrict):
+            raise _fail(entries[0], "needs a user network (Network=user)")
+    published: list[tuple[PublishedPort, Entry]] = []
+    for port, entry in a.lists.get("PublishPort", []):
+        for other, other_entry in published:
+            # "" is every address: it clashes with any address on the same port.
+            same_ip = not port.host_ip or not other.host_ip or port.host_ip == other.host_ip
+            if (port.protocol, port.host_port) == (other.protocol, other.host_port) and same_ip:
+                raise _fail(entry, f"host port {port.host_port}/{port.protocol} is already "
+                                   f"published by line {other_entry.line}")
+        published.append((port, entry))
+    return tuple(port for port, _ in published)
 
 
 # Defaults are parsed like values; a bad default is a bug, and this names it.

@@ -166,3 +166,23 @@ def test_write_demo_escapes_percent_in_paths(tmp_path: Path, dest: Path) -> None
     assert "50%%data" in path.read_text()
     vm = settings.parse_vm("demo", unitfile.read(path), source_path=path)
     assert vm.kernel is not None and vm.kernel.is_file() and "50%data" in str(vm.kernel)
+
+
+def test_cloud_demo_is_the_five_line_vm(tmp_path: Path) -> None:
+    from qemu_unit import cli, source
+
+    base = tmp_path / "debian-12-genericcloud-amd64.qcow2"
+    base.write_bytes(b"QFI\xfb" + b"\0" * 100)
+    (tmp_path / "home/.ssh").mkdir(parents=True)
+    (tmp_path / "home/.ssh/id_rsa.pub").write_text("# mine\nssh-rsa AAAAB3NzaC1yc2E me@host\n")
+    key = demo.find_ssh_key(tmp_path / "home")
+    assert key == "ssh-rsa AAAAB3NzaC1yc2E me@host"
+    path = demo.write_cloud_demo(tmp_path / "etc", base, key)
+    vm = settings.load_vm(source.Source("cloud", "vm", path, ()))
+    assert (vm.image, vm.ssh_authorized_keys, str(vm.ready)) == (base, (key,), "agent")
+    assert [(p.host_ip, p.host_port, p.guest_port) for p in vm.publish_ports] == [
+        ("127.0.0.1", 2222, 22)]
+    assert vm.wanted_by == ("multi-user.target",)
+    assert cli.main(["validate", str(path)]) == 0
+    with pytest.raises(QemuUnitError, match="no SSH public key"):
+        demo.find_ssh_key(tmp_path / "nobody")

@@ -62,8 +62,9 @@ def plan_of(vm: settings.VMConfig, accel: str = "tcg") -> host.Plan:
     if vm.accel is not settings.Accel.AUTO and vm.accel != accel:
         raise QemuUnitError(f"the VM says Accel={vm.accel}, cannot plan it for {accel}")
     xml = host.read_domain_xml(vm.domain_xml) if vm.domain_xml is not None else None
-    return host.Plan(settings.Accel(accel), dirs_of(vm.name),
-                     tuple(host.plan_disk(d) for d in vm.disks), xml)
+    dirs = dirs_of(vm.name)
+    return host.Plan(settings.Accel(accel), dirs, tuple(host.plan_disk(d) for d in vm.disks),
+                     xml, **host.guest_files(vm, dirs))
 
 # Verbs other test modules check: verb -> the module that does. Add yours here.
 FOREIGN_VERBS: dict[str, str] = {

@@ -45,7 +45,7 @@ INSTALLED = (
 )
 DEPENDS = (
     "python3-libvirt", "python3-systemd", "python3-sdnotify", "qemu-system-x86",
-    "libvirt-daemon-driver-qemu", "libvirt-daemon", "systemd",
+    "libvirt-daemon-driver-qemu", "libvirt-daemon", "systemd", "python3-pycdlib", "qemu-utils",
 )
 
 
@@ -268,7 +268,7 @@ def test_rpm_metadata_and_scripts(rpm: Built) -> None:
     requires = run("rpm", "-qp", "--requires", rpm.path, check=True).stdout.split("\n")
     names = {r.split()[0] for r in requires if r}
     assert {"python3-libvirt", "python3-systemd", "python3-sdnotify", "libvirt-daemon",
-            "libvirt-daemon-driver-qemu", "systemd"} <= names
+            "libvirt-daemon-driver-qemu", "systemd", "python3-pycdlib", "qemu-img"} <= names
     scripts = run("rpm", "-qp", "--scripts", rpm.path, check=True).stdout
     # Upgrades never restart (reboot) running VMs.
     assert "restart" not in scripts

@@ -1,0 +1,139 @@
+"""Image=: a base image never written, and the VM's own qcow2 overlay on top of it.
+
+The overlay is made with `qemu-img create -b BASE -F FORMAT` (the base's format
+written into it, so QEMU never probes the base) and kept in the state directory;
+with Ephemeral=yes it lives in the runtime directory and is made afresh at every
+start. Next to a kept overlay, `image.base` records what the base looked like
+when the overlay was made; a base that changed since is reported, never rebased.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.host import QCOW2_MAGIC, ImagePlan
+from qemu_unit.log import log as logger
+from qemu_unit.settings import VMConfig
+
+OVERLAY = "image.qcow2"
+BASE_RECORD = "image.base"
+QEMU_IMG_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+def _qcow2_header(path: Path) -> tuple[int, str] | None:
+    """(virtual size, backing file name) of a qcow2 file; None if it is not qcow2."""
+    with open(path, "rb") as f:
+        header = f.read(32)
+        if header[:4] != QCOW2_MAGIC:
+            return None
+        backing_offset = int.from_bytes(header[8:16], "big")
+        backing_size = int.from_bytes(header[16:20], "big")
+        size = int.from_bytes(header[24:32], "big")
+        backing = ""
+        if backing_offset and backing_size:
+            f.seek(backing_offset)
+            backing = f.read(backing_size).decode(errors="replace")
+    return size, backing
+
+
+def virtual_size(path: Path) -> int:
+    header = _qcow2_header(path)
+    return header[0] if header else path.stat().st_size
+
+
+def _identity(path: Path) -> dict[str, int | str]:
+    st = path.stat()
+    return {"path": os.fspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "inode": st.st_ino}
+
+
+def _qemu_img(*args: str) -> None:
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False,
+                          env=QEMU_IMG_ENV, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise QemuUnitError(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
+
+
+def overlay_path(vm: VMConfig, state: Path, runtime: Path) -> Path:
+    return (runtime if vm.ephemeral else state) / OVERLAY
+
+
+def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:
+    """Make (or check and keep) VM's overlay as PLAN says; the base is only ever read."""
+    entry = vm.origin("Image")
+    path, base = plan.overlay, plan.base
+    record = path.with_name(BASE_RECORD)
+    if vm.ephemeral:
+        path.unlink(missing_ok=True)
+    if not path.exists():
+        size = [str(vm.disk_size)] if vm.disk_size else []
+        if vm.disk_size and vm.disk_size < virtual_size(base):
+            logger.warning("DiskSize=%d is below the base image's size: using the base's",
+                           vm.disk_size)
+            size = []
+        tmp = path.with_name(path.name + ".new")
+        tmp.unlink(missing_ok=True)
+        _qemu_img("create", "-q", "-f", "qcow2", "-b", os.fspath(base), "-F", plan.base_format,
+                  os.fspath(tmp), *size)
+        os.replace(tmp, path)
+        if not vm.ephemeral:
+            record.write_text(json.dumps(_identity(base)) + "\n")
+            logger.info("Created the overlay %s on %s", path, base)
+        return
+    header = _qcow2_header(path)
+    if header is None or header[1] != os.fspath(base):
+        made_from = header[1] if header else "(not a qcow2 file)"
+        raise ConfigError(
+            f"the overlay {path} was made from {made_from}, not {base}: run "
+            f"'qemu-unit reset {vm.name}' to start afresh from the new image",
+            **({"path": entry.path, "line": entry.line} if entry else {}), key="Image")
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is not None and recorded != _identity(base):
+        logger.warning("The base image %s has changed since the overlay was made: the guest "
+                       "may see a corrupt disk. The overlay is used as it is (never rebased); "
+                       "'qemu-unit reset %s' starts afresh.", base, vm.name)
+    if vm.disk_size:
+        current = header[0]
+        if vm.disk_size > current:
+            _qemu_img("resize", "-q", "-f", "qcow2", os.fspath(path), str(vm.disk_size))
+            logger.info("Grew the overlay from %d to %d bytes (DiskSize=)", current, vm.disk_size)
+        elif vm.disk_size < current:
+            logger.warning("DiskSize=%d is below the overlay's size %d: the disk never shrinks",
+                           vm.disk_size, current)
+
+
+def is_running(root: Path) -> bool:
+    """Whether a runner holds the embed root ROOT (its lock file, see runner.locked_root)."""
+    try:
+        fd = os.open(root / "qemu-unit.lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def reset(name: str, state: Path, root: Path) -> list[Path]:
+    """Discard NAME's overlay and NVRAM, so the next start is a first boot; what was removed."""
+    if is_running(root):
+        raise QemuUnitError(f"VM {name} is running: stop it first "
+                            f"(systemctl stop qemu-run@{name})")
+    removed = []
+    for path in (state / OVERLAY, state / BASE_RECORD, state / f"{name}_VARS.fd"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
