@@ -24,7 +24,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_unit import command
 from qemu_unit.errors import QemuUnitError
+from qemu_unit.unitfile import escape_specifiers
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -148,26 +150,12 @@ class Guest:
     cmdline: str
 
 
-def _run(cmd: Sequence[str], what: str, cwd: Path | None = None) -> str:
-    try:
-        proc = subprocess.run(
-            cmd, cwd=cwd, capture_output=True, text=True, check=False,
-            env={**os.environ, "LC_ALL": "C"},
-        )
-    except FileNotFoundError as e:
-        raise QemuUnitError(f"{what}: {cmd[0]} is not installed") from e
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip()
-        raise QemuUnitError(f"{what}: {' '.join(cmd)} failed ({proc.returncode}): {detail}")
-    return proc.stdout
-
-
 @functools.cache
 def _kernel_candidate() -> tuple[str, str]:
     """(package, version) of the kernel the metapackage depends on, from one apt-cache call."""
     hint = "run `apt-get update` once (as root) so that apt knows the package lists"
     try:
-        out = _run(["apt-cache", "show", "--no-all-versions", KERNEL_METAPACKAGE],
+        out = command.run(["apt-cache", "show", "--no-all-versions", KERNEL_METAPACKAGE],
                    f"looking up {KERNEL_METAPACKAGE}")
     except QemuUnitError as e:
         raise QemuUnitError(f"{e}; {hint}") from e
@@ -179,14 +167,9 @@ def _kernel_candidate() -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def find_kernel_package() -> str:
-    """The versioned kernel package `linux-image-cloud-amd64` depends on."""
-    return _kernel_candidate()[0]
-
-
 def _find_busybox() -> Path:
     try:
-        listing = _run(["dpkg", "-L", BUSYBOX_PACKAGE], "finding busybox")
+        listing = command.run(["dpkg", "-L", BUSYBOX_PACKAGE], "finding busybox")
     except QemuUnitError as e:
         raise QemuUnitError(f"{e} (install the Debian package {BUSYBOX_PACKAGE})") from e
     for line in listing.splitlines():
@@ -224,7 +207,7 @@ def _download(package: str, version: str, debs: Path) -> Path:
     if deb.is_file():
         return deb
     with tempfile.TemporaryDirectory(dir=debs) as tmp:
-        _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+        command.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
               f"{package}={version}"],
              f"downloading {package} {version} (apt-get update may be needed)", cwd=Path(tmp))
         got = list(Path(tmp).glob("*.deb"))
@@ -244,7 +227,7 @@ def _unpack(deb: Path) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
     tree = Path(tempfile.mkdtemp(prefix=f".unpacked-{os.getpid()}-", dir=deb.parent))
     atexit.register(shutil.rmtree, tree, ignore_errors=True)
-    _run(["dpkg-deb", "-x", str(deb), str(tree)], f"unpacking {deb.name}")
+    command.run(["dpkg-deb", "-x", str(deb), str(tree)], f"unpacking {deb.name}")
     return tree
 
 
@@ -373,7 +356,7 @@ def build_guest(dest: Path, init_script: str,
 
 
 def _escape(value: object) -> str:
-    return str(value).replace("%", "%%")  # .vm values expand specifiers
+    return escape_specifiers(str(value))  # .vm values expand specifiers
 
 
 def write_demo(config_dir: Path, data_dir: Path, runfor: int | None = None) -> Path:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from qemu_unit import settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.unitfile import Entry, format_line
+from qemu_unit.unitfile import Entry, escape_specifiers, format_line
 
 # typing costs ~3 ms to import at every boot and is needed by type checkers only.
 TYPE_CHECKING = False
@@ -68,7 +68,6 @@ FALLBACK_TEMPLATE = f"/usr/lib/systemd/system/{TEMPLATE}"
 # systemd's unit-name alphabet (basic/unit-name.c); "@" is allowed in instances.
 # Instances are checked with str.strip() (nothing left: valid), without the
 # backslash systemd allows, as instance_unit() explains.
-_INSTANCE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:_.@-"
 _UNIT_NAME = re.compile(
     r"[A-Za-z0-9:_.\\-]+(?:@(?P<instance>[A-Za-z0-9:_.\\@-]*))?"
     r"\.(?:service|socket|device|mount|automount|swap|target|path|timer|slice|scope)"
@@ -119,20 +118,13 @@ class HostNeeds:
 
 
 def instance_unit(name: str) -> str:
-    """`qemu-run@NAME.service`, or ConfigError if NAME cannot be used verbatim as an instance.
+    """`qemu-run@NAME.service` for a VM name (names.check_name has accepted it).
 
-    The template passes `%i` (the raw instance) to the runner, so NAME must be
-    a valid instance string whose meaning systemd's escaping does not change:
-    no backslash (an escape sequence would make `%I` differ from NAME), no "/",
-    no whitespace or control characters. "-" and "@" are fine: "-" only
-    changes `%I`, which the template does not use.
+    The template passes `%i` (the raw instance) to the runner; the VM name
+    alphabet (names.py) is a subset of what systemd keeps verbatim in an
+    instance, and names.MAX_LENGTH keeps the unit name far below 255.
     """
-    if not name or name.strip(_INSTANCE_CHARS):
-        raise ConfigError(f"VM name {name!r} is not usable as a unit instance")
-    unit = f"qemu-run@{name}.service"
-    if len(unit) > UNIT_NAME_MAX:
-        raise ConfigError(f"unit name {unit!r} is longer than {UNIT_NAME_MAX} characters")
-    return unit
+    return f"qemu-run@{name}.service"
 
 
 def is_unit_name(name: str) -> bool:
@@ -145,7 +137,7 @@ def is_unit_name(name: str) -> bool:
 
 def quote(value: str) -> str:
     """VALUE as one word of a unit-file setting that expands %-specifiers."""
-    value = value.replace("%", "%%")
+    value = escape_specifiers(value)
     if _NEEDS_QUOTES.search(value):
         value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return value
@@ -342,7 +334,7 @@ def convert(vm: settings.VMConfig, *, template: str = FALLBACK_TEMPLATE) -> Gene
     header += "".join(f"# with drop-in {d}\n" for d in vm.dropins)
     runs = _runs_in_file_order(vm)
     # SourcePath= is one literal path (no quotes), but it does expand specifiers.
-    unit_lines: list[tuple[str, str] | Entry] = [("SourcePath", path.replace("%", "%%"))]
+    unit_lines: list[tuple[str, str] | Entry] = [("SourcePath", escape_specifiers(path))]
     if runs and runs[0][0] == "Unit":
         unit_lines += runs.pop(0)[1]
     service_lines: list[tuple[str, str] | Entry] = [*implied_service(vm, needs)]

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_unit.command import run
 from qemu_unit.errors import QemuUnitError
 from qemu_unit.host import SERVICE_USER
 from qemu_unit.log import log
@@ -101,12 +101,6 @@ def _write(path: Path, content: str, mode: int = 0o644) -> None:
     log.info("installed %s", path)
 
 
-def _run(*cmd: str) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise QemuUnitError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
-
-
 def systemd_running(root: Path) -> bool:
     return root == Path("/") and Path("/run/systemd/system").is_dir()
 
@@ -152,16 +146,16 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
 
     rootarg = [] if root == Path("/") else [f"--root={root}"]
     if root == Path("/") or (root / "etc/passwd").exists():
-        _run("systemd-sysusers", *rootarg, os.fspath(lay.sysusers))
+        run(["systemd-sysusers", *rootarg, os.fspath(lay.sysusers)], "creating the user")
     else:
         # An image or an overlay's upper layer: systemd-sysusers creates the user at boot.
         log.info("no %s/etc/passwd: the user %s is left to systemd-sysusers", root, SERVICE_USER)
     if root == Path("/"):
-        _run("systemd-tmpfiles", "--create", os.fspath(lay.tmpfiles))
+        run(["systemd-tmpfiles", "--create", os.fspath(lay.tmpfiles)], "creating directories")
     else:
         (root / "etc/qemu-run").mkdir(parents=True, exist_ok=True)
     if reload and systemd_running(root):
-        _run("systemctl", "daemon-reload")
+        run(["systemctl", "daemon-reload"], "reloading systemd")
     return lay
 
 
@@ -177,7 +171,7 @@ def uninstall(root: Path, prefix: Path, reload: bool = True) -> None:
             pass
     # The user, /etc/qemu-run and VM state stay: they may hold what an administrator made.
     if reload and systemd_running(root):
-        _run("systemctl", "daemon-reload")
+        run(["systemctl", "daemon-reload"], "reloading systemd")
 
 
 def _manpage_names() -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Man pages in roff, generated from the code they document.
 
 qemu-run.vm(5) lists every key of ``settings.SETTINGS`` (the table the parser uses),
-qemu-unit(1) walks ``cli.build_parser()``, and qemu-run@.service(8) describes the unit.
+qemu-unit(1) walks ``arguments.build_parser()``, and qemu-run@.service(8) describes the unit.
 Nothing here imports libvirt: the pages are built at package build time.
 
     python3 -m qemu_unit.manpages OUTDIR
@@ -408,7 +408,7 @@ def render_cli_page(parser: argparse.ArgumentParser | None = None) -> str:
     from qemu_unit.source import DEFAULT_PATH, PATH_ENV
 
     if parser is None:
-        from qemu_unit.cli import build_parser
+        from qemu_unit.arguments import build_parser
 
         parser = build_parser()
     prog = parser.prog

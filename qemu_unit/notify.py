@@ -1,19 +1,13 @@
-"""sd_notify: libsystemd's own binding, sdnotify where that is missing."""
+"""sd_notify through the sdnotify package: the one path for the notify protocol.
+
+(systemd-python writes the journal, see log.py; each dependency does one job.)
+"""
 
 from __future__ import annotations
 
 import os
 
-try:
-    from systemd import daemon as _daemon
-except ImportError:  # pragma: no cover - depends on the installation
-    _daemon = None
-
-
-def _send_sdnotify(message: str) -> None:
-    import sdnotify
-
-    sdnotify.SystemdNotifier().notify(message)
+import sdnotify
 
 
 class Notifier:
@@ -26,15 +20,10 @@ class Notifier:
     def send(self, *fields: str) -> None:
         if not self.enabled:
             return
-        message = "\n".join(fields)
-        try:
-            if _daemon is not None:
-                _daemon.notify(message)
-            else:
-                _send_sdnotify(message)
-        except OSError:
-            # Like sd_notify(3): a manager that is gone or busy is no reason to fail.
-            pass
+        # A connection per message, as sd_notify(3) does: a manager that was away
+        # gets the next one. debug=False: like sd_notify(3), a manager that is gone
+        # or busy is no reason to fail; the message is dropped.
+        sdnotify.SystemdNotifier().notify("\n".join(fields))
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")

@@ -529,7 +529,7 @@ class Runner:
                 continue
             flag = (
                 libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
-                if mode.value == "agent"
+                if mode is settings.ShutdownMethod.AGENT
                 else libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
             )
             try:

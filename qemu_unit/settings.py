@@ -23,7 +23,7 @@ from pathlib import Path
 from qemu_unit.errors import ConfigError
 from qemu_unit.names import split_template
 from qemu_unit.source import Source
-from qemu_unit.unitfile import Entry, UnitFile, read
+from qemu_unit.unitfile import Entry, UnitFile, escape_specifiers, read
 
 # typing costs ~3 ms to import at every boot and is needed by type checkers only.
 TYPE_CHECKING = False
@@ -1241,7 +1241,7 @@ def read_source(source: Source) -> UnitFile:
     if source.kind == "vm":
         return read(source.path, source.dropins)
     # A NAME.xml is a NAME.vm with only DomainXML=; its drop-ins still apply.
-    own = Entry(VM_SECTION, "DomainXML", str(source.path).replace("%", "%%"),
+    own = Entry(VM_SECTION, "DomainXML", escape_specifiers(str(source.path)),
                 str(source.path), 0)
     dropins = [e for d in source.dropins for e in read(d).entries]
     return UnitFile(str(source.path), (own, *dropins))

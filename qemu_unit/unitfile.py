@@ -80,19 +80,6 @@ class UnitFile:
     path: str
     entries: tuple[Entry, ...]
 
-    def sections(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for e in self.entries:
-            seen.setdefault(e.section)
-        return list(seen)
-
-    def section(self, name: str) -> list[Entry]:
-        return [e for e in self.entries if e.section == name]
-
-    def lookup(self, section: str, key: str) -> list[Entry]:
-        """Every assignment of KEY in SECTION, earliest first (repeats kept)."""
-        return [e for e in self.entries if e.section == section and e.key == key]
-
 
 def _split_lines(text: str) -> list[str]:
     """TEXT split at line ends as systemd reads them, and at nothing else."""
@@ -239,6 +226,11 @@ def format_value(value: str) -> str:
     if value.endswith("\\") and (len(value) - len(value.rstrip("\\"))) % 2:
         return value + " "
     return value
+
+
+def escape_specifiers(value: str) -> str:
+    """VALUE for a setting that expands %-specifiers: it expands back to VALUE."""
+    return value.replace("%", "%%")
 
 
 def format_line(key: str, value: str, entry: Entry | None = None) -> str:

@@ -58,7 +58,8 @@ def dest(tmp_path_factory: pytest.TempPathFactory, guest: demo.Guest) -> Path:
 
 
 def test_find_kernel_package_names_a_versioned_cloud_kernel() -> None:
-    assert re.fullmatch(r"linux-image-\d+\.\d+\.\d+-\d+-cloud-amd64", demo.find_kernel_package())
+    package, _version = demo._kernel_candidate()
+    assert re.fullmatch(r"linux-image-\d+\.\d+\.\d+-\d+-cloud-amd64", package)
 
 
 def test_initramfs_has_init_busybox_and_plain_modules(dest: Path) -> None:

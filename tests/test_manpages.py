@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qemu_unit import manpages, settings
-from qemu_unit.cli import build_parser
+from qemu_unit.arguments import build_parser
 from tests.support.requirements import require_tools
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+from pathlib import Path
 
 import pytest
+import sdnotify
 
 from qemu_unit.notify import Notifier
 
@@ -43,3 +46,35 @@ def test_vanished_socket_is_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
     n = Notifier()
     n.status("x")
     n.ready("y")  # still no exception: a later manager may come back
+
+
+def test_messages_reach_the_socket_through_sdnotify(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(5)
+    sent: list[str] = []
+    real = sdnotify.SystemdNotifier.notify
+    monkeypatch.setattr(sdnotify.SystemdNotifier, "notify",
+                        lambda self, state: sent.append(state) or real(self, state))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    Notifier().ready("Running (TCG)")
+    assert sock.recv(4096) == b"READY=1\nSTATUS=Running (TCG)"
+    assert sent == ["READY=1\nSTATUS=Running (TCG)"]  # the one path: sdnotify
+    sock.close()
+
+
+def test_a_manager_that_comes_back_gets_the_next_message(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "notify.sock"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    n = Notifier()
+    n.status("lost")  # nobody listens yet
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    n.status("found")
+    assert sock.recv(4096) == b"STATUS=found"
+    sock.close()

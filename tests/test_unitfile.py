@@ -146,12 +146,11 @@ def test_only_systemd_whitespace_is_stripped() -> None:
     assert values("[VM]\nKernelCmdline=\xa0x\x0c\n") == [("VM", "KernelCmdline", "\xa0x\x0c", 2)]
 
 
-def test_sections_lists_in_first_seen_order() -> None:
+def test_entries_keep_file_order_across_sections() -> None:
     unit = UnitFile("/x", tuple(parse("[VM]\nA=1\n[Unit]\nB=2\n[VM]\nC=3\n", "/x")))
-    assert unit.sections() == ["VM", "Unit"]
-    assert [e.key for e in unit.section("VM")] == ["A", "C"]
-    assert [e.value for e in unit.lookup("VM", "C")] == ["3"]
-    assert unit.lookup("VM", "missing") == []
+    assert [(e.section, e.key, e.value) for e in unit.entries] == [
+        ("VM", "A", "1"), ("Unit", "B", "2"), ("VM", "C", "3")
+    ]
 
 
 @pytest.mark.parametrize(

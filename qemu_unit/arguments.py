@@ -1,0 +1,200 @@
+"""The `qemu-unit` command line: the argparse parser, apart from the commands.
+
+cli.py runs it; manpages.py renders qemu-unit(1) from it without importing cli
+(cli -> install -> manpages would otherwise lead back to cli).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from qemu_unit.source import DEFAULT_PATH, PATH_ENV
+
+PROG = "qemu-unit"
+DESCRIPTION = (
+    "Run QEMU virtual machines as systemd units (qemu-run@NAME.service) through libvirt's "
+    "embedded QEMU driver: no libvirtd, one private libvirt root per VM."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def config_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config-dir",
+            action="append",
+            metavar="DIR",
+            help="look for NAME.vm/NAME.xml in DIR instead of the search path "
+            f"(repeatable; default: ${PATH_ENV} or {', '.join(map(str, DEFAULT_PATH))})",
+        )
+
+    p = sub.add_parser(
+        "run",
+        help="run the VM NAME in the foreground (the ExecStart of qemu-run@NAME.service)",
+        description="Start the VM NAME through qemu:///embed, report readiness with sd_notify, "
+        "forward its serial console to the journal (stderr outside systemd) and, on SIGTERM, "
+        "SIGINT or SIGRTMIN+4, shut the guest down gracefully, destroying it after the "
+        "shutdown timeout or on a second signal. Exits 0 when the guest powers off, 78 on a "
+        "configuration error, 1 on any other failure.",
+    )
+    p.add_argument("name", metavar="NAME", help="the VM: NAME.vm or NAME.xml on the search path")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="override the VM's ShutdownTimeout= (default 60)",
+    )
+    config_dir(p)
+
+    p = sub.add_parser(
+        "console",
+        help="attach this terminal to a running VM's serial console",
+        description="Attach the terminal to the serial console of the running VM NAME, as "
+        "virsh console does: what the guest prints appears here (and still goes to the "
+        "journal and console.log as before), what is typed goes to the guest. Detach with "
+        "Ctrl-]. Several terminals may attach at once. Allowed for root and the VM's user "
+        "(qemu-run); a terminal that does not keep up with the guest is disconnected rather "
+        "than slowing the guest down. Exits 0 on detach, 1 when the console closes (the VM "
+        "stopped, or this client was cut off) or cannot be reached.",
+    )
+    p.add_argument("name", metavar="NAME", help="the VM, as in qemu-run@NAME.service")
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="only watch: nothing typed reaches the guest",
+    )
+
+    p = sub.add_parser(
+        "render",
+        help="print the libvirt domain XML a VM produces",
+        description="Print exactly the domain XML the runner would hand to libvirt for NAME, "
+        "run as the current user (as root: the system directories of qemu-run@NAME.service), "
+        "for .vm and .xml VMs alike. Accel=auto is resolved on this host.",
+    )
+    p.add_argument("name", metavar="NAME")
+    config_dir(p)
+
+    p = sub.add_parser(
+        "validate",
+        help="check .vm files without starting anything",
+        description="Check each FILE (a path to a .vm file) or NAME (looked up on the search "
+        "path) and report every problem with file, line and key. With no argument, every VM on "
+        "the search path is checked. Exits 78 if any is invalid.",
+    )
+    p.add_argument("targets", nargs="*", metavar="FILE|NAME")
+    config_dir(p)
+
+    p = sub.add_parser(
+        "list",
+        help="list every VM on the search path, running or not",
+        description="One line per VM on the search path, running or not: whether it is "
+        "enabled, its unit's state and sub-state, main PID, since when, the accelerator "
+        "(the one in use while it runs, else Accel=), memory, CPUs, published ports, source "
+        "file and the runner's STATUS= text; a VM that is masked or whose configuration "
+        "cannot be read is listed with the reason. State comes from systemd and from the "
+        "status file each runner keeps in /run/qemu-run/NAME (readable by root and qemu-run). "
+        "With --json, a stable document described by qemu-unit.schema.json "
+        "(/usr/share/doc/qemu-unit/): {\"version\": 1, \"vms\": [...]}.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    config_dir(p)
+
+    p = sub.add_parser(
+        "status",
+        help="show one VM in detail, with its last console lines",
+        description="What list shows for the VM NAME, plus its UUID, QEMU's PID, drop-ins and "
+        "the last lines its guest printed on the serial console (from the journal). With "
+        "--json: {\"version\": 1, \"vm\": {...}, \"console\": [...]}. Exits 78 when no VM "
+        "NAME exists.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "-n", "--lines", type=int, default=10, metavar="N", help="console lines to show (10)"
+    )
+    config_dir(p)
+
+    p = sub.add_parser(
+        "register-machine",
+        help="register the running VM NAME with systemd-machined (the unit does this)",
+        description="Register the VM NAME, whose runner is $MAINPID, with systemd-machined as "
+        "a machine of class vm, so that machinectl list, status and poweroff see it. "
+        "qemu-run@.service runs this as root in ExecStartPost=+ (machined accepts "
+        "registrations from root only); the runner itself stays unprivileged. Never fails: "
+        "a VM that cannot be registered still runs, and a warning says why.",
+    )
+    p.add_argument("name", metavar="NAME")
+
+    p = sub.add_parser(
+        "reset",
+        help="discard a VM's overlay and NVRAM: its next start is a first boot",
+        description="Remove the qcow2 overlay over Image= (and a UEFI VM's NVRAM) from NAME's "
+        "state directory, so that the next start boots the base image afresh (cloud-init runs "
+        "again). Refuses while the VM runs. The base image is not touched.",
+    )
+    p.add_argument("name", metavar="NAME")
+
+    for verb, what in (("install", "install"), ("uninstall", "remove")):
+        p = sub.add_parser(
+            verb,
+            help=f"{what} the template unit, generator, sysusers.d and tmpfiles.d entries",
+            description=f"{what.capitalize()} qemu-run@.service (ExecStart resolved to this "
+            "installation), the systemd generator, the qemu-run user (sysusers.d), "
+            "tmpfiles.d and man pages. Reloads systemd when it runs.",
+        )
+        p.add_argument(
+            "--root", metavar="DIR", default="/", help="operate on the tree under DIR (default /)"
+        )
+        p.add_argument(
+            "--prefix",
+            metavar="DIR",
+            default="/usr/local",
+            help="where the files go: DIR/lib/systemd/system etc. (default /usr/local)",
+        )
+        p.add_argument(
+            "--no-reload", action="store_true", help="do not run systemctl daemon-reload"
+        )
+
+    p = sub.add_parser(
+        "demo",
+        help="build a tiny demo guest from distribution packages and write demo.vm",
+        description="Build a kernel + busybox guest from Debian's own packages (no image "
+        "download) and write demo.vm into the first configuration directory, so that "
+        "'systemctl start qemu-run@demo' works; with --run, also run it in the foreground.",
+    )
+    p.add_argument(
+        "--config-dir", metavar="DIR", default="/etc/qemu-run", help="where to write demo.vm"
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default="/var/lib/qemu-unit/demo",
+        help="where the guest's kernel and initrd go",
+    )
+    p.add_argument(
+        "--run",
+        action="store_true",
+        help="run the demo VM in the foreground after building it",
+    )
+    p.add_argument(
+        "--image",
+        metavar="PATH",
+        help="instead, write cloud.vm: this cloud image (qcow2/raw, e.g. Debian's "
+        "genericcloud) as a service, configured by cloud-init, SSH on 127.0.0.1:2222",
+    )
+    p.add_argument(
+        "--ssh-key",
+        metavar="FILE",
+        help="with --image: the public key to install (default: ~/.ssh/id_ed25519.pub, "
+        "id_ecdsa.pub or id_rsa.pub)",
+    )
+    p.add_argument(
+        "--run-for",
+        type=int,
+        metavar="SECONDS",
+        help="make the guest power itself off after SECONDS (implies --run)",
+    )
+    return parser
