@@ -1,6 +1,9 @@
 """`qemu-unit run NAME`: one VM in the foreground, through libvirt's embedded driver.
 
-Checks everything that can fail before acquiring anything, then holds the VM in
+`run()` walks the pipeline once (docs/DESIGN.md): source.find_source (the one check
+of NAME), becoming the service user when root starts it by hand, settings.load_vm,
+host.plan (where bad input fails, before anything is acquired), domain.render (the
+string createXML gets). `Runner` then only acquires and supervises: it holds the VM in
 `running_domain()`, whose exit path is always: graceful shutdown, bounded wait,
 destroy. Signals, libvirt lifecycle events and console matches all arrive on one
 queue, so the main loop is the only place that decides anything.
