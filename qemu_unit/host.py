@@ -15,7 +15,6 @@ No libvirt here: `qemu-unit render`/`validate` use this as the runner does.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import stat
@@ -29,6 +28,7 @@ from qemu_unit.settings import Accel, Disk, VMConfig
 
 QCOW2_MAGIC = b"QFI\xfb"
 SEED = "seed.iso"  # in the embed root
+OVERLAY = "image.qcow2"  # in the state directory (Ephemeral=: in the embed root)
 # The user the unit runs as; the runner becomes it when root starts it by hand.
 SERVICE_USER = "qemu-run"
 # The unit's RuntimeDirectory=qemu-run/%i lives here: the embed root of each system VM.
@@ -348,15 +348,17 @@ def plan(
     return Plan(accel=accel, dirs=dirs, disks=disks, domain_xml=xml, **guest_files(vm, dirs))
 
 
+def overlay_path(vm: VMConfig, dirs: Dirs) -> Path:
+    return (dirs.root if vm.ephemeral else dirs.state) / OVERLAY
+
+
 def guest_files(vm: VMConfig, dirs: Dirs) -> dict[str, Any]:
     """The Plan fields of the files prepare() makes for VM: overlay, seed, credentials
     (the base image's header is read here, once)."""
     image = None
     if vm.image is not None:
-        from qemu_unit.image import overlay_path  # only Image= VMs pay for it
-
         base_format = detect_format(Disk(vm.image, entry=vm.origin("Image")))
-        image = ImagePlan(overlay_path(vm, dirs.state, dirs.root), vm.image, base_format)
+        image = ImagePlan(overlay_path(vm, dirs), vm.image, base_format)
     files: tuple[tuple[str, Path], ...] = ()
     if vm.credentials:
         from qemu_unit.credentials import planned_files
@@ -384,25 +386,3 @@ def check_ports(vm: VMConfig) -> None:
                 address = f"{port.host_ip or '*'}:{port.host_port}/{port.protocol}"
                 raise ConfigError(f"host port {address} is not available: {e.strerror}",
                                   key="PublishPort", **where) from None
-
-
-def prepare(vm: VMConfig, plan: Plan, stack: contextlib.ExitStack) -> None:
-    """Make the files PLAN names before the domain starts: the overlay, the seed, the
-    credential files. STACK removes what must not outlive the VM."""
-    if plan.image is not None:
-        from qemu_unit import image
-
-        image.prepare_overlay(vm, plan.image)
-        if vm.ephemeral:
-            stack.callback(plan.image.overlay.unlink, missing_ok=True)
-    if plan.seed is not None:
-        from qemu_unit import seed
-
-        # cloud-init reads it at every boot of the guest: it stays until the VM stops.
-        stack.callback(plan.seed.unlink, missing_ok=True)
-        seed.write_iso(seed.from_vm(vm), plan.seed)
-    if plan.credentials:
-        from qemu_unit import credentials
-
-        stack.callback(credentials.remove, plan.dirs.root)
-        credentials.write_files(vm, plan.dirs.root)

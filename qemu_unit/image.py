@@ -17,11 +17,10 @@ import subprocess
 from pathlib import Path
 
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.host import QCOW2_MAGIC, ImagePlan
+from qemu_unit.host import OVERLAY, QCOW2_MAGIC, ImagePlan
 from qemu_unit.log import log as logger
 from qemu_unit.settings import VMConfig
 
-OVERLAY = "image.qcow2"
 BASE_RECORD = "image.base"
 QEMU_IMG_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -58,10 +57,6 @@ def _qemu_img(*args: str) -> None:
                           env=QEMU_IMG_ENV, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise QemuUnitError(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
-
-
-def overlay_path(vm: VMConfig, state: Path, runtime: Path) -> Path:
-    return (runtime if vm.ephemeral else state) / OVERLAY
 
 
 def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:

@@ -235,7 +235,7 @@ class Runner:
         with contextlib.ExitStack() as stack:
             stack.enter_context(locked_root(dirs.root))
             prepare_root(dirs)
-            host.prepare(vm, plan, stack)
+            prepare_guest_files(vm, plan, stack)
             self.notify.status("Starting")
             start_event_loop()
             conn = self._open(dirs)
@@ -570,6 +570,30 @@ class Runner:
         )
         self.notify.status(f"Failed: {reason}")
         return 1
+
+
+def prepare_guest_files(
+    vm: settings.VMConfig, plan: host.Plan, stack: contextlib.ExitStack
+) -> None:
+    """Make the files PLAN names before the domain starts: the overlay, the seed, the
+    credential files. STACK removes what must not outlive the VM."""
+    if plan.image is not None:
+        from qemu_unit import image
+
+        image.prepare_overlay(vm, plan.image)
+        if vm.ephemeral:
+            stack.callback(plan.image.overlay.unlink, missing_ok=True)
+    if plan.seed is not None:
+        from qemu_unit import seed
+
+        # cloud-init reads it at every boot of the guest: it stays until the VM stops.
+        stack.callback(plan.seed.unlink, missing_ok=True)
+        seed.write_iso(seed.from_vm(vm), plan.seed)
+    if plan.credentials:
+        from qemu_unit import credentials
+
+        stack.callback(credentials.remove, plan.dirs.root)
+        credentials.write_files(vm, plan.dirs.root)
 
 
 def _signal_name(signum: int) -> str:
