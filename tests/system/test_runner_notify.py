@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,7 +74,29 @@ def write_vm(d: Path, name: str, mode: str, extra: str = "") -> None:
     )
 
 
-def start(d: Path, name: str, notify: NotifySocket, **env: str) -> subprocess.Popen[str]:
+def _qemus_under(root: Path) -> list[int]:
+    """QEMU processes whose command line names ROOT (daemonized: not the runner's children)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd.split(b"\0", 1)[0] and str(root).encode() in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+@contextlib.contextmanager
+def started(d: Path, name: str, notify: NotifySocket,
+            **env: str) -> Iterator[subprocess.Popen[str]]:
+    """The runner outside systemd; leaving kills it, its QEMU and its runtime root.
+
+    Outside a unit nothing kills a daemonized QEMU whose runner died (a failed
+    assertion, a timeout): this context does, so a failing test leaves nothing behind.
+    """
     # A short runtime root: the monitor socket path must fit in 108 bytes.
     runtime = Path(tempfile.mkdtemp(prefix="qu", dir="/run"))
     environ = {
@@ -84,19 +108,33 @@ def start(d: Path, name: str, notify: NotifySocket, **env: str) -> subprocess.Po
         "CACHE_DIRECTORY": str(BASE / "cache"),
         **env,
     }
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         ["/usr/bin/python3", "-m", "qemu_unit", "run", "--config-dir", str(d / "cfg"), name],
         env=environ,
         stderr=subprocess.PIPE,
         text=True,
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        deadline = time.monotonic() + 10
+        while (pids := _qemus_under(runtime)) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        shutil.rmtree(runtime, ignore_errors=True)
+        notify.close()
+        assert not _qemus_under(runtime), f"QEMU under {runtime} survived SIGKILL"
 
 
 def test_notify_protocol_through_a_graceful_stop(workdir: Path) -> None:
     write_vm(workdir, "n1", "wait")
     notify = NotifySocket(workdir)
-    proc = start(workdir, "n1", notify, WATCHDOG_USEC="1000000")
-    try:
+    with started(workdir, "n1", notify, WATCHDOG_USEC="1000000") as proc:
         notify.wait_for("STATUS", "Starting")
         ready = notify.wait_for("READY", "1")
         assert ready["STATUS"].startswith("Running")
@@ -107,12 +145,8 @@ def test_notify_protocol_through_a_graceful_stop(workdir: Path) -> None:
         assert stopping["STATUS"].startswith("Shutting down")
         extend = notify.wait_for("EXTEND_TIMEOUT_USEC")
         assert int(extend["EXTEND_TIMEOUT_USEC"]) > 60_000_000  # default ShutdownTimeout=60s
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=90)
         assert notify.wait_for("STATUS", "Stopped: the guest powered off")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        notify.close()
     assert proc.returncode == 0, err
     assert "n1 console: qemu-unit-guest: power button pressed" in err
     # Watchdog pings (every 0.5 s) must not make libvirt log anything.
@@ -122,8 +156,7 @@ def test_notify_protocol_through_a_graceful_stop(workdir: Path) -> None:
 def test_second_signal_destroys_at_once(workdir: Path) -> None:
     write_vm(workdir, "n2", "ignore")
     notify = NotifySocket(workdir)
-    proc = start(workdir, "n2", notify)
-    try:
+    with started(workdir, "n2", notify) as proc:
         notify.wait_for("READY", "1")
         time.sleep(3)
         proc.send_signal(signal.SIGINT)
@@ -133,10 +166,6 @@ def test_second_signal_destroys_at_once(workdir: Path) -> None:
         notify.wait_for("STATUS", "Destroying", timeout=10)
         _, err = proc.communicate(timeout=30)
         assert time.monotonic() - t0 < 15  # far below ShutdownTimeout=60s
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        notify.close()
     assert proc.returncode == 0, err
     assert "Received SIGRTMIN+4 again: destroying the VM now" in err
 
@@ -157,13 +186,12 @@ def test_bad_input_exit_78_with_status(
         write_vm(workdir, name, "wait", vm)
     (workdir / "cfg").mkdir(exist_ok=True)
     notify = NotifySocket(workdir)
-    proc = start(workdir, name, notify)
-    _, err = proc.communicate(timeout=30)
-    status = notify.wait_for("STATUS")
-    while not status["STATUS"].startswith("Failed"):
-        status = notify.wait_for("STATUS", timeout=5)
-        notify.messages.remove(status) if not status["STATUS"].startswith("Failed") else None
-    notify.close()
+    with started(workdir, name, notify) as proc:
+        _, err = proc.communicate(timeout=30)
+        status = notify.wait_for("STATUS")
+        while not status["STATUS"].startswith("Failed"):
+            status = notify.wait_for("STATUS", timeout=5)
+            notify.messages.remove(status) if not status["STATUS"].startswith("Failed") else None
     assert proc.returncode == 78, err
     assert expected in err
     assert expected in status["STATUS"]
