@@ -607,13 +607,33 @@ Kept when the package is purged.
 .IR /run/qemu\-run/ NAME
 The embedded driver's root
 .RB ( RuntimeDirectory= ),
-with the console socket; removed when the unit stops, so stale state never
-survives a restart.
+with the console socket and
+.IR console\-attach.sock ,
+where
+.B qemu\-unit console
+attaches (root and qemu\-run only); removed when the unit stops, so stale
+state never survives a restart.
 .TP
 .I /var/cache/qemu\-run
 QEMU's capability cache, shared by all machines
 .RB ( CacheDirectory= ),
 filled on first use under a lock.
+.TP
+.IR /var/log/qemu\-run/ NAME
+.I console.log
+.RB ( LogsDirectory= ):
+everything the guest printed on its console, whatever the journal did not
+take, rotated once to
+.I console.log.1
+(see
+.B ConsoleLog=
+in
+.BR qemu\-run.vm (5)).
+The unit sets journald's own rate limit out of reach
+.RB ( LogRateLimitBurst= );
+the runner limits console lines itself
+.RB ( ConsoleRateLimitBurst= )
+and says in the journal how many it did not send.
 .SH GENERATOR
 .B qemu\-unit\-generator
 runs at boot and on
