@@ -112,9 +112,11 @@ def finalize_dirs(name: str) -> Dirs:
         runtime = os.environ.get("XDG_RUNTIME_DIR")
         root = Path(runtime) / "qemu-run" if runtime else Path(f"/tmp/qemu-run-{os.getuid()}")
         cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "qemu-run"
-    logs = Path("/var/log/qemu-run") / name if os.geteuid() == 0 else state / name
+    state_dir = _first("STATE_DIRECTORY") or state / name
+    # Unprivileged, the logs live in the VM's state directory, wherever that was put.
+    logs = Path("/var/log/qemu-run") / name if os.geteuid() == 0 else state_dir
     return Dirs(
-        state=_first("STATE_DIRECTORY") or state / name,
+        state=state_dir,
         root=_first("RUNTIME_DIRECTORY") or root / name,
         cache=_first("CACHE_DIRECTORY") or cache,
         logs=_first("LOGS_DIRECTORY") or logs,

@@ -266,3 +266,15 @@ def test_existing_host_paths_pass(tmp_path: Path) -> None:
     kinds = {(p.tag, p.kind) for p in host.xml_paths(plan.domain_xml)}
     assert kinds == {("kernel", "file"), ("emulator", "exec"), ("filesystem", "dir"),
                      ("disk", "dir")}
+
+
+def test_unprivileged_logs_follow_a_given_state_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # bench/runner.py runs the runner as qemu-run with STATE_DIRECTORY= but no
+    # LOGS_DIRECTORY= and no HOME: the logs went to /.local/state/... (EACCES).
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("LOGS_DIRECTORY", raising=False)
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    assert host.finalize_dirs("web").logs == tmp_path / "state"
