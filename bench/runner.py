@@ -111,7 +111,7 @@ def setup() -> tuple[Path, settings.VMConfig]:
 
 def build_at(vm: settings.VMConfig, root: Path) -> ET.Element:
     """The domain qemu-unit would start, with its sockets under ROOT."""
-    dirs = host.Dirs(state=BASE / "state", root=root, cache=BASE / "cache")
+    dirs = host.Dirs(state=BASE / "state", root=root, cache=BASE / "cache", logs=BASE / "state")
     return domain.build(vm, host.plan(vm, dirs, accel=settings.Accel.TCG))
 
 
