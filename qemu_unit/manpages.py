@@ -567,7 +567,8 @@ manual starts count too); then the unit stays failed until
 A runner that stops sending watchdog pings for
 .B WatchdogSec=
 (60 seconds) is killed with its QEMU; the runner itself stops QEMU and fails when
-QEMU's monitor leaves a question unanswered for half that time (a hung QEMU).
+QEMU's monitor leaves a question unanswered for half that time, and at least 5 seconds
+(a hung QEMU).
 .TP
 .B 78
 Configuration error (EX_CONFIG): the

@@ -40,6 +40,9 @@ SHUTDOWN_RETRY = 5.0
 # QEMU pauses a guest whose disk write hit ENOSPC (werror=enospc); nobody but the
 # runner can resume an embedded domain, so it tries again at this pace.
 RESUME_RETRY = 5.0
+# A busy host (TCG guests on few cores) keeps monitor answers waiting for seconds: with
+# a short WatchdogSec= half a period alone took a healthy QEMU for a hung one.
+HANG_FLOOR = 5.0
 # How often Ready=agent asks the guest agent while the guest boots.
 AGENT_POLL = 0.5
 QEMU_CONF = """\
@@ -175,6 +178,12 @@ class MonitorProbe:
     def unanswered_for(self) -> float:
         asked = self._asked_at
         return 0.0 if asked is None else time.monotonic() - asked
+
+    @staticmethod
+    def hang_threshold(ping_interval: float) -> float:
+        """Seconds without an answer that mean QEMU hangs: about one ping interval
+        (half the watchdog period), never less than HANG_FLOOR."""
+        return max(ping_interval * 0.9, HANG_FLOOR)
 
     def _run(self) -> None:
         while True:
@@ -480,9 +489,9 @@ class Runner:
                 next_resume = self._resume_after_io_error(now)
             if probe and wd_interval and now >= next_wd:
                 next_wd = now + wd_interval
-                # Half a watchdog period without an answer: noticed within one period.
+                # About half a watchdog period (at least HANG_FLOOR) without an answer.
                 silent = probe.unanswered_for()
-                if silent >= wd_interval * 0.9:
+                if silent >= probe.hang_threshold(wd_interval):
                     return self._hung(silent, dirs)
                 probe.ask()
                 try:

@@ -7,7 +7,7 @@ import time
 
 import libvirt
 
-from qemu_unit.runner import MonitorProbe
+from qemu_unit.runner import HANG_FLOOR, MonitorProbe
 
 
 class FakeDomain:
@@ -51,3 +51,9 @@ def test_an_error_counts_as_an_answer() -> None:
         probe.ask()
         assert _answered(probe)
     assert dom.calls == 2
+
+
+def test_hang_threshold_has_a_floor_for_short_watchdogs() -> None:
+    # WatchdogSec=1s pings every 0.5 s: a loaded host must not make that a hang.
+    assert MonitorProbe.hang_threshold(0.5) == HANG_FLOOR
+    assert MonitorProbe.hang_threshold(30.0) == 27.0  # WatchdogSec=60s: about half
