@@ -885,8 +885,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "RestrictNetwork", "restrict_network", parse_bool, "no", "yes|no",
         "With yes, the user networks (Network=user) are isolated (QEMU's restrict=on): the "
-        "guest can reach nothing outside, neither the host nor the internet, and is offered "
-        "no DNS server; PublishPort= forwards still reach it. Together with published "
+        "guest can reach nothing outside, neither the host nor the internet (QEMU's DHCP "
+        "still names 10.0.2.3 as DNS server, but no query gets out); PublishPort= forwards "
+        "still reach it. Together with published "
         "ports bound to 127.0.0.1 the unit's sandbox then only allows loopback traffic. "
         "Defaults to no.",
     ),
