@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qemu_unit import seed  # noqa: E402
+from qemu_unit.vm import seed  # noqa: E402
 from tests.support.container import Container  # noqa: E402
 from tests.support.debian import build_debian_image  # noqa: E402
 from tests.support.venv import test_install  # noqa: E402

@@ -50,7 +50,7 @@ WantedBy=multi-user.target
 def command(outdir: Path) -> list[str]:
     script = (
         f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-        "from qemu_unit.generator import main; sys.exit(main())"
+        "from qemu_unit.generator.main import main; sys.exit(main())"
     )
     return [PYTHON, "-I", "-c", script, str(outdir), str(outdir), str(outdir)]
 
@@ -104,7 +104,8 @@ def phases(src: Path, root: Path, runs: int) -> None:
 import os, sys, time
 sys.path.insert(0, {str(REPO)!r})
 t0 = time.perf_counter()
-from qemu_unit import generator, settings, source
+from qemu_unit.config import settings, source  # noqa: E402
+from qemu_unit.generator import main as generator
 imported = time.perf_counter() - t0
 best = {{}}
 for n in range({runs}):

@@ -30,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qemu_unit import domain, host, settings, source  # noqa: E402
+from qemu_unit.config import settings, source  # noqa: E402
+from qemu_unit.vm import domain, host  # noqa: E402
 from tests.support.container import Container  # noqa: E402
 from tests.support.guest import build_test_guest, cmdline  # noqa: E402
 from tests.support.venv import test_install  # noqa: E402

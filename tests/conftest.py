@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from qemu_unit import demo  # noqa: E402
+from qemu_unit.cli import demo  # noqa: E402
 from tests.support import container  # noqa: E402
 from tests.support.guest import build_test_guest  # noqa: E402
 from tests.support.requirements import unavailable  # noqa: E402

@@ -24,7 +24,7 @@ class Client:
         self.master, self.slave = os.openpty()
         self.saved = termios.tcgetattr(self.slave)
         call = f"attach.attach('t1'{''.join(args)})"
-        code = f"import sys; from qemu_unit import attach; sys.exit({call})"
+        code = f"import sys; from qemu_unit.cli import attach; sys.exit({call})"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code], stdin=self.slave, stdout=self.slave,
             stderr=self.slave, cwd=REPO, start_new_session=True,

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from qemu_unit import cli, host
-from qemu_unit.settings import Accel
+from qemu_unit.cli import commands as cli
+from qemu_unit.config import domainxml
+from qemu_unit.config.settings import Accel
+from qemu_unit.vm import host
 
 
 @pytest.fixture
@@ -57,7 +59,8 @@ def test_render_prints_what_the_runner_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], unit_dirs: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from qemu_unit import runner, source
+    from qemu_unit.config import source
+    from qemu_unit.vm import runner
 
     monkeypatch.setattr(host, "kvm_problem", lambda: "/dev/kvm: test")
     for text in ("[VM]\nKernel=/dev/null\nShutdownMode=agent\nFirmware=uefi\n",):
@@ -95,7 +98,7 @@ def test_deeply_nested_xml_is_one_line_and_exit_78(
     err = capsys.readouterr().err
     assert status == os.EX_CONFIG, err
     assert err == f"qemu-unit: {tmp_path}/deep.xml: elements nested deeper than " \
-        f"{host.MAX_XML_DEPTH} levels\n"
+        f"{domainxml.MAX_XML_DEPTH} levels\n"
     assert not (short / "run").exists()  # failed before anything was acquired
     short.rmdir()
 

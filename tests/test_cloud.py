@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from qemu_unit import cli, credentials, domain, generator, host, image, seed, settings
+from qemu_unit.cli import commands as cli
+from qemu_unit.config import settings
+from qemu_unit.config.unitfile import parse
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.host import check_ports
-from qemu_unit.unitfile import parse
+from qemu_unit.generator import main as generator
+from qemu_unit.vm import credentials, domain, host, image, seed
+from qemu_unit.vm.host import check_ports
 from tests.test_fixtures import FIXTURE_DIR, fixtures
 
 NEW_KEYS = ("Image", "Ephemeral", "DiskSize", "UserData", "SSHAuthorizedKey", "Hostname",

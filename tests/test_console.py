@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from qemu_unit import log
-from qemu_unit.console import MAX_LINE, Console, LineSplitter, Policy
+from qemu_unit.vm.console import MAX_LINE, Console, LineSplitter, Policy
 
 
 def test_lines_split_across_chunks_and_crlf_stripped() -> None:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from qemu_unit import demo, host, settings, unitfile
+from qemu_unit.cli import demo
+from qemu_unit.config import settings, unitfile
 from qemu_unit.errors import QemuUnitError
+from qemu_unit.vm import host
 from tests.support.guest import CACHE_DIR, BareQemu
 
 
@@ -170,7 +172,8 @@ def test_write_demo_escapes_percent_in_paths(tmp_path: Path, dest: Path) -> None
 
 
 def test_cloud_demo_is_the_five_line_vm(tmp_path: Path) -> None:
-    from qemu_unit import cli, source
+    from qemu_unit.cli import commands as cli
+    from qemu_unit.config import source
 
     base = tmp_path / "debian-12-genericcloud-amd64.qcow2"
     base.write_bytes(b"QFI\xfb" + b"\0" * 100)

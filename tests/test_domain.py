@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from qemu_unit import domain
+from qemu_unit.config.settings import Accel, Disk, VMConfig, parse_vm
+from qemu_unit.config.unitfile import UnitFile, parse
 from qemu_unit.errors import ConfigError
-from qemu_unit.settings import Accel, Disk, VMConfig, parse_vm
-from qemu_unit.unitfile import UnitFile, parse
+from qemu_unit.vm import domain
 from tests.test_fixtures import fixtures, load_fixture, plan_of
 
 # Defines each domain through qemu:///embed and prints what libvirt made of it.

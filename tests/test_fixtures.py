@@ -42,8 +42,9 @@ from typing import Any
 
 import pytest
 
-from qemu_unit import domain, host, settings, source, unitfile
+from qemu_unit.config import domainxml, settings, source, unitfile
 from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.vm import domain, host
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "vm"
 REGENERATE = os.environ.get("QEMU_UNIT_REGENERATE") == "1"
@@ -61,7 +62,7 @@ def plan_of(vm: settings.VMConfig, accel: str = "tcg") -> host.Plan:
     host does not have. Disk headers are read as host.plan reads them."""
     if vm.accel is not settings.Accel.AUTO and vm.accel != accel:
         raise QemuUnitError(f"the VM says Accel={vm.accel}, cannot plan it for {accel}")
-    xml = host.read_domain_xml(vm.domain_xml) if vm.domain_xml is not None else None
+    xml = domainxml.read_domain_xml(vm.domain_xml) if vm.domain_xml is not None else None
     dirs = dirs_of(vm.name)
     return host.Plan(settings.Accel(accel), dirs, tuple(host.plan_disk(d) for d in vm.disks),
                      xml, **host.guest_files(vm, dirs))

@@ -13,10 +13,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qemu_unit import domain, unitfile
+from qemu_unit.config import unitfile
+from qemu_unit.config.names import check_name
+from qemu_unit.config.settings import SETTINGS, parse_vm
 from qemu_unit.errors import QemuUnitError
-from qemu_unit.names import check_name
-from qemu_unit.settings import SETTINGS, parse_vm
+from qemu_unit.vm import domain
 from tests.test_fixtures import plan_of
 
 KEYS = [s.name for s in SETTINGS] + ["Memroy", "WantedBy", "Description", "", "a b", "=", "é"]

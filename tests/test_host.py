@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from qemu_unit import host
+from qemu_unit.config import domainxml
+from qemu_unit.config.settings import Accel, Disk, VMConfig, load_vm, parse_vm
+from qemu_unit.config.source import Source
+from qemu_unit.config.unitfile import UnitFile, parse
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.host import check_files, detect_format
-from qemu_unit.settings import Accel, Disk, VMConfig, load_vm, parse_vm
-from qemu_unit.source import Source
-from qemu_unit.unitfile import UnitFile, parse
+from qemu_unit.vm import host
+from qemu_unit.vm.host import check_files, detect_format
 from tests.test_fixtures import dirs_of
 
 DIRS = dirs_of("web")
@@ -193,7 +194,7 @@ def test_bad_domain_xml(tmp_path: Path, content: bytes | None, message: str) -> 
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=message) as info:
-        host.read_domain_xml(path)
+        domainxml.read_domain_xml(path)
     assert info.value.path == str(path)
 
 
@@ -207,7 +208,7 @@ def test_deeply_nested_xml_is_a_config_error(tmp_path: Path) -> None:
     assert info.value.path == str(path)
     ok = tmp_path / "ok.xml"
     ok.write_text("<domain type='qemu'>" + "<a>" * 98 + "</a>" * 98 + "</domain>")
-    host.read_domain_xml(ok)
+    domainxml.read_domain_xml(ok)
 
 
 def xml_problem(tmp_path: Path, devices: str, os_: str = "") -> str:
@@ -263,7 +264,7 @@ def test_existing_host_paths_pass(tmp_path: Path) -> None:
     )
     plan = host.plan(vm_of(f"[VM]\nDomainXML={path}\n"), DIRS, accel=Accel.TCG)
     assert plan.domain_xml is not None and plan.domain_xml.findtext("name") == "x"
-    kinds = {(p.tag, p.kind) for p in host.xml_paths(plan.domain_xml)}
+    kinds = {(p.tag, p.kind) for p in domainxml.xml_paths(plan.domain_xml)}
     assert kinds == {("kernel", "file"), ("emulator", "exec"), ("filesystem", "dir"),
                      ("disk", "dir")}
 

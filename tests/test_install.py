@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qemu_unit import install
+from qemu_unit.cli import install
 
 REPO = Path(__file__).resolve().parents[1]
 

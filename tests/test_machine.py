@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from qemu_unit import install, machine, status
+from qemu_unit.cli import install
 from qemu_unit.errors import QemuUnitError
+from qemu_unit.vm import machine, status
 
 UUID = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from qemu_unit import manpages, settings
-from qemu_unit.arguments import build_parser
+from qemu_unit.cli import manpages
+from qemu_unit.cli.arguments import build_parser
+from qemu_unit.config import settings
 from tests.support.requirements import require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,13 +151,13 @@ def test_roff_special_text_survives() -> None:
 
 
 def test_module_runs_without_libvirt(tmp_path: Path) -> None:
-    """The package build runs `python3 -m qemu_unit.manpages` with no libvirt, systemd."""
+    """The package build runs `python3 -m qemu_unit.cli.manpages` with no libvirt, systemd."""
     code = (
         "import runpy, sys\n"
         "for m in ('libvirt', 'libvirtaio', 'systemd', 'sdnotify'):\n"
         "    sys.modules[m] = None\n"
         "sys.argv = ['manpages', sys.argv[1]]\n"
-        "runpy.run_module('qemu_unit.manpages', run_name='__main__')\n"
+        "runpy.run_module('qemu_unit.cli.manpages', run_name='__main__')\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path)],
@@ -172,7 +173,7 @@ def test_date_follows_source_date_epoch(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_vm_page_states_the_syntax_rules_and_refusals() -> None:
-    from qemu_unit import unitfile
+    from qemu_unit.config import unitfile
 
     roff = manpages.render_vm_page()
     syntax = roff[roff.index(".SH SYNTAX"):roff.index('.SH "[Unit]')]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from qemu_unit.config.names import MAX_LENGTH, check_name, split_template
 from qemu_unit.errors import ConfigError
-from qemu_unit.names import MAX_LENGTH, check_name, split_template
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sdnotify
 
-from qemu_unit.notify import Notifier
+from qemu_unit.vm.notify import Notifier
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from qemu_unit import cli, overview, status
+from qemu_unit.cli import commands as cli
+from qemu_unit.cli import overview
+from qemu_unit.vm import status
 from tests.support.schema import validate
 
 SHOW = """\

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu_unit import settings, unitfile
+from qemu_unit.config import settings, unitfile
 from tests.support.requirements import require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,8 @@ def test_deb_file_list(deb: Built) -> None:
     assert files["usr/lib/systemd/system-generators/qemu-unit-generator"] == "-rwxr-xr-x"
     assert files["usr/lib/systemd/system/qemu-run@.service"] == "-rw-r--r--"
     site = "usr/lib/python3/dist-packages/qemu_unit"
-    for module in ("cli", "generator", "settings", "runner", "manpages", "unitfile"):
+    for module in ("cli/commands", "generator/main", "config/settings", "vm/runner",
+                   "cli/manpages", "config/unitfile", "config/__init__"):
         assert f"{site}/{module}.py" in files, module
     # Nothing outside /usr: /etc/qemu-run comes from tmpfiles.d, /var from the unit.
     assert all(p == "" or p.startswith("usr") for p in files), sorted(files)
@@ -257,7 +258,7 @@ def test_rpm_file_list(rpm: Built) -> None:
     for path in (*INSTALLED, *MAN_PAGES):
         assert "/" + path in files, path
     assert "/etc/qemu-run" in files
-    assert any(re.search(r"/qemu_unit/generator\.py$", f) for f in files)
+    assert any(re.search(r"/qemu_unit/generator/main\.py$", f) for f in files)
     assert not [f for f in files if f.startswith(("/var", "/usr/share/qemu-unit"))]
     mode = run("rpm", "-qp", "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]", rpm.path).stdout
     assert "-rwxr-xr-x /usr/lib/systemd/system-generators/qemu-unit-generator" in mode

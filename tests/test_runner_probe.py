@@ -7,7 +7,7 @@ import time
 
 import libvirt
 
-from qemu_unit.runner import HANG_FLOOR, MonitorProbe
+from qemu_unit.vm.runner import HANG_FLOOR, MonitorProbe
 
 
 class FakeDomain:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qemu_unit import settings
-from qemu_unit.errors import ConfigError
-from qemu_unit.settings import (
+from qemu_unit.config import settings
+from qemu_unit.config.settings import (
     BY_NAME,
     SETTINGS,
     VMConfig,
@@ -21,8 +20,9 @@ from qemu_unit.settings import (
     stable_mac,
     stable_uuid,
 )
-from qemu_unit.source import Source
-from qemu_unit.unitfile import Entry, UnitFile, parse
+from qemu_unit.config.source import Source
+from qemu_unit.config.unitfile import Entry, UnitFile, parse
+from qemu_unit.errors import ConfigError
 
 ENTRY = Entry("VM", "Key", "", "/x.vm", 1)
 
@@ -232,7 +232,7 @@ def test_load_vm_of_an_xml_source_refuses_other_keys(tmp_path: Path) -> None:
 def test_module_stays_import_light() -> None:
     # The generator imports settings at every boot: no libvirt, nothing heavy.
     code = (
-        "import sys, qemu_unit.settings;"
+        "import sys, qemu_unit.config.settings;"
         "bad = [m for m in ('libvirt', 'systemd', 'xml.etree.ElementTree') if m in sys.modules];"
         "assert not bad, bad"
     )

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from qemu_unit.config.source import DEFAULT_PATH, Source, find_source, list_sources, search_path
 from qemu_unit.errors import ConfigError
-from qemu_unit.source import DEFAULT_PATH, Source, find_source, list_sources, search_path
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qemu_unit.config.unitfile import LINE_MAX, Entry, UnitFile, format_line, parse, read
 from qemu_unit.errors import ConfigError
-from qemu_unit.unitfile import LINE_MAX, Entry, UnitFile, format_line, parse, read
 
 
 def values(text: str) -> list[tuple[str, str, str, int]]:
@@ -72,7 +72,7 @@ def test_a_comment_never_continues() -> None:
 
 def test_a_comment_before_a_section_does_not_hide_it(tmp_path: Path) -> None:
     # The misleading "Description=: unknown key in [VM]" of issue 11.
-    from qemu_unit import settings, source
+    from qemu_unit.config import settings, source
 
     path = tmp_path / "web.vm"
     path.write_text("[VM]\nMemory=1G\n# Network=user \\\n[Unit]\nDescription=web\n")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qemu_unit import demo
+from qemu_unit.cli import demo
 
 # Outside /tmp: a container booted by the harness gets a fresh /tmp.
 CACHE_DIR = Path("/var/tmp/qemu-unit-tests/guest")

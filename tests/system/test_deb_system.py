@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu_unit import install
+from qemu_unit.cli import install
 from tests.support.container import Container
 from tests.support.vm import (
     assert_graceful_stop,

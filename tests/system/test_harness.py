@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu_unit import demo
+from qemu_unit.cli import demo
 from tests.support.container import Container, _mounts_under, _pids_in_ns
 from tests.support.guest import bare_qemu, cmdline
 from tests.support.venv import VENV_DIR
@@ -106,7 +106,7 @@ def test_venv_has_this_tree_installed_for_a_service_user(qemu_unit_bin: Path) ->
     assert qemu_unit_bin.stat().st_mode & stat.S_IXOTH
     python = VENV_DIR / "bin/python"
     where = subprocess.run(
-        [str(python), "-c", "import qemu_unit.demo as d, libvirt; print(d.__file__)"],
+        [str(python), "-c", "import qemu_unit.cli.demo as d, libvirt; print(d.__file__)"],
         cwd="/", capture_output=True, text=True, check=True,
     ).stdout.strip()
     installed = Path(where)

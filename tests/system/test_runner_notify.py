@@ -221,7 +221,7 @@ def test_bad_input_exit_78_with_status(
 
 
 def test_notify_module_uses_the_real_socket(workdir: Path) -> None:
-    from qemu_unit.notify import Notifier
+    from qemu_unit.vm.notify import Notifier
 
     notify = NotifySocket(workdir)
     old = os.environ.get("NOTIFY_SOCKET")

@@ -32,10 +32,11 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from qemu_unit import generator, source
-from qemu_unit import settings as vm_settings
+from qemu_unit.config import settings as vm_settings
+from qemu_unit.config import source
+from qemu_unit.config.unitfile import LINE_MAX
 from qemu_unit.errors import ConfigError
-from qemu_unit.unitfile import LINE_MAX
+from qemu_unit.generator import main as generator
 from tests.support.container import Container
 from tests.support.vm import CONFIG_DIR
 

@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_unit.config.settings import VMConfig
 from qemu_unit.errors import ConfigError
-from qemu_unit.settings import VMConfig
 
 VOLUME_LABEL = "cidata"
 EMPTY_USER_DATA = b"#cloud-config\n{}\n"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from qemu_unit.source import DEFAULT_PATH, PATH_ENV
+from qemu_unit.config.source import DEFAULT_PATH, PATH_ENV
 
 PROG = "qemu-unit"
 DESCRIPTION = (

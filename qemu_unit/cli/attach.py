@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from qemu_unit import host
+from qemu_unit.config.names import check_name
 from qemu_unit.errors import QemuUnitError
-from qemu_unit.names import check_name
+from qemu_unit.vm import host
 
 ESCAPE = b"\x1d"  # Ctrl-]
 SYSTEM_RUNTIME = Path("/run/qemu-run")  # qemu-run@NAME.service's RuntimeDirectory=

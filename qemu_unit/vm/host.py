@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qemu_unit.config.domainxml import read_domain_xml, xml_paths
+from qemu_unit.config.settings import Accel, Disk, VMConfig
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.settings import Accel, Disk, VMConfig
 
 QCOW2_MAGIC = b"QFI\xfb"
 SEED = "seed.iso"  # in the embed root
@@ -36,9 +37,6 @@ SYSTEM_RUNTIME = Path("/run/qemu-run")
 # The sun_path limit; the deepest socket libvirt makes in the root is QEMU's monitor.
 SUN_PATH_MAX = 107
 MONITOR_SUFFIX = len("/lib/qemu/domain-999-") + 20 + len("/monitor.sock")
-# ElementTree serialises (and copies) recursively: a hostile nesting depth would end
-# in a RecursionError. libvirt's own domain XML is a dozen levels deep.
-MAX_XML_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -226,78 +224,6 @@ def plan_disk(disk: Disk) -> DiskPlan:
 # -- DomainXML= -----------------------------------------------------------------------------
 
 
-def read_domain_xml(path: Path) -> ET.Element:
-    """The <domain> of a DomainXML= file, parsed and no deeper than MAX_XML_DEPTH."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else "not valid UTF-8"
-        raise ConfigError(f"cannot read domain XML: {reason}", path=path) from None
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as e:
-        raise ConfigError(f"invalid XML: {e}", path=path, line=e.position[0]) from None
-    if root.tag != "domain":
-        raise ConfigError(f"the root element is <{root.tag}>, not <domain>", path=path)
-    # Iterative on purpose: this is what stands between the file and recursion.
-    level = [root]
-    for _ in range(MAX_XML_DEPTH):
-        level = [child for element in level for child in element]
-        if not level:
-            return root
-    raise ConfigError(f"elements nested deeper than {MAX_XML_DEPTH} levels", path=path)
-
-
-@dataclass(frozen=True)
-class HostPath:
-    """A host path a domain XML names: KIND is 'file', 'dir' or 'exec'."""
-
-    tag: str
-    path: str
-    writable: bool
-    kind: str = "file"
-
-
-def xml_paths(root: ET.Element) -> list[HostPath]:
-    """Each host path a domain names that must exist when it starts: disks (files, block
-    devices, directories, backing files), filesystem sources, kernel, initrd, device
-    tree, firmware, ACPI tables, fw_cfg files, the emulator. Not the NVRAM file:
-    libvirt makes it from a template."""
-    out: list[HostPath] = []
-    for disk in root.iterfind("./devices/disk"):
-        src = disk.find("source")
-        writable = disk.find("readonly") is None and disk.get("device") != "cdrom"
-        if src is not None:
-            if src.get("file") or src.get("dev"):
-                out.append(HostPath("disk", src.get("file") or src.get("dev") or "", writable))
-            elif src.get("dir"):
-                out.append(HostPath("disk", src.get("dir") or "", writable, "dir"))
-        for backing in disk.iterfind(".//backingStore/source"):
-            if backing.get("file") or backing.get("dev"):
-                out.append(HostPath("backingStore", backing.get("file") or backing.get("dev")
-                                    or "", False))
-    for fs in root.iterfind("./devices/filesystem"):
-        src = fs.find("source")
-        if src is None:
-            continue
-        writable = fs.find("readonly") is None
-        if fs.get("type", "mount") == "mount" and src.get("dir"):
-            out.append(HostPath("filesystem", src.get("dir") or "", writable, "dir"))
-        elif src.get("file") or src.get("dev"):
-            out.append(HostPath("filesystem", src.get("file") or src.get("dev") or "", writable))
-    for tag in ("kernel", "initrd", "dtb", "loader", "acpi/table"):
-        text = (root.findtext(f"./os/{tag}") or "").strip()
-        if text:
-            out.append(HostPath(tag.rpartition("/")[2], text, False))
-    for entry in root.iterfind("./sysinfo/entry"):
-        if entry.get("file"):
-            out.append(HostPath("sysinfo", entry.get("file") or "", False))
-    emulator = (root.findtext("./devices/emulator") or "").strip()
-    if emulator:
-        out.append(HostPath("emulator", emulator, False, "exec"))
-    return out
-
-
 def check_xml_paths(root: ET.Element, path: Path | str) -> None:
     """The host paths the domain names exist as what they must be: a clear error here
     beats QEMU's exit inside libvirt later."""
@@ -363,7 +289,7 @@ def guest_files(vm: VMConfig, dirs: Dirs) -> dict[str, Any]:
         image = ImagePlan(overlay_path(vm, dirs), vm.image, base_format)
     files: tuple[tuple[str, Path], ...] = ()
     if vm.credentials:
-        from qemu_unit.credentials import planned_files
+        from qemu_unit.vm.credentials import planned_files
 
         files = tuple(planned_files(vm, dirs.root))
     return {"image": image, "seed": dirs.root / SEED if vm.has_seed else None,

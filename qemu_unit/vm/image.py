@@ -16,10 +16,10 @@ import os
 import subprocess
 from pathlib import Path
 
+from qemu_unit.config.settings import VMConfig
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.host import OVERLAY, QCOW2_MAGIC, ImagePlan
 from qemu_unit.log import log as logger
-from qemu_unit.settings import VMConfig
+from qemu_unit.vm.host import OVERLAY, QCOW2_MAGIC, ImagePlan
 
 BASE_RECORD = "image.base"
 QEMU_IMG_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}

@@ -18,8 +18,8 @@ import os
 import shutil
 from pathlib import Path
 
+from qemu_unit.config.settings import VMConfig
 from qemu_unit.errors import ConfigError
-from qemu_unit.settings import VMConfig
 
 DIRECTORY = "credentials"
 

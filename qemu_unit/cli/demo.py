@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_unit import command
+from qemu_unit.config.unitfile import escape_specifiers
 from qemu_unit.errors import QemuUnitError
-from qemu_unit.unitfile import escape_specifiers
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"

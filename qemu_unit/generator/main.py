@@ -34,9 +34,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qemu_unit import settings, source
+from qemu_unit.config import settings, source
+from qemu_unit.config.unitfile import Entry, escape_specifiers, format_line
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.unitfile import Entry, escape_specifiers, format_line
 
 # typing costs ~3 ms to import at every boot and is needed by type checkers only.
 TYPE_CHECKING = False
@@ -193,9 +193,9 @@ def _xml_needs(path: Path) -> HostNeeds:
         _XML_INTERFACES.get(i.get("type", ""), "bridge")
         for i in root.iterfind("./devices/interface")
     ]
-    from qemu_unit import host  # with ElementTree: only DomainXML= VMs pay for it
+    from qemu_unit.config import domainxml  # with ElementTree: only DomainXML= VMs pay
 
-    files = [(p.path, p.writable) for p in host.xml_paths(root)]
+    files = [(p.path, p.writable) for p in domainxml.xml_paths(root)]
     nvram = root.findtext("./os/nvram", "").strip()
     if nvram.startswith("/"):
         files.append((nvram, True))

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_unit.config.names import check_name, split_template
 from qemu_unit.errors import ConfigError
-from qemu_unit.names import check_name, split_template
 
 # typing costs ~3 ms to import at every boot and is needed by type checkers only.
 TYPE_CHECKING = False

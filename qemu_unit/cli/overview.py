@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu_unit import host, settings, source, status
+from qemu_unit.config import domainxml, settings, source
+from qemu_unit.config.names import check_name
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.log import CONSOLE_IDENTIFIER
-from qemu_unit.names import check_name
+from qemu_unit.vm import host, status
 
 JSON_VERSION = 1
 CONSOLE_LINES = 10
@@ -164,7 +165,7 @@ def apply_config(vm: VMState, src: source.Source) -> None:
     if config.domain_xml is not None:
         # A full domain XML says its own size; Accel= and Memory= do not apply.
         try:
-            vm.memory, vm.cpus = status.resources(host.read_domain_xml(config.domain_xml))
+            vm.memory, vm.cpus = status.resources(domainxml.read_domain_xml(config.domain_xml))
         except ConfigError as e:
             vm.error = str(e)
         return

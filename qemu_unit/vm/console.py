@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_unit import log
-from qemu_unit.settings import VMConfig
+from qemu_unit.config.settings import VMConfig
 
 logger = log.log
 

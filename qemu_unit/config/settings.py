@@ -20,10 +20,10 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
+from qemu_unit.config.names import split_template
+from qemu_unit.config.source import Source
+from qemu_unit.config.unitfile import Entry, UnitFile, escape_specifiers, read
 from qemu_unit.errors import ConfigError
-from qemu_unit.names import split_template
-from qemu_unit.source import Source
-from qemu_unit.unitfile import Entry, UnitFile, escape_specifiers, read
 
 # typing costs ~3 ms to import at every boot and is needed by type checkers only.
 TYPE_CHECKING = False

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from qemu_unit.command import run
 from qemu_unit.errors import QemuUnitError
-from qemu_unit.host import SERVICE_USER
 from qemu_unit.log import log
+from qemu_unit.vm.host import SERVICE_USER
 
 UNIT = "qemu-run@.service"
 GENERATOR = "qemu-unit-generator"
@@ -135,7 +135,7 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
     _write(lay.generator, render_generator((units / GENERATOR).read_text()), 0o755)
     _write(lay.sysusers, (units / "qemu-unit.sysusers").read_text())
     _write(lay.tmpfiles, (units / "qemu-unit.tmpfiles").read_text())
-    from qemu_unit import manpages
+    from qemu_unit.cli import manpages
 
     for page in manpages.write_pages(lay.mandir / "tmp"):
         section = page.name.rsplit(".", 1)[1]
@@ -175,6 +175,6 @@ def uninstall(root: Path, prefix: Path, reload: bool = True) -> None:
 
 
 def _manpage_names() -> tuple[str, ...]:
-    from qemu_unit import manpages
+    from qemu_unit.cli import manpages
 
     return manpages.PAGES

@@ -13,9 +13,7 @@ import copy
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from qemu_unit.errors import ConfigError
-from qemu_unit.host import DiskPlan, ImagePlan, Plan
-from qemu_unit.settings import (
+from qemu_unit.config.settings import (
     Accel,
     Console,
     Disk,
@@ -26,6 +24,8 @@ from qemu_unit.settings import (
     VMConfig,
     is_q35,
 )
+from qemu_unit.errors import ConfigError
+from qemu_unit.vm.host import DiskPlan, ImagePlan, Plan
 
 # Keep the conventional prefix of libvirt's QEMU namespace (<qemu:commandline>).
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"

@@ -26,11 +26,13 @@ from typing import Any
 
 import libvirt
 
-from qemu_unit import domain, host, log, settings, source, status
-from qemu_unit.console import Console, Policy
+from qemu_unit import log
+from qemu_unit.config import settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.host import SERVICE_USER, Dirs
-from qemu_unit.notify import Notifier
+from qemu_unit.vm import domain, host, status
+from qemu_unit.vm.console import Console, Policy
+from qemu_unit.vm.host import SERVICE_USER, Dirs
+from qemu_unit.vm.notify import Notifier
 
 logger = log.log
 
@@ -270,7 +272,7 @@ class Runner:
                 assert self.dom is not None
                 if plan.credentials:
                     # QEMU has read them: they need not lie around any longer.
-                    from qemu_unit import credentials
+                    from qemu_unit.vm import credentials
 
                     credentials.remove(dirs.root)
                 uuid = self.dom.UUIDString()
@@ -587,19 +589,19 @@ def prepare_guest_files(
     """Make the files PLAN names before the domain starts: the overlay, the seed, the
     credential files. STACK removes what must not outlive the VM."""
     if plan.image is not None:
-        from qemu_unit import image
+        from qemu_unit.vm import image
 
         image.prepare_overlay(vm, plan.image)
         if vm.ephemeral:
             stack.callback(plan.image.overlay.unlink, missing_ok=True)
     if plan.seed is not None:
-        from qemu_unit import seed
+        from qemu_unit.vm import seed
 
         # cloud-init reads it at every boot of the guest: it stays until the VM stops.
         stack.callback(plan.seed.unlink, missing_ok=True)
         seed.write_iso(seed.from_vm(vm), plan.seed)
     if plan.credentials:
-        from qemu_unit import credentials
+        from qemu_unit.vm import credentials
 
         stack.callback(credentials.remove, plan.dirs.root)
         credentials.write_files(vm, plan.dirs.root)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qemu_unit import log
-from qemu_unit.arguments import build_parser
+from qemu_unit.cli.arguments import build_parser
 from qemu_unit.errors import ConfigError, QemuUnitError
 
 
@@ -21,7 +21,7 @@ def _search_path(args: argparse.Namespace) -> list[Path] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qemu_unit import runner
+    from qemu_unit.vm import runner
 
     return runner.run(
         args.name, shutdown_timeout=args.shutdown_timeout, search_path=_search_path(args)
@@ -29,13 +29,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    from qemu_unit import attach
+    from qemu_unit.cli import attach
 
     return attach.attach(args.name, read_only=args.read_only)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from qemu_unit import domain, host, settings, source
+    from qemu_unit.config import settings, source
+    from qemu_unit.vm import domain, host
 
     vm = settings.load_vm(source.find_source(args.name, _search_path(args)))
     sys.stdout.write(domain.render(vm, host.plan(vm)))
@@ -53,7 +54,8 @@ def validate(targets: Sequence[str], search_path: Sequence[Path] | None = None) 
 
     Nothing here depends on this host's KVM: a VM is checked as its configuration says.
     """
-    from qemu_unit import host, settings, source
+    from qemu_unit.config import settings, source
+    from qemu_unit.vm import host
 
     problems: list[str] = []
     found: list[source.Source] = []
@@ -88,7 +90,7 @@ def _systemd_problem(problem: str | None) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from qemu_unit import overview
+    from qemu_unit.cli import overview
 
     vms, problem = overview.collect(search_path=_search_path(args))
     _systemd_problem(problem)
@@ -97,7 +99,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from qemu_unit import overview
+    from qemu_unit.cli import overview
 
     vm, problem = overview.find_one(args.name, _search_path(args))
     _systemd_problem(problem)
@@ -110,14 +112,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_register_machine(args: argparse.Namespace) -> int:
-    from qemu_unit import machine
+    from qemu_unit.vm import machine
 
     return machine.register_from_unit(args.name)
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    from qemu_unit import host, image
-    from qemu_unit.names import check_name
+    from qemu_unit.config.names import check_name
+    from qemu_unit.vm import host, image
 
     dirs = host.finalize_dirs(check_name(args.name))
     removed = image.reset(args.name, dirs.state, dirs.root)
@@ -129,21 +131,21 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from qemu_unit import install
+    from qemu_unit.cli import install
 
     install.install(Path(args.root), Path(args.prefix), reload=not args.no_reload)
     return 0
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from qemu_unit import install
+    from qemu_unit.cli import install
 
     install.uninstall(Path(args.root), Path(args.prefix), reload=not args.no_reload)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from qemu_unit import demo
+    from qemu_unit.cli import demo
 
     if args.image:
         key = (demo.first_key(Path(args.ssh_key)) if args.ssh_key
@@ -197,7 +199,7 @@ def _fail(args: argparse.Namespace, message: str, status: int) -> int:
     """One log line; for `run`, the same text in the unit's STATUS=."""
     log.log.error("%s", message)
     if args.command == "run":
-        from qemu_unit.notify import Notifier
+        from qemu_unit.vm.notify import Notifier
 
         Notifier().status(f"Failed: {message}")
     return status

@@ -22,10 +22,11 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
-from qemu_unit import log, status
+from qemu_unit import log
+from qemu_unit.config.names import check_name
 from qemu_unit.errors import QemuUnitError
-from qemu_unit.host import SYSTEM_RUNTIME
-from qemu_unit.names import check_name
+from qemu_unit.vm import status
+from qemu_unit.vm.host import SYSTEM_RUNTIME
 
 SERVICE = "qemu-unit"
 CLASS = "vm"
