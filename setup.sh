@@ -21,7 +21,7 @@ apt-get install -y -qq --no-install-recommends \
     qemu-system-x86 qemu-utils ovmf libxml2-utils \
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
     python3 python3-venv python3-libvirt python3-systemd python3-sdnotify python3-setuptools \
-    python3-pycdlib \
+    python3-pycdlib python3-yaml \
     systemd systemd-container busybox-static cpio gzip xz-utils kmod \
     debhelper dh-python pybuild-plugin-pyproject python3-all lintian rpm groff-base \
     mmdebstrap e2fsprogs dosfstools mtools fdisk systemd-boot openssh-client \

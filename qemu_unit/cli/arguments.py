@@ -137,6 +137,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="NAME")
 
+    p = sub.add_parser(
+        "kube",
+        help="hand a VM to KubeVirt (generate) or take one back (play)",
+        description="Convert between a .vm file and KubeVirt, as podman kube generate/play "
+        "do for containers. Whatever one side cannot express is named on stderr, one line "
+        "each; with --strict that is an error (exit status 65) and nothing is written.",
+    )
+    kube = p.add_subparsers(dest="kube_command", metavar="VERB", required=True)
+    k = kube.add_parser(
+        "generate",
+        help="print a KubeVirt VirtualMachine (YAML) for the VM NAME",
+        description="Print YAML for the VM NAME: a kubevirt.io/v1 VirtualMachine (CPUs, "
+        "memory, machine, firmware, UUID, disks, interfaces with their MAC addresses, "
+        "runStrategy from [Install] and Restart=), a Secret with its SSH keys (given to "
+        "cloud-init by noCloud) and one with SetCredential= values, and a ClusterIP Service "
+        "per PublishPort=. Image= becomes a containerDisk named by --image-ref with "
+        "Ephemeral=yes, else a DataVolume imported from that container image (a persistent "
+        "disk, as the overlay is); Disk=...,format=raw and CDROM= become hostDisks; "
+        "UserData= and NetworkConfig= go into cloudInitNoCloud.",
+    )
+    k.add_argument("name", metavar="NAME")
+    k.add_argument(
+        "--image-ref",
+        metavar="REF",
+        help="a container image holding Image= as a containerDisk (the image file in /disk/)",
+    )
+    k.add_argument("--strict", action="store_true",
+                   help="fail (exit 65) when something cannot be expressed")
+    config_dir(k)
+    k = kube.add_parser(
+        "play",
+        help="write the .vm (and seed files) for a KubeVirt VirtualMachine",
+        description="Read YAML (FILE, or - for stdin) holding one kubevirt.io/v1 "
+        "VirtualMachine, with the Secrets and Services qemu-unit kube generate writes, and "
+        "write NAME.vm plus its cloud-init files (NAME.user-data, NAME.network-config) into "
+        "DIR. Every field that has no .vm counterpart is named on stderr. Refuses to "
+        "overwrite an existing NAME.vm.",
+    )
+    k.add_argument("file", metavar="FILE")
+    k.add_argument("--dir", metavar="DIR",
+                   help="where to write (default: the first directory of the search path)")
+    k.add_argument("--strict", action="store_true",
+                   help="fail (exit 65) when something cannot be expressed; write nothing")
+
     for verb, what in (("install", "install"), ("uninstall", "remove")):
         p = sub.add_parser(
             verb,

@@ -165,6 +165,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_run(run_args)
 
 
+def cmd_kube(args: argparse.Namespace) -> int:
+    import yaml
+
+    from qemu_unit.cli import kube
+    from qemu_unit.config import settings, source
+
+    if args.kube_command == "generate":
+        vm = settings.load_vm(source.find_source(args.name, _search_path(args)))
+        result = kube.generate(vm, image_ref=args.image_ref)
+    else:
+        directory = Path(args.dir) if args.dir else source.search_path()[0]
+        try:
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+            documents = list(yaml.safe_load_all(text))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"not YAML: {e}", path=args.file) from None
+        name, result = kube.play(documents, directory.absolute())
+    for note in result.notes:
+        print(f"qemu-unit: {note}", file=sys.stderr)
+    if args.strict and result.notes:
+        print(f"qemu-unit: {len(result.notes)} thing(s) cannot be expressed (--strict)",
+              file=sys.stderr)
+        return kube.EX_INEXPRESSIBLE
+    if args.kube_command == "generate":
+        yaml.safe_dump_all(result.documents, sys.stdout, sort_keys=False)
+        return 0
+    vm_file = directory / f"{name}.vm"
+    if vm_file.exists():
+        raise QemuUnitError(f"{vm_file} exists: remove it first")
+    directory.mkdir(parents=True, exist_ok=True)
+    for filename, data in result.files.items():
+        path = directory / filename
+        path.write_bytes(data)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "console": cmd_console,
@@ -177,6 +214,7 @@ COMMANDS = {
     "install": cmd_install,
     "uninstall": cmd_uninstall,
     "demo": cmd_demo,
+    "kube": cmd_kube,
 }
 
 

@@ -210,10 +210,7 @@ class VMConfig:
 
     def guest_hostname(self) -> str:
         """Hostname=, else the VM name made a valid host name (a-z, 0-9, '-')."""
-        if self.hostname:
-            return self.hostname
-        label = re.sub(r"[^a-z0-9-]+", "-", self.name.lower()).strip("-")[:63].strip("-")
-        return label or "vm"
+        return self.hostname or name_label(self.name)
 
     @property
     def has_seed(self) -> bool:
@@ -233,6 +230,17 @@ class VMConfig:
     @property
     def required_by(self) -> tuple[str, ...]:
         return _install_list(self.install, "RequiredBy")
+
+
+def name_label(name: str) -> str:
+    """NAME as one DNS label (a-z, 0-9, '-'; at most 63): a host name, a Kubernetes name."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
+    return label or "vm"
+
+
+def default_value(key: str) -> Any:
+    """Single-valued KEY's default, parsed (None: none, or derived)."""
+    return _defaults()[key]
 
 
 def _install_list(entries: tuple[Entry, ...], key: str) -> tuple[str, ...]:
