@@ -428,7 +428,14 @@ def render_cli_page(parser: argparse.ArgumentParser | None = None) -> str:
         out += [".SH COMMANDS"]
         helps = {a.dest: a.help or "" for a in sub._choices_actions}
         seen: set[int] = set()
+        commands: list[tuple[str, argparse.ArgumentParser]] = []
         for name, subparser in sub.choices.items():
+            commands.append((name, subparser))
+            # A command with verbs of its own (kube generate|play): each verb documented too.
+            nested = _subparsers(subparser)
+            if nested is not None:
+                commands += [(f"{name} {verb}", p) for verb, p in nested.choices.items()]
+        for name, subparser in commands:
             # Aliases map to the same parser object: document it once.
             if id(subparser) in seen:
                 continue
@@ -456,6 +463,10 @@ def render_cli_page(parser: argparse.ArgumentParser | None = None) -> str:
         ".TP",
         ".B 1",
         "Failure.",
+        ".TP",
+        ".B 65",
+        "kube generate and kube play with \\-\\-strict: something cannot be expressed "
+        "on the other side (each thing is named on stderr).",
         ".TP",
         ".B 78",
         "Configuration error (EX_CONFIG): a bad",
