@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from qemu_unit import paths  # noqa: E402
 from qemu_unit.config import settings, source  # noqa: E402
 from qemu_unit.vm import domain, host  # noqa: E402
 from tests.support.container import Container  # noqa: E402
@@ -112,7 +113,7 @@ def setup() -> tuple[Path, settings.VMConfig]:
 
 def build_at(vm: settings.VMConfig, root: Path) -> ET.Element:
     """The domain qemu-unit would start, with its sockets under ROOT."""
-    dirs = host.Dirs(state=BASE / "state", root=root, cache=BASE / "cache", logs=BASE / "state")
+    dirs = paths.Dirs(state=BASE / "state", root=root, cache=BASE / "cache", logs=BASE / "state")
     return domain.build(vm, host.plan(vm, dirs, accel=settings.Accel.TCG))
 
 

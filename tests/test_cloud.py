@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu_unit import paths
 from qemu_unit.cli import commands as cli
 from qemu_unit.config import settings
 from qemu_unit.config.unitfile import parse
@@ -34,7 +35,7 @@ def vm_of(text: str, name: str = "web", path: str = "/etc/qemu-run/web.vm") -> s
 
 
 def plan_of(vm: settings.VMConfig, state: Path, runtime: Path) -> host.Plan:
-    dirs = host.Dirs(state=state, root=runtime, cache=runtime / "cache", logs=runtime / "logs")
+    dirs = paths.Dirs(state=state, root=runtime, cache=runtime / "cache", logs=runtime / "logs")
     return host.plan(vm, dirs, accel=settings.Accel.TCG)
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import pytest
 
+from qemu_unit import paths
 from qemu_unit.config import domainxml, settings, source, unitfile
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.vm import domain, host
@@ -51,9 +52,9 @@ REGENERATE = os.environ.get("QEMU_UNIT_REGENERATE") == "1"
 NVRAM_DIR = Path("/var/lib/qemu-run")
 
 
-def dirs_of(name: str) -> host.Dirs:
+def dirs_of(name: str) -> paths.Dirs:
     """The directories the runner uses for NAME as root or under the unit."""
-    return host.Dirs(state=NVRAM_DIR / name, root=Path("/run/qemu-run") / name,
+    return paths.Dirs(state=NVRAM_DIR / name, root=Path("/run/qemu-run") / name,
                      cache=Path("/var/cache/qemu-run"), logs=Path("/var/log/qemu-run") / name)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu_unit import paths
 from qemu_unit.config import domainxml
 from qemu_unit.config.settings import Accel, Disk, VMConfig, load_vm, parse_vm
 from qemu_unit.config.source import Source
@@ -169,7 +170,7 @@ def test_a_decided_accelerator_must_fit_the_vm() -> None:
 
 
 def test_the_embed_root_must_leave_room_for_the_monitor_socket() -> None:
-    long = host.Dirs(state=Path("/s"), root=Path("/r" * 40), cache=Path("/c"), logs=Path("/l"))
+    long = paths.Dirs(state=Path("/s"), root=Path("/r" * 40), cache=Path("/c"), logs=Path("/l"))
     with pytest.raises(ConfigError, match="too long for QEMU's monitor socket"):
         host.plan(vm_of("[VM]\n"), long, accel=Accel.TCG)
 
@@ -178,7 +179,7 @@ def test_default_dirs_follow_the_unit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/qemu-run/web")
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/qemu-run/web")
     monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/qemu-run")
-    assert host.finalize_dirs("web") == DIRS
+    assert paths.finalize_dirs("web") == DIRS
 
 
 # DomainXML=: read, parsed and its host paths checked once.
@@ -278,4 +279,4 @@ def test_unprivileged_logs_follow_a_given_state_directory(
     monkeypatch.delenv("HOME", raising=False)
     monkeypatch.delenv("LOGS_DIRECTORY", raising=False)
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
-    assert host.finalize_dirs("web").logs == tmp_path / "state"
+    assert paths.finalize_dirs("web").logs == tmp_path / "state"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from qemu_unit.config.source import DEFAULT_PATH, PATH_ENV
+from qemu_unit.paths import CONFIG_DIR
 
 PROG = "qemu-unit"
 DESCRIPTION = (
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'systemctl start qemu-run@demo' works; with --run, also run it in the foreground.",
     )
     p.add_argument(
-        "--config-dir", metavar="DIR", default="/etc/qemu-run", help="where to write demo.vm"
+        "--config-dir", metavar="DIR", default=str(CONFIG_DIR), help="where to write demo.vm"
     )
     p.add_argument(
         "--data-dir",

@@ -25,15 +25,14 @@ from types import FrameType
 
 from qemu_unit.config.names import check_name
 from qemu_unit.errors import QemuUnitError
-from qemu_unit.vm import host
+from qemu_unit.paths import SYSTEM_RUNTIME, finalize_dirs
 
 ESCAPE = b"\x1d"  # Ctrl-]
-SYSTEM_RUNTIME = Path("/run/qemu-run")  # qemu-run@NAME.service's RuntimeDirectory=
 
 
 def find_socket(name: str) -> Path:
     """The attach socket of VM NAME: the system unit's, else the caller's own runner's."""
-    own = host.finalize_dirs(name).attach_socket
+    own = finalize_dirs(name).attach_socket
     candidates = [SYSTEM_RUNTIME / name / own.name, own]
     denied = None
     for path in candidates:

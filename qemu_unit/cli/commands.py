@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from qemu_unit import log
+from qemu_unit import log, paths
 from qemu_unit.cli.arguments import build_parser
 from qemu_unit.errors import ConfigError, QemuUnitError
 
@@ -119,9 +119,9 @@ def cmd_register_machine(args: argparse.Namespace) -> int:
 
 def cmd_reset(args: argparse.Namespace) -> int:
     from qemu_unit.config.names import check_name
-    from qemu_unit.vm import host, image
+    from qemu_unit.vm import image
 
-    dirs = host.finalize_dirs(check_name(args.name))
+    dirs = paths.finalize_dirs(check_name(args.name))
     removed = image.reset(args.name, dirs.state, dirs.root)
     for path in removed:
         print(f"removed {path}", file=sys.stderr)

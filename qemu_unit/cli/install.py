@@ -14,12 +14,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_unit import paths
 from qemu_unit.command import run
 from qemu_unit.errors import QemuUnitError
 from qemu_unit.log import log
-from qemu_unit.vm.host import SERVICE_USER
+from qemu_unit.paths import CONFIG_DIR, SERVICE_USER
 
-UNIT = "qemu-run@.service"
+UNIT = paths.TEMPLATE_UNIT
 GENERATOR = "qemu-unit-generator"
 
 
@@ -153,7 +154,7 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
     if root == Path("/"):
         run(["systemd-tmpfiles", "--create", os.fspath(lay.tmpfiles)], "creating directories")
     else:
-        (root / "etc/qemu-run").mkdir(parents=True, exist_ok=True)
+        (root / CONFIG_DIR.relative_to("/")).mkdir(parents=True, exist_ok=True)
     if reload and systemd_running(root):
         run(["systemctl", "daemon-reload"], "reloading systemd")
     return lay

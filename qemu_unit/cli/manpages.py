@@ -19,7 +19,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-PAGES = ("qemu-unit.1", "qemu-run@.service.8", "qemu-run.vm.5")
+from qemu_unit.paths import TEMPLATE_UNIT
+
+PAGES = ("qemu-unit.1", f"{TEMPLATE_UNIT}.8", "qemu-run.vm.5")
 
 
 def _escape(text: str) -> str:
@@ -305,7 +307,7 @@ def render_vm_page(settings: Sequence[Any] | None = None) -> str:
         "systemctl daemon\\-reload",
         "systemctl start qemu\\-run@web",
         ".EE",
-        *_see_also([("qemu-unit", 1), ("qemu-run@.service", 8), ("systemd.unit", 5),
+        *_see_also([("qemu-unit", 1), (TEMPLATE_UNIT, 8), ("systemd.unit", 5),
                     ("systemd.exec", 5)]),
     ]
     return _page(out)
@@ -480,7 +482,7 @@ def render_cli_page(parser: argparse.ArgumentParser | None = None) -> str:
         "and",
         ".I NAME.xml",
         "instead of " + _escape(":".join(str(d) for d in DEFAULT_PATH)) + ".",
-        *_see_also([("qemu-run@.service", 8), ("qemu-run.vm", 5), ("systemctl", 1),
+        *_see_also([(TEMPLATE_UNIT, 8), ("qemu-run.vm", 5), ("systemctl", 1),
                     ("journalctl", 1)]),
     ]
     return _page(out)
@@ -704,7 +706,7 @@ start at boot.
 
 def render_service_page() -> str:
     """qemu-run@.service(8): how the unit runs, stops, logs and where it keeps things."""
-    out = _header("qemu-run@.service", 8, "run a QEMU virtual machine as a systemd unit")
+    out = _header(TEMPLATE_UNIT, 8, "run a QEMU virtual machine as a systemd unit")
     out += _SERVICE_PAGE
     out += _see_also([("qemu-unit", 1), ("qemu-run.vm", 5), ("systemd.service", 5),
                       ("systemd.generator", 7), ("journalctl", 1)])
@@ -717,7 +719,7 @@ def write_pages(outdir: str | os.PathLike[str]) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     texts = {
         "qemu-unit.1": render_cli_page(),
-        "qemu-run@.service.8": render_service_page(),
+        f"{TEMPLATE_UNIT}.8": render_service_page(),
         "qemu-run.vm.5": render_vm_page(),
     }
     paths = []

@@ -24,7 +24,8 @@ from qemu_unit.config import domainxml, settings, source
 from qemu_unit.config.names import check_name
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.log import CONSOLE_IDENTIFIER
-from qemu_unit.vm import host, status
+from qemu_unit.paths import SYSTEM_RUNTIME, unit_name
+from qemu_unit.vm import status
 
 JSON_VERSION = 1
 CONSOLE_LINES = 10
@@ -73,10 +74,6 @@ class VMState:
     ports: list[dict[str, Any]] = field(default_factory=list)
     uuid: str | None = None
     qemu_pid: int | None = None
-
-
-def unit_name(name: str) -> str:
-    return f"qemu-run@{name}.service"
 
 
 # -- systemd ----------------------------------------------------------------------------------
@@ -216,7 +213,7 @@ def _state(name: str, find: Any) -> VMState:
 def collect(
     names: Sequence[str] | None = None,
     search_path: Sequence[str | os.PathLike[str]] | None = None,
-    runtime_root: Path = host.SYSTEM_RUNTIME,
+    runtime_root: Path = SYSTEM_RUNTIME,
 ) -> tuple[list[VMState], str | None]:
     """The VMs NAMES (default: every VM on the search path) and, when systemd could
     not be asked, why not."""
@@ -237,7 +234,7 @@ def collect(
 def find_one(
     name: str,
     search_path: Sequence[str | os.PathLike[str]] | None = None,
-    runtime_root: Path = host.SYSTEM_RUNTIME,
+    runtime_root: Path = SYSTEM_RUNTIME,
 ) -> tuple[VMState, str | None]:
     """One VM, which must exist: on the search path (perhaps broken or masked) or as a
     loaded unit."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qemu_unit.config.names import check_name, split_template
 from qemu_unit.errors import ConfigError
+from qemu_unit.paths import SEARCH_PATH
 
 # typing costs ~3 ms to import at every boot and is needed by type checkers only.
 TYPE_CHECKING = False
@@ -22,12 +23,7 @@ if TYPE_CHECKING:
 
     Kind = Literal["vm", "xml"]
 
-DEFAULT_PATH: tuple[Path, ...] = (
-    Path("/etc/qemu-run"),
-    Path("/run/qemu-run"),
-    Path("/usr/local/lib/qemu-run"),
-    Path("/usr/lib/qemu-run"),
-)
+DEFAULT_PATH: tuple[Path, ...] = SEARCH_PATH
 PATH_ENV = "QEMU_RUN_PATH"
 SUFFIXES: tuple[Kind, ...] = ("vm", "xml")
 

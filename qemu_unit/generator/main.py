@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from qemu_unit import paths
 from qemu_unit.config import settings, source
 from qemu_unit.config.unitfile import Entry, escape_specifiers, format_line
 from qemu_unit.errors import ConfigError, QemuUnitError
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
     from typing import Any, TextIO
 
 PROGRAM = "qemu-unit-generator"
-TEMPLATE = "qemu-run@.service"
-DROPIN = "50-qemu-unit.conf"
+TEMPLATE = paths.TEMPLATE_UNIT
+DROPIN = paths.GENERATOR_DROPIN
 
 # Seconds systemd waits beyond ShutdownTimeout=: after the guest's own timeout the
 # runner still destroys the domain and tears down the embed root; systemd must
@@ -63,7 +64,7 @@ UNIT_DIRS = (
 # Where a distribution package puts the template. systemd resolves a .wants/
 # link by its own name (the target only needs a compatible name), so a link
 # here still starts the right unit once the template is installed anywhere.
-FALLBACK_TEMPLATE = f"/usr/lib/systemd/system/{TEMPLATE}"
+FALLBACK_TEMPLATE = os.fspath(paths.VENDOR_UNIT_DIR / TEMPLATE)
 
 # systemd's unit-name alphabet (basic/unit-name.c); "@" is allowed in instances.
 # Instances are checked with str.strip() (nothing left: valid), without the
@@ -124,7 +125,7 @@ def instance_unit(name: str) -> str:
     alphabet (names.py) is a subset of what systemd keeps verbatim in an
     instance, and names.MAX_LENGTH keeps the unit name far below 255.
     """
-    return f"qemu-run@{name}.service"
+    return paths.unit_name(name)
 
 
 def is_unit_name(name: str) -> bool:
@@ -376,7 +377,7 @@ class UnitFiles:
             except OSError:
                 continue
             for name in names:
-                if name.startswith("qemu-run@"):
+                if name.startswith(paths.UNIT_PREFIX):
                     self._first.setdefault(name, os.path.join(d, name))
 
     def find(self, name: str) -> str | None:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu_unit import log
+from qemu_unit import log, paths
 from qemu_unit.config.settings import VMConfig
 
 logger = log.log
@@ -85,7 +85,7 @@ class Policy:
     @classmethod
     def for_vm(cls, vm: VMConfig, logs: Path) -> Policy:
         return cls(
-            log_path=logs / "console.log" if vm.console_log else None,
+            log_path=logs / paths.CONSOLE_LOG if vm.console_log else None,
             log_size=vm.console_log,
             rate_interval=vm.console_rate_interval,
             rate_burst=vm.console_rate_burst,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from qemu_unit.config.settings import VMConfig
 from qemu_unit.errors import ConfigError
+from qemu_unit.paths import CREDENTIALS_DIR as DIRECTORY
 
-DIRECTORY = "credentials"
 
 def planned_files(vm: VMConfig, runtime: Path) -> list[tuple[str, Path]]:
     """(ID, file QEMU reads) of each credential; writes nothing (for render)."""

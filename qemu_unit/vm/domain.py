@@ -13,6 +13,7 @@ import copy
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from qemu_unit import paths
 from qemu_unit.config.settings import (
     Accel,
     Console,
@@ -174,7 +175,7 @@ def _domain_type(plan: Plan) -> str:
 def _nvram(vm: VMConfig, plan: Plan) -> str:
     """A UEFI VM's variables live in its state directory: libvirt copies the firmware's
     template there on first start, and they outlive the runtime directory (the root)."""
-    return str(plan.dirs.state / f"{vm.name}_VARS.fd")
+    return str(plan.dirs.state / paths.nvram_file(vm.name))
 
 
 def _take_console(devices: ET.Element, plan: Plan) -> None:

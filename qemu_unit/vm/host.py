@@ -26,40 +26,12 @@ from typing import Any
 from qemu_unit.config.domainxml import read_domain_xml, xml_paths
 from qemu_unit.config.settings import Accel, Disk, VMConfig
 from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.paths import OVERLAY, SEED, Dirs, finalize_dirs
+from qemu_unit.vm.qcow2 import read_header
 
-QCOW2_MAGIC = b"QFI\xfb"
-SEED = "seed.iso"  # in the embed root
-OVERLAY = "image.qcow2"  # in the state directory (Ephemeral=: in the embed root)
-# The user the unit runs as; the runner becomes it when root starts it by hand.
-SERVICE_USER = "qemu-run"
-# The unit's RuntimeDirectory=qemu-run/%i lives here: the embed root of each system VM.
-SYSTEM_RUNTIME = Path("/run/qemu-run")
 # The sun_path limit; the deepest socket libvirt makes in the root is QEMU's monitor.
 SUN_PATH_MAX = 107
 MONITOR_SUFFIX = len("/lib/qemu/domain-999-") + 20 + len("/monitor.sock")
-
-
-@dataclass(frozen=True)
-class Dirs:
-    """Where the runner keeps a VM's files (see finalize_dirs)."""
-
-    state: Path  # persistent: NVRAM, libvirt's lib/
-    root: Path  # the embed root; volatile
-    cache: Path  # shared by every VM of the host: QEMU capabilities
-    logs: Path  # console.log, the console's complete copy
-
-    @property
-    def console_socket(self) -> Path:
-        return self.root / "console.sock"
-
-    @property
-    def attach_socket(self) -> Path:
-        """Where `qemu-unit console` connects (console.py serves it)."""
-        return self.root / "console-attach.sock"
-
-    @property
-    def agent_socket(self) -> Path:
-        return self.root / "agent.sock"
 
 
 @dataclass(frozen=True)
@@ -92,33 +64,6 @@ class Plan:
     seed: Path | None = None  # the cloud-init NoCloud seed, written by prepare()
     # (ID, file QEMU reads) of each credential; SetCredential= files written by prepare().
     credentials: tuple[tuple[str, Path], ...] = ()
-
-
-def _first(env: str) -> Path | None:
-    value = os.environ.get(env)
-    return Path(value.split(":")[0]) if value else None
-
-
-def finalize_dirs(name: str) -> Dirs:
-    """The unit's State/Runtime/Cache/LogsDirectory=, or per-user defaults."""
-    home = Path(os.environ.get("HOME") or "/")
-    if os.geteuid() == 0:
-        state, root = Path("/var/lib/qemu-run"), SYSTEM_RUNTIME
-        cache = Path("/var/cache/qemu-run")
-    else:
-        state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local/state") / "qemu-run"
-        runtime = os.environ.get("XDG_RUNTIME_DIR")
-        root = Path(runtime) / "qemu-run" if runtime else Path(f"/tmp/qemu-run-{os.getuid()}")
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "qemu-run"
-    state_dir = _first("STATE_DIRECTORY") or state / name
-    # Unprivileged, the logs live in the VM's state directory, wherever that was put.
-    logs = Path("/var/log/qemu-run") / name if os.geteuid() == 0 else state_dir
-    return Dirs(
-        state=state_dir,
-        root=_first("RUNTIME_DIRECTORY") or root / name,
-        cache=_first("CACHE_DIRECTORY") or cache,
-        logs=_first("LOGS_DIRECTORY") or logs,
-    )
 
 
 def kvm_problem() -> str | None:
@@ -193,13 +138,12 @@ def detect_format(disk: Disk) -> str:
         mode = disk.path.stat().st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             return "raw"
-        with open(disk.path, "rb") as f:
-            header = f.read(16)
+        header = read_header(disk.path)
     except OSError:
         return "raw"
-    if header[:4] != QCOW2_MAGIC:
+    if header is None:
         return "raw"
-    if int.from_bytes(header[8:16], "big") != 0:
+    if header.backing_file:
         # A probed backing file is how a guest writing a raw disk could read host files.
         raise ConfigError(
             f"{disk.path} is a qcow2 image with a backing file: write format=qcow2",

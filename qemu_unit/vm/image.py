@@ -19,31 +19,16 @@ from pathlib import Path
 from qemu_unit.config.settings import VMConfig
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.log import log as logger
-from qemu_unit.vm.host import OVERLAY, QCOW2_MAGIC, ImagePlan
+from qemu_unit.paths import BASE_RECORD, LOCK_FILE, OVERLAY, nvram_file, unit_name
+from qemu_unit.vm.host import ImagePlan
+from qemu_unit.vm.qcow2 import read_header
 
-BASE_RECORD = "image.base"
 QEMU_IMG_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
-def _qcow2_header(path: Path) -> tuple[int, str] | None:
-    """(virtual size, backing file name) of a qcow2 file; None if it is not qcow2."""
-    with open(path, "rb") as f:
-        header = f.read(32)
-        if header[:4] != QCOW2_MAGIC:
-            return None
-        backing_offset = int.from_bytes(header[8:16], "big")
-        backing_size = int.from_bytes(header[16:20], "big")
-        size = int.from_bytes(header[24:32], "big")
-        backing = ""
-        if backing_offset and backing_size:
-            f.seek(backing_offset)
-            backing = f.read(backing_size).decode(errors="replace")
-    return size, backing
-
-
 def virtual_size(path: Path) -> int:
-    header = _qcow2_header(path)
-    return header[0] if header else path.stat().st_size
+    header = read_header(path)
+    return header.virtual_size if header else path.stat().st_size
 
 
 def _identity(path: Path) -> dict[str, int | str]:
@@ -81,9 +66,9 @@ def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:
             record.write_text(json.dumps(_identity(base)) + "\n")
             logger.info("Created the overlay %s on %s", path, base)
         return
-    header = _qcow2_header(path)
-    if header is None or header[1] != os.fspath(base):
-        made_from = header[1] if header else "(not a qcow2 file)"
+    header = read_header(path)
+    if header is None or header.backing_file != os.fspath(base):
+        made_from = header.backing_file if header else "(not a qcow2 file)"
         raise ConfigError(
             f"the overlay {path} was made from {made_from}, not {base}: run "
             f"'qemu-unit reset {vm.name}' to start afresh from the new image",
@@ -97,7 +82,7 @@ def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:
                        "may see a corrupt disk. The overlay is used as it is (never rebased); "
                        "'qemu-unit reset %s' starts afresh.", base, vm.name)
     if vm.disk_size:
-        current = header[0]
+        current = header.virtual_size
         if vm.disk_size > current:
             _qemu_img("resize", "-q", "-f", "qcow2", os.fspath(path), str(vm.disk_size))
             logger.info("Grew the overlay from %d to %d bytes (DiskSize=)", current, vm.disk_size)
@@ -109,7 +94,7 @@ def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:
 def is_running(root: Path) -> bool:
     """Whether a runner holds the embed root ROOT (its lock file, see runner.locked_root)."""
     try:
-        fd = os.open(root / "qemu-unit.lock", os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
@@ -125,9 +110,9 @@ def reset(name: str, state: Path, root: Path) -> list[Path]:
     """Discard NAME's overlay and NVRAM, so the next start is a first boot; what was removed."""
     if is_running(root):
         raise QemuUnitError(f"VM {name} is running: stop it first "
-                            f"(systemctl stop qemu-run@{name})")
+                            f"(systemctl stop {unit_name(name)})")
     removed = []
-    for path in (state / OVERLAY, state / BASE_RECORD, state / f"{name}_VARS.fd"):
+    for path in (state / OVERLAY, state / BASE_RECORD, state / nvram_file(name)):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(path)

@@ -25,8 +25,8 @@ from typing import Any
 from qemu_unit import log
 from qemu_unit.config.names import check_name
 from qemu_unit.errors import QemuUnitError
+from qemu_unit.paths import SYSTEM_RUNTIME, unit_name
 from qemu_unit.vm import status
-from qemu_unit.vm.host import SYSTEM_RUNTIME
 
 SERVICE = "qemu-unit"
 CLASS = "vm"
@@ -75,7 +75,7 @@ def read_uuid(root: Path) -> str | None:
 def register(name: str, leader: int, uuid: str | None) -> str:
     """Register NAME with LEADER as a machine of class vm; a registration left by an
     earlier runner of the same unit is replaced. Returns machined's object path."""
-    unit = f"qemu-run@{name}.service"
+    unit = unit_name(name)
     try:
         path = _busctl("call", *BUS, "GetMachine", "s", name)["data"][0]
     except QemuUnitError:

@@ -26,12 +26,12 @@ from typing import Any
 
 import libvirt
 
-from qemu_unit import log
+from qemu_unit import log, paths
 from qemu_unit.config import settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.paths import SERVICE_USER, Dirs
 from qemu_unit.vm import domain, host, status
 from qemu_unit.vm.console import Console, Policy
-from qemu_unit.vm.host import SERVICE_USER, Dirs
 from qemu_unit.vm.notify import Notifier
 
 logger = log.log
@@ -78,7 +78,7 @@ def start_event_loop() -> None:
 def locked_root(root: Path) -> Iterator[None]:
     """One runner per embed root; say so clearly instead of libvirt's pid-file error."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(root / "qemu-unit.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(root / paths.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,8 +97,9 @@ def locked_root(root: Path) -> Iterator[None]:
 def prepare_root(dirs: Dirs) -> None:
     for d in (dirs.state, dirs.cache, dirs.logs):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (dirs.root / "etc").mkdir(exist_ok=True, mode=0o700)
-    (dirs.root / "etc" / "qemu.conf").write_text(QEMU_CONF)
+    conf = dirs.root / paths.QEMU_CONF
+    conf.parent.mkdir(exist_ok=True, mode=0o700)
+    conf.write_text(QEMU_CONF)
     (dirs.state / "lib").mkdir(exist_ok=True, mode=0o700)
     for link, target in (("cache", dirs.cache), ("lib", dirs.state / "lib")):
         path = dirs.root / link
@@ -119,7 +120,7 @@ def prepare_root(dirs: Dirs) -> None:
 @contextlib.contextmanager
 def probe_lock(cache: Path) -> Iterator[None]:
     """Serialize the first start on a cold capability cache, so the probe runs once per host."""
-    caps = cache / "qemu" / "capabilities"
+    caps = paths.capabilities_dir(cache)
 
     def warm() -> bool:
         return caps.is_dir() and any(caps.glob("*.xml"))
@@ -127,7 +128,7 @@ def probe_lock(cache: Path) -> Iterator[None]:
     if warm():
         yield
         return
-    fd = os.open(cache / "probe.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(cache / paths.PROBE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if warm():
@@ -528,7 +529,7 @@ class Runner:
         self.notify.status(f"Failed: QEMU hung (no monitor answer for {silent:.0f}s)")
         self.destroy_started = True
         # destroy() alone waits 10 s for a hung QEMU to honour SIGTERM first.
-        pidfile = dirs.root / "run" / "qemu" / f"{self.name}.pid"
+        pidfile = paths.qemu_pidfile(dirs.root, self.name)
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
         assert self.dom is not None
@@ -617,7 +618,7 @@ def _signal_name(signum: int) -> str:
 
 
 def _qemu_log_tail(dirs: Dirs, name: str, lines: int = 15) -> str:
-    path = dirs.root / "log" / "qemu" / f"{name}.log"
+    path = paths.qemu_log(dirs.root, name)
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -642,7 +643,7 @@ def become_service_user(name: str, user: str = SERVICE_USER) -> None:
     import grp
 
     pw = _service_user(user)
-    dirs = host.finalize_dirs(name)
+    dirs = paths.finalize_dirs(name)
     for d in (dirs.state, dirs.root, dirs.cache, dirs.logs):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chown(d, pw.pw_uid, pw.pw_gid)

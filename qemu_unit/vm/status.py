@@ -17,7 +17,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-FILENAME = "status.json"
+from qemu_unit.paths import STATUS_FILE, qemu_pidfile
+
+FILENAME = STATUS_FILE
 VERSION = 1
 
 
@@ -64,7 +66,7 @@ def read(root: Path) -> dict[str, Any] | None:
 def qemu_pid(root: Path, name: str) -> int | None:
     """QEMU's PID from the pid file libvirt's embed driver keeps in ROOT."""
     try:
-        return int((root / "run" / "qemu" / f"{name}.pid").read_text().strip())
+        return int(qemu_pidfile(root, name).read_text().strip())
     except (OSError, ValueError):
         return None
 

@@ -1,0 +1,160 @@
+"""Every file, directory, socket and unit name of qemu-unit's layout on the host.
+
+The one owner of these facts: no other module writes one of them as a literal
+(tests/test_layout.py fails when one does). Standard library only, because the
+generator imports it at boot.
+
+System VMs (qemu-run@NAME.service, the runner as root by hand) keep their files in
+the unit's directories: StateDirectory=qemu-run/NAME (persistent: NVRAM, overlay,
+libvirt's lib/), RuntimeDirectory=qemu-run/NAME (the embed root: sockets, status
+file, seed, credentials), CacheDirectory=qemu-run (QEMU's capability cache, shared
+by every VM), LogsDirectory=qemu-run/NAME (console.log). An unprivileged runner uses
+the XDG equivalents (see finalize_dirs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# -- users, units, installed files -----------------------------------------------------------
+
+# The user the unit runs as; the runner becomes it when root starts it by hand.
+SERVICE_USER = "qemu-run"
+# The project's directory name below /etc, /run, /var/lib, /var/cache, /var/log, XDG dirs.
+PROJECT_DIR = "qemu-run"
+UNIT_PREFIX = "qemu-run@"
+UNIT_SUFFIX = ".service"
+TEMPLATE_UNIT = f"{UNIT_PREFIX}{UNIT_SUFFIX}"
+# The generator's drop-in in qemu-run@NAME.service.d/.
+GENERATOR_DROPIN = "50-qemu-unit.conf"
+# Where a distribution package puts the template.
+VENDOR_UNIT_DIR = Path("/usr/lib/systemd/system")
+
+
+def unit_name(name: str) -> str:
+    """`qemu-run@NAME.service`: the unit of VM NAME (names.check_name has accepted it)."""
+    return f"{UNIT_PREFIX}{name}{UNIT_SUFFIX}"
+
+
+# -- where VM definitions live (source.py's search path) -------------------------------------
+
+CONFIG_DIR = Path("/etc") / PROJECT_DIR
+# The unit's RuntimeDirectory=qemu-run/%i lives here: the embed root of each system VM.
+# It is also a search directory (a VM defined at runtime lives until reboot).
+SYSTEM_RUNTIME = Path("/run") / PROJECT_DIR
+SEARCH_PATH: tuple[Path, ...] = (
+    CONFIG_DIR,
+    SYSTEM_RUNTIME,
+    Path("/usr/local/lib") / PROJECT_DIR,
+    Path("/usr/lib") / PROJECT_DIR,
+)
+SYSTEM_STATE = Path("/var/lib") / PROJECT_DIR
+SYSTEM_CACHE = Path("/var/cache") / PROJECT_DIR
+SYSTEM_LOGS = Path("/var/log") / PROJECT_DIR
+
+# -- files in the embed root (Dirs.root) -----------------------------------------------------
+
+LOCK_FILE = "qemu-unit.lock"  # flock()ed by the runner while it runs; holds its PID
+STATUS_FILE = "status.json"  # vm/status.py
+CONSOLE_SOCKET = "console.sock"  # QEMU's serial console
+ATTACH_SOCKET = "console-attach.sock"  # `qemu-unit console` clients
+AGENT_SOCKET = "agent.sock"  # the guest agent's channel
+SEED = "seed.iso"  # the cloud-init NoCloud seed
+CREDENTIALS_DIR = "credentials"  # SetCredential= files, gone once QEMU runs
+QEMU_CONF = "etc/qemu.conf"  # what the embed driver reads at open
+
+# -- files in the state directory (Dirs.state) -----------------------------------------------
+
+OVERLAY = "image.qcow2"  # Image='s overlay (Ephemeral=yes: in the embed root)
+BASE_RECORD = "image.base"  # what the base looked like when the overlay was made
+
+# -- files in the logs directory (Dirs.logs) and the cache (Dirs.cache) ----------------------
+
+CONSOLE_LOG = "console.log"
+PROBE_LOCK = "probe.lock"  # serialises QEMU's capability probe on a cold cache
+
+
+def nvram_file(name: str) -> str:
+    """A UEFI VM's variable store in its state directory."""
+    return f"{name}_VARS.fd"
+
+
+# -- the per-VM directories ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dirs:
+    """Where the runner keeps a VM's files (see finalize_dirs)."""
+
+    state: Path  # persistent: NVRAM, the overlay, libvirt's lib/
+    root: Path  # the embed root; volatile
+    cache: Path  # shared by every VM of the host: QEMU capabilities
+    logs: Path  # console.log, the console's complete copy
+
+    @property
+    def console_socket(self) -> Path:
+        return self.root / CONSOLE_SOCKET
+
+    @property
+    def attach_socket(self) -> Path:
+        """Where `qemu-unit console` connects (console.py serves it)."""
+        return self.root / ATTACH_SOCKET
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.root / AGENT_SOCKET
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
+    def status_file(self) -> Path:
+        return self.root / STATUS_FILE
+
+    @property
+    def console_log(self) -> Path:
+        return self.logs / CONSOLE_LOG
+
+
+def _first(env: str) -> Path | None:
+    value = os.environ.get(env)
+    return Path(value.split(":")[0]) if value else None
+
+
+def finalize_dirs(name: str) -> Dirs:
+    """The unit's State/Runtime/Cache/LogsDirectory=, or per-user defaults."""
+    home = Path(os.environ.get("HOME") or "/")
+    if os.geteuid() == 0:
+        state, root, cache = SYSTEM_STATE, SYSTEM_RUNTIME, SYSTEM_CACHE
+    else:
+        state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local/state") / PROJECT_DIR
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        root = Path(runtime) / PROJECT_DIR if runtime else Path(f"/tmp/{PROJECT_DIR}-{os.getuid()}")
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / PROJECT_DIR
+    state_dir = _first("STATE_DIRECTORY") or state / name
+    # Unprivileged, the logs live in the VM's state directory, wherever that was put.
+    logs = SYSTEM_LOGS / name if os.geteuid() == 0 else state_dir
+    return Dirs(
+        state=state_dir,
+        root=_first("RUNTIME_DIRECTORY") or root / name,
+        cache=_first("CACHE_DIRECTORY") or cache,
+        logs=_first("LOGS_DIRECTORY") or logs,
+    )
+
+
+# -- what libvirt's embed driver keeps in the root -------------------------------------------
+
+
+def qemu_pidfile(root: Path, name: str) -> Path:
+    return root / "run" / "qemu" / f"{name}.pid"
+
+
+def qemu_log(root: Path, name: str) -> Path:
+    return root / "log" / "qemu" / f"{name}.log"
+
+
+def capabilities_dir(cache: Path) -> Path:
+    return cache / "qemu" / "capabilities"
