@@ -21,14 +21,15 @@ apt-get install -y -qq --no-install-recommends \
     qemu-system-x86 qemu-utils ovmf libxml2-utils \
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
     python3 python3-venv python3-libvirt python3-systemd python3-sdnotify python3-setuptools \
-    python3-pycdlib python3-yaml \
+    python3-pycdlib python3-yaml python3-requests python3-tqdm python3-zstandard gpgv \
     systemd systemd-container busybox-static cpio gzip xz-utils kmod \
     debhelper dh-python pybuild-plugin-pyproject python3-all lintian rpm groff-base \
     mmdebstrap e2fsprogs dosfstools mtools fdisk systemd-boot openssh-client \
     >/dev/null
 # Tests only: `qemu-unit list/status --json` is checked against docs/qemu-unit.schema.json
 # with a real JSON Schema validator (the venv sees Debian's packages).
-apt-get install -y -qq --no-install-recommends python3-jsonschema >/dev/null
+# Image pull tests make a throwaway OpenPGP key with gpg.
+apt-get install -y -qq --no-install-recommends python3-jsonschema gpg >/dev/null
 
 echo "==> qemu-unit into $VENV"
 if [ ! -x "$VENV/bin/python" ]; then

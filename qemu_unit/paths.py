@@ -33,6 +33,20 @@ GENERATOR_DROPIN = "50-qemu-unit.conf"
 VENDOR_UNIT_DIR = Path("/usr/lib/systemd/system")
 
 
+# Image= URLs (issue 17): one pull unit per image source, run by its own user, which owns
+# the shared cache (StateDirectory=qemu-run/images); VMs only read it.
+PULL_USER = "qemu-run-pull"
+PULL_UNIT_PREFIX = "qemu-run-pull@"
+PULL_TEMPLATE_UNIT = f"{PULL_UNIT_PREFIX}{UNIT_SUFFIX}"
+IMAGES_DIR = "images"
+IMAGE_CACHE_ENV = "QEMU_UNIT_IMAGES"
+
+
+def pull_unit_name(key: str) -> str:
+    """`qemu-run-pull@KEY.service`: the pull of the image source KEY (ImageSource.key())."""
+    return f"{PULL_UNIT_PREFIX}{key}{UNIT_SUFFIX}"
+
+
 def unit_name(name: str) -> str:
     """`qemu-run@NAME.service`: the unit of VM NAME (names.check_name has accepted it)."""
     return f"{UNIT_PREFIX}{name}{UNIT_SUFFIX}"
@@ -53,6 +67,8 @@ SEARCH_PATH: tuple[Path, ...] = (
 SYSTEM_STATE = Path("/var/lib") / PROJECT_DIR
 SYSTEM_CACHE = Path("/var/cache") / PROJECT_DIR
 SYSTEM_LOGS = Path("/var/log") / PROJECT_DIR
+# The shared image cache (images/cache.py has its layout).
+SYSTEM_IMAGES = SYSTEM_STATE / IMAGES_DIR
 
 # -- files in the embed root (Dirs.root) -----------------------------------------------------
 

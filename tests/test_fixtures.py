@@ -14,7 +14,8 @@ say what to expect. Verbs checked here:
   ## assert-check-ok             host.check_files() passes
   ## assert-render-error TEXT    domain.render() fails with TEXT in the message
   ## assert-field FIELD VALUE    str() of VMConfig.FIELD (a tuple: its items joined by
-                                 spaces; a property works too) equals VALUE
+                                 spaces; a property works too; FIELD.ATTR for an attribute
+                                 of a field) equals VALUE
   ## assert-xpath PATH VALUE     the first match of ElementTree PATH (relative to
                                  <domain>; a trailing /@ATTR selects an attribute) in
                                  the rendered XML has text/value VALUE
@@ -216,7 +217,10 @@ def _run(fixture: Fixture) -> None:
 
     for d in fixture.get("assert-field"):
         name, _, expected = d.args.partition(" ")
-        assert show(getattr(vm, name)) == expected, f"line {d.line}: {name}"
+        value: Any = vm
+        for part in name.split("."):  # image_source.url: a field of a field
+            value = getattr(value, part)
+        assert show(value) == expected, f"line {d.line}: {name}"
 
     for d in fixture.get("assert-check-error"):
         where, key, text = _split3(d)

@@ -17,6 +17,7 @@ test_fixtures.FOREIGN_VERBS) are checked here:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -30,7 +31,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from qemu_unit.config import names, source, unitfile
+from qemu_unit.config import names, settings, source, unitfile
 from qemu_unit.errors import ConfigError
 from qemu_unit.generator import main as generator
 from tests.test_fixtures import FIXTURE_DIR, Fixture, fixtures, load_fixture
@@ -672,6 +673,23 @@ GENERATOR_VERBS = {
 }
 
 
+def test_an_image_url_wants_one_pull_unit_that_names_the_source() -> None:
+    src = source.from_file(REPO / "tests/fixtures/vm/image-url.vm")
+    vm = settings.load_vm(src)
+    generated = generator.convert(vm)
+    key = vm.image_source.key()
+    (_, vm_dropin), (rel, pull) = generated.files
+    assert rel == f"qemu-run-pull@{key}.service.d/{DROPIN}"
+    entries = unitfile.parse(pull, rel)
+    (env,) = [e.value for e in entries if e.key == "Environment"]
+    name, _, args = env.partition("=")
+    assert name == generator.PULL_ARGS_ENV
+    assert args.split() == vm.image_source.pull_arguments()
+    # Another VM on the same source writes the same file: one unit, one pull job.
+    twin = dataclasses.replace(vm, name="twin")
+    assert generator.convert(twin).files[1] == (rel, pull)
+
+
 @pytest.mark.parametrize(
     "fixture",
     [f for f in fixtures() if any(d.verb in GENERATOR_VERBS for d in f.directives)],
@@ -688,7 +706,7 @@ def test_corpus_assertions(fixture: Fixture, corpus_run: tuple[Path, str, int]) 
     if key_checks or fixture.get("assert-symlink"):
         # Pure conversion of the loaded fixture: works for template instances too.
         generated = generator.convert(load_fixture(fixture))
-        (rel, text), = generated.files
+        (rel, text), *others = generated.files  # the VM's drop-in first
         parsed = unitfile.parse(text, rel)
         for d in key_checks:
             section, key, *rest = d.args.split(None, 2)

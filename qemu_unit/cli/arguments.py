@@ -182,6 +182,60 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--strict", action="store_true",
                    help="fail (exit 65) when something cannot be expressed; write nothing")
 
+    p = sub.add_parser(
+        "image",
+        help="pull, list, prune or remove images in the shared image cache",
+        description="The image cache Image= URLs are pulled into (/var/lib/qemu-run/images "
+        "as root, ~/.local/state/qemu-run/images otherwise, or $QEMU_UNIT_IMAGES): one "
+        "read-only file per image, named by its sha256 digest, written only once its digest "
+        "matched what vouched for it.",
+    )
+    verbs = p.add_subparsers(dest="image_command", metavar="VERB", required=True)
+    q = verbs.add_parser(
+        "pull",
+        help="download, decompress and verify an image into the cache",
+        description="Download URL (https://, http:// or file://) into the image cache, "
+        "resuming a partial download (HTTP Range) and retrying server errors with backoff, "
+        "decompressing .xz, .gz and .zst on the way, and keep it only if its digest matches "
+        "--checksum or its entry in --checksums (whose --signature gpgv checks against "
+        "--keyring). Prints the cached file's path. A progress bar on a terminal; STATUS= "
+        "under systemd (qemu-run-pull@.service runs this).",
+    )
+    q.add_argument("url", metavar="URL")
+    q.add_argument("--checksum", metavar="ALGO:HEX", help="sha256:HEX or sha512:HEX")
+    q.add_argument("--checksums", metavar="URL", help="a SHA256SUMS/SHA512SUMS file")
+    q.add_argument("--signature", metavar="URL", help="detached signature of --checksums")
+    q.add_argument("--keyring", metavar="PATH", help="keys gpgv checks the signature against")
+    q.add_argument("--no-verify", action="store_true", help="keep the image unverified")
+    q.add_argument("--update", action="store_true",
+                   help="re-read the sums and pull again if they name another image")
+    q.add_argument("--key", metavar="KEY", help=argparse.SUPPRESS)
+    q = verbs.add_parser(
+        "list",
+        help="list the cached images, their sources and the VMs using them",
+        description="One line per cached image: digest, size, the VMs that use it (by their "
+        "Image= URL or path, or through a kept overlay) and the URLs it was pulled from.",
+    )
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    config_dir(q)
+    q = verbs.add_parser(
+        "prune",
+        help="remove every cached image no VM uses",
+        description="Remove the images no VM on the search path uses: not its Image= "
+        "source's current image, not the base of its kept overlay.",
+    )
+    q.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    config_dir(q)
+    q = verbs.add_parser(
+        "rm",
+        help="remove cached images by digest or URL",
+        description="Remove each IMAGE (a digest, a unique prefix of one, or the URL it was "
+        "pulled from). Refuses images a VM uses unless --force.",
+    )
+    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q.add_argument("--force", action="store_true", help="remove images VMs use too")
+    config_dir(q)
+
     for verb, what in (("install", "install"), ("uninstall", "remove")):
         p = sub.add_parser(
             verb,

@@ -130,6 +130,31 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    from qemu_unit.cli import images
+    from qemu_unit.images.cache import Cache
+
+    cache = Cache()
+    if args.image_command == "pull":
+        src = images.source_from_args(args)
+        if args.key and args.key != src.key():
+            raise QemuUnitError(f"the arguments name source {src.key()}, not {args.key}: "
+                                "run systemctl daemon-reload")
+        images.print_ref(cache, images.pull(src, cache, update=args.update))
+    elif args.image_command == "list":
+        items = images.entries(cache, _search_path(args))
+        sys.stdout.write(images.list_json(items) + "\n" if args.json
+                         else images.list_text(items))
+    elif args.image_command == "prune":
+        for e in images.prune(cache, _search_path(args), dry_run=args.dry_run):
+            print(f"{'would remove' if args.dry_run else 'removed'} {e.digest} "
+                  f"({e.size} bytes)", file=sys.stderr)
+    else:
+        for digest in images.remove(cache, args.images, _search_path(args), force=args.force):
+            print(f"removed {digest}", file=sys.stderr)
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from qemu_unit.cli import install
 
@@ -211,6 +236,7 @@ COMMANDS = {
     "status": cmd_status,
     "register-machine": cmd_register_machine,
     "reset": cmd_reset,
+    "image": cmd_image,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
     "demo": cmd_demo,

@@ -21,12 +21,14 @@ from qemu_unit.log import log
 from qemu_unit.paths import CONFIG_DIR, SERVICE_USER
 
 UNIT = paths.TEMPLATE_UNIT
+PULL_UNIT = paths.PULL_TEMPLATE_UNIT
 GENERATOR = "qemu-unit-generator"
 
 
 @dataclass(frozen=True)
 class Layout:
     unit: Path
+    pull_unit: Path
     generator: Path
     sysusers: Path
     tmpfiles: Path
@@ -37,6 +39,7 @@ def layout(root: Path, prefix: Path) -> Layout:
     base = root / prefix.relative_to("/")
     return Layout(
         unit=base / "lib/systemd/system" / UNIT,
+        pull_unit=base / "lib/systemd/system" / PULL_UNIT,
         generator=base / "lib/systemd/system-generators" / GENERATOR,
         sysusers=base / "lib/sysusers.d/qemu-unit.conf",
         tmpfiles=base / "lib/tmpfiles.d/qemu-unit.conf",
@@ -47,7 +50,7 @@ def layout(root: Path, prefix: Path) -> Layout:
 def find_units_dir() -> Path:
     """units/ of a source checkout, or the copy a wheel installs under share/."""
     for candidate in (
-        Path(__file__).resolve().parent.parent / "units",
+        Path(__file__).resolve().parents[2] / "units",
         Path(sys.prefix) / "share/qemu-unit/units",
     ):
         if (candidate / UNIT).is_file():
@@ -133,6 +136,7 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
             SERVICE_USER,
         )
     _write(lay.unit, render_unit((units / UNIT).read_text(), command))
+    _write(lay.pull_unit, render_unit((units / PULL_UNIT).read_text(), command))
     _write(lay.generator, render_generator((units / GENERATOR).read_text()), 0o755)
     _write(lay.sysusers, (units / "qemu-unit.sysusers").read_text())
     _write(lay.tmpfiles, (units / "qemu-unit.tmpfiles").read_text())
@@ -162,7 +166,7 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
 
 def uninstall(root: Path, prefix: Path, reload: bool = True) -> None:
     lay = layout(root, prefix)
-    paths = [lay.unit, lay.generator, lay.sysusers, lay.tmpfiles]
+    paths = [lay.unit, lay.pull_unit, lay.generator, lay.sysusers, lay.tmpfiles]
     paths += [lay.mandir / f"man{p[-1]}" / p for p in _manpage_names()]
     for path in paths:
         try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
+from qemu_unit.config.imagesource import ImageSource, is_url, parse_checksum
 from qemu_unit.config.names import split_template
 from qemu_unit.config.source import Source
 from qemu_unit.config.unitfile import Entry, UnitFile, escape_specifiers, read
@@ -178,7 +179,8 @@ class VMConfig:
     shutdown_mode: tuple[ShutdownMethod, ...]
     shutdown_timeout: float  # seconds
     ready: Ready
-    image: Path | None
+    image: Path | None  # a local base image; None for a URL (see image_source)
+    image_source: ImageSource | None  # Image= as a URL, with what verifies it
     ephemeral: bool
     disk_size: int | None  # bytes; None: the base image's size
     user_data: Path | None
@@ -328,6 +330,25 @@ def parse_path(value: str, entry: Entry) -> Path:
     if not value.startswith("/"):
         raise _fail(entry, f"path {value!r} is not absolute")
     return Path(value)
+
+
+def parse_url(value: str, entry: Entry) -> str:
+    if not is_url(value) or any(c.isspace() for c in value):
+        raise _fail(entry, f"{value!r} is not an https://, http:// or file:// URL")
+    return value
+
+
+def parse_image(value: str, entry: Entry) -> Path | str:
+    """An absolute path, or an https://, http:// or file:// URL (pulled into the cache)."""
+    return parse_url(value, entry) if "://" in value else parse_path(value, entry)
+
+
+def parse_image_checksum(value: str, entry: Entry) -> str:
+    try:
+        parse_checksum(value)
+    except ValueError as e:
+        raise _fail(entry, str(e)) from None
+    return value.lower()
 
 
 def parse_cmdline(value: str, entry: Entry) -> str:
@@ -653,6 +674,37 @@ def _disk_path(disk: Disk) -> Path:
     return disk.path
 
 
+def _local_path(image: Path | str) -> Path | None:
+    return image if isinstance(image, Path) else None
+
+
+def _local_image(a: _Assignments) -> Path | None:
+    image = a.single.get("Image", (None, None))[0]
+    return image if isinstance(image, Path) else None
+
+
+def _image_source(a: _Assignments) -> ImageSource | None:
+    """Image= as a URL with the keys that verify it; the Image* keys need a URL."""
+    image, image_entry = a.single.get("Image", (None, None))
+    keys = ("ImageChecksum", "ImageChecksums", "ImageSignature", "ImageKeyring", "ImageVerify")
+    values = {k: a.single[k][0] if k in a.single else None for k in keys}
+    if not isinstance(image, str):
+        for k in keys:
+            if k in a.single:
+                raise _fail(a.single[k][1], "needs Image= to be a URL")
+        return None
+    src = ImageSource(image, values["ImageChecksum"], values["ImageChecksums"],
+                      values["ImageSignature"], values["ImageKeyring"],
+                      values["ImageVerify"] is not False)
+    try:
+        src.check()
+    except ConfigError as e:
+        key = e.key or "Image"
+        entry = a.single[key][1] if key in a.single else image_entry
+        raise _fail(entry, e.message) from None
+    return src
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "Memory", "memory", parse_size, "512M", "SIZE",
@@ -724,7 +776,7 @@ SETTINGS: tuple[Setting, ...] = (
         collect=lambda a: " ".join(a.values("KernelCmdline")) or None,
     ),
     Setting(
-        "Image", "image", parse_path, None, "PATH",
+        "Image", "image", parse_image, None, "PATH|URL",
         "A bootable base image (qcow2 or raw, e.g. a distribution's cloud image; absolute "
         "path; specifiers are expanded), shared by any number of VMs and never written: the "
         "VM boots from its own qcow2 overlay, image.qcow2 in its state directory, backed by "
@@ -733,9 +785,54 @@ SETTINGS: tuple[Setting, ...] = (
         "changes persist until qemu-unit reset NAME. If the base changes after the overlay "
         "was made, the runner says so in the journal and does not rebase. The image is "
         "the first (boot) disk; Disk= adds more. It boots through its own boot loader "
-        "(Firmware=bios|uefi) or with Kernel=. Not set by default.",
+        "(Firmware=bios|uefi) or with Kernel=. "
+        "An https://, http:// or file:// URL is pulled into the shared image cache "
+        "(/var/lib/qemu-run/images/, content-addressed, read-only to VMs) by "
+        "qemu-run-pull@KEY.service, which the VM's unit wants; the start waits for it "
+        "(STATUS= shows bytes and percent) and boots only bytes that ImageChecksum= or "
+        "ImageChecksums= vouched for (or ImageVerify=no). .xz, .gz and .zst images are "
+        "decompressed while downloading. Write %% for a % in a URL (specifiers are "
+        "expanded). Not set by default.",
+        specifiers=True,
+        collect=lambda a: _local_image(a),
+        names_file=_local_path,
+    ),
+    Setting(
+        "ImageChecksum", "image_source", parse_image_checksum, None, "sha256:HEX|sha512:HEX",
+        "The digest of Image='s URL: of the file as downloaded or, for a compressed one, "
+        "of either the download or its decompressed content. A mismatch keeps nothing. "
+        "Needs an Image= URL; not with ImageChecksums=.",
+        requires="Image",
+        collect=lambda a: _image_source(a),
+    ),
+    Setting(
+        "ImageChecksums", "image_source", parse_url, None, "URL",
+        "The URL of a SHA256SUMS/SHA512SUMS file (GNU or BSD lines, clear-signed or not, as "
+        "Debian, Ubuntu and Fedora publish them) that lists Image='s file by name: the entry "
+        "for the URL's file name checks the download, an entry for the name without "
+        ".xz/.gz/.zst checks the decompressed image. Needs an Image= URL.",
+        requires="Image",
+    ),
+    Setting(
+        "ImageSignature", "image_source", parse_url, None, "URL",
+        "The URL of a detached OpenPGP signature of ImageChecksums= (e.g. SHA256SUMS.gpg); "
+        "checked with gpgv against ImageKeyring= before any image byte is fetched. A "
+        "clear-signed sums file needs only ImageKeyring=.",
+        requires="ImageChecksums",
+    ),
+    Setting(
+        "ImageKeyring", "image_source", parse_path, None, "PATH",
+        "The OpenPGP keys (a binary keyring, as gpg --export writes it) that must have "
+        "signed ImageChecksums=, checked with gpgv. Needs ImageChecksums=.",
+        requires="ImageChecksums",
         specifiers=True,
         names_file=_same_path,
+    ),
+    Setting(
+        "ImageVerify", "image_source", parse_bool, None, "yes|no",
+        "With no, an Image= URL without ImageChecksum=/ImageChecksums= is pulled and booted "
+        "unverified; without it such a URL is refused. Defaults to yes.",
+        requires="Image",
     ),
     Setting(
         "Ephemeral", "ephemeral", parse_bool, "no", "yes|no",

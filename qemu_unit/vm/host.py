@@ -217,20 +217,43 @@ def plan(
     disks = tuple(plan_disk(d) for d in vm.disks)
     if accel is None:
         accel = finalize_accel(vm, xml, probe=probe)
-    return Plan(accel=accel, dirs=dirs, disks=disks, domain_xml=xml, **guest_files(vm, dirs))
+    return Plan(accel=accel, dirs=dirs, disks=disks, domain_xml=xml,
+                **guest_files(vm, dirs, probe=probe))
 
 
 def overlay_path(vm: VMConfig, dirs: Dirs) -> Path:
     return (dirs.root if vm.ephemeral else dirs.state) / OVERLAY
 
 
-def guest_files(vm: VMConfig, dirs: Dirs) -> dict[str, Any]:
+def pulled_base(vm: VMConfig) -> tuple[Path, str] | None:
+    """(cached file, format) an Image= URL resolves to now; None when not pulled yet."""
+    if vm.image_source is None:
+        return None
+    from qemu_unit.images.cache import Cache
+
+    cache = Cache()
+    ref = cache.read_ref(vm.image_source.key())
+    if ref is None or not cache.blob(ref.digest).exists():
+        return None
+    return cache.blob(ref.digest), ref.format
+
+
+def guest_files(vm: VMConfig, dirs: Dirs, *, probe: bool = True) -> dict[str, Any]:
     """The Plan fields of the files prepare() makes for VM: overlay, seed, credentials
-    (the base image's header is read here, once)."""
+    (the base image's header is read here, once; an Image= URL's format was read when
+    it was pulled). Without PROBE an Image= URL not pulled yet is no error (validate)."""
     image = None
     if vm.image is not None:
         base_format = detect_format(Disk(vm.image, entry=vm.origin("Image")))
         image = ImagePlan(overlay_path(vm, dirs), vm.image, base_format)
+    elif vm.image_source is not None:
+        pulled = pulled_base(vm)
+        if pulled is None and probe:
+            raise ConfigError(f"{vm.image_source.url} is not in the image cache: start the "
+                              "unit (it pulls it) or run qemu-unit image pull",
+                              **_origin(vm, "Image"))
+        if pulled is not None:
+            image = ImagePlan(overlay_path(vm, dirs), *pulled)
     files: tuple[tuple[str, Path], ...] = ()
     if vm.credentials:
         from qemu_unit.vm.credentials import planned_files

@@ -14,13 +14,22 @@ import fcntl
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 from qemu_unit.config.settings import VMConfig
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.log import log as logger
-from qemu_unit.paths import BASE_RECORD, LOCK_FILE, OVERLAY, nvram_file, unit_name
-from qemu_unit.vm.host import ImagePlan
+from qemu_unit.paths import (
+    BASE_RECORD,
+    LOCK_FILE,
+    OVERLAY,
+    nvram_file,
+    pull_unit_name,
+    unit_name,
+)
+from qemu_unit.vm.host import ImagePlan, pulled_base
 from qemu_unit.vm.qcow2 import read_header
 
 QEMU_IMG_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -89,6 +98,62 @@ def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:
         elif vm.disk_size < current:
             logger.warning("DiskSize=%d is below the overlay's size %d: the disk never shrinks",
                            vm.disk_size, current)
+
+
+# How long a start waits for a pull that never shows up (no lock held, no progress).
+PULL_ABSENT_SEC = 60.0
+PULL_POLL_SEC = 0.5
+
+
+def wait_for_pull(vm: VMConfig, notify: Any) -> None:
+    """Return once VM's Image= URL is in the cache; show the pull's progress meanwhile.
+
+    Under systemd the pull is qemu-run-pull@KEY.service, which the VM's unit wants
+    (one job for every VM starting on the image); this waits for its result with
+    the bytes and percent in STATUS= and the start timeout extended while it
+    waits. Run by hand, with a cache this user can write, it pulls itself.
+    """
+    from qemu_unit.images import progress
+    from qemu_unit.images.cache import Cache
+
+    src = vm.image_source
+    if src is None or pulled_base(vm) is not None:
+        return
+    cache = Cache()
+    key = src.key()
+    if not os.environ.get("INVOCATION_ID") and _writable(cache.root):
+        from qemu_unit.images.pull import pull
+
+        reporter = progress.Reporter(cache, key, src.url)
+        try:
+            pull(src, cache, progress=reporter)
+        finally:
+            reporter.close()
+        return
+    started = time.time()
+    last_seen = time.monotonic()
+    logger.info("Waiting for %s to be pulled (%s)", src.url, pull_unit_name(key))
+    while pulled_base(vm) is None:
+        state = cache.read_progress(key)
+        now = time.monotonic()
+        if cache.is_pulling(key):
+            last_seen = now
+            done = progress.describe(state.get("done", 0), state.get("total"))
+            notify.status(f"Waiting for the image: {done}")
+        elif state.get("error") and state.get("time", 0) >= started - 5:
+            raise QemuUnitError(f"pulling the image failed: {state['error']}")
+        elif now - last_seen > PULL_ABSENT_SEC:
+            raise QemuUnitError(f"{src.url} is not in the image cache and no pull runs "
+                                f"(systemctl status {pull_unit_name(key)})")
+        notify.extend_timeout(30)
+        time.sleep(PULL_POLL_SEC)
+    notify.status("Image pulled")
+
+
+def _writable(root: Path) -> bool:
+    while not root.exists() and root != root.parent:
+        root = root.parent
+    return os.access(root, os.W_OK)
 
 
 def is_running(root: Path) -> bool:

@@ -225,6 +225,10 @@ class Runner:
     # Everything that can fail on bad input, before anything is acquired.
     def check(self) -> tuple[settings.VMConfig, host.Plan, str]:
         vm = settings.load_vm(self.src)
+        if vm.image_source is not None:
+            from qemu_unit.vm.image import wait_for_pull
+
+            wait_for_pull(vm, self.notify)
         plan = host.plan(vm)
         host.check_ports(vm)
         return vm, plan, domain.render(vm, plan)
