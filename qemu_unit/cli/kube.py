@@ -75,6 +75,12 @@ UNSUPPORTED = {
     "RestrictNetwork": "KubeVirt isolates a VM with a NetworkPolicy, not a VM field",
     "LoadCredential": "a file or the unit's own credential: not copied into a Secret",
     "DomainXML": "KubeVirt takes no libvirt domain XML",
+    # Image= URLs (issue 17): CDI imports a URL itself, without these checks.
+    "ImageChecksum": "CDI's http import checks no digest",
+    "ImageChecksums": "CDI's http import reads no sums file",
+    "ImageSignature": "CDI's http import checks no signature",
+    "ImageKeyring": "CDI's http import checks no signature",
+    "ImageVerify": "CDI's http import checks nothing",
 }
 # [VM] keys generate() converts (a value it cannot convert is named, as above).
 EXPRESSED = (
@@ -231,6 +237,9 @@ class _Generator:
                                      "bootOrder": len(devices["disks"]) + 1})
             volumes.append({"name": name, **volume})
 
+        if vm.image_source is not None:
+            self.note("Image", f"a URL ({vm.image_source.url}): import it with a CDI "
+                               "DataVolume (source http) or name a container image")
         if vm.image is not None:
             annotations[IMAGE_ANNOTATION] = str(vm.image)
             image = self.image_volume(templates)
