@@ -77,6 +77,7 @@ STATUS_FILE = "status.json"  # vm/status.py
 CONSOLE_SOCKET = "console.sock"  # QEMU's serial console
 ATTACH_SOCKET = "console-attach.sock"  # `qemu-unit console` clients
 AGENT_SOCKET = "agent.sock"  # the guest agent's channel
+CONTROL_SOCKET = "control.sock"  # `qemu-unit exec/cp/...` reach the runner (vm/control.py)
 SEED = "seed.iso"  # the cloud-init NoCloud seed
 CREDENTIALS_DIR = "credentials"  # SetCredential= files, gone once QEMU runs
 QEMU_CONF = "etc/qemu.conf"  # what the embed driver reads at open
@@ -121,6 +122,11 @@ class Dirs:
     @property
     def agent_socket(self) -> Path:
         return self.root / AGENT_SOCKET
+
+    @property
+    def control_socket(self) -> Path:
+        """Where `qemu-unit exec/cp/...` reach the runner (vm/control.py serves it)."""
+        return self.root / CONTROL_SOCKET
 
     @property
     def lock_file(self) -> Path:

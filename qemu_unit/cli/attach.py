@@ -23,34 +23,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from qemu_unit.cli import control
 from qemu_unit.config.names import check_name
 from qemu_unit.errors import QemuUnitError
-from qemu_unit.paths import SYSTEM_RUNTIME, finalize_dirs
 
 ESCAPE = b"\x1d"  # Ctrl-]
 
 
 def find_socket(name: str) -> Path:
     """The attach socket of VM NAME: the system unit's, else the caller's own runner's."""
-    own = finalize_dirs(name).attach_socket
-    candidates = [SYSTEM_RUNTIME / name / own.name, own]
-    denied = None
-    for path in candidates:
-        try:
-            path.stat()
-        except PermissionError:
-            denied = path
-            continue
-        except OSError:
-            continue
-        return path
-    if denied is not None:
-        raise QemuUnitError(
-            f"cannot attach to the console of {name}: permission denied: only root and the "
-            f"VM's user (qemu-run) may attach", path=denied.parent,
-        )
-    raise QemuUnitError(f"VM {name} is not running, or has no console (Console=none): "
-                        f"no {candidates[0]}")
+    try:
+        return control.find_socket(name, "attach_socket")
+    except control.ControlFailed as e:
+        if e.code == "denied":
+            raise QemuUnitError(
+                f"cannot attach to the console of {name}: permission denied: only root and the "
+                f"VM's user (qemu-run) may attach", path=e.path,
+            ) from None
+        raise QemuUnitError(f"VM {name} is not running, or has no console (Console=none): "
+                            f"no {e.socket}") from None
 
 
 def _say(text: str) -> None:

@@ -30,7 +30,7 @@ from qemu_unit import log, paths
 from qemu_unit.config import settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.paths import SERVICE_USER, Dirs
-from qemu_unit.vm import domain, host, status
+from qemu_unit.vm import control, domain, host, status
 from qemu_unit.vm.console import Console, Policy
 from qemu_unit.vm.notify import Notifier
 
@@ -273,6 +273,12 @@ class Runner:
                 console.listen(header=f"-- qemu-unit: console of {self.name} from "
                                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} --\n")
                 stack.callback(console.close)
+            self.control = control.Context(
+                self.name, vm, domain=lambda: self.dom, post=self.events.put
+            )
+            server = control.Server(dirs.control_socket, self.control)
+            server.listen()
+            stack.callback(server.close)
             with self.running_domain(conn, xml, dirs):
                 assert self.dom is not None
                 if plan.credentials:

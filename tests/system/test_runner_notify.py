@@ -114,6 +114,10 @@ def _qemus_under(root: Path) -> list[int]:
     return pids
 
 
+# The runtime root (embed root) of each runner started(), by PID.
+RUNTIMES: dict[int, Path] = {}
+
+
 @contextlib.contextmanager
 def started(d: Path, name: str, notify: NotifySocket,
             **env: str) -> Iterator[subprocess.Popen[str]]:
@@ -139,9 +143,11 @@ def started(d: Path, name: str, notify: NotifySocket,
         stderr=subprocess.PIPE,
         text=True,
     )
+    RUNTIMES[proc.pid] = runtime
     try:
         yield proc
     finally:
+        RUNTIMES.pop(proc.pid, None)
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
@@ -193,6 +199,29 @@ def test_second_signal_destroys_at_once(workdir: Path) -> None:
         assert time.monotonic() - t0 < 15  # far below ShutdownTimeout=60s
     assert proc.returncode == 0, err
     assert "Received SIGRTMIN+4 again: destroying the VM now" in err
+
+
+def test_control_socket_answers_while_the_vm_runs(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qemu_unit.cli import control
+
+    write_vm(workdir, "n3", "ignore")
+    notify = NotifySocket(workdir)
+    with started(workdir, "n3", notify) as proc:
+        notify.wait_for("READY", "1")
+        monkeypatch.setenv("RUNTIME_DIRECTORY", str(RUNTIMES[proc.pid]))
+        answer = control.call("n3", {"op": "ping"})
+        assert answer == {"ok": True, "name": "n3", "pid": proc.pid, "running": True}
+        proc.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING", "1")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        # Gone with the runner: a clear "not running", never a hang.
+        with pytest.raises(control.ControlFailed) as e:
+            control.call("n3", {"op": "ping"})
+        assert e.value.exit_status == control.EXIT_NOT_RUNNING
+    assert proc.returncode == 0, err
 
 
 @pytest.mark.parametrize(
