@@ -11,7 +11,7 @@ import pytest
 from qemu_unit.cli import commands as cli
 from qemu_unit.config import domainxml
 from qemu_unit.config.settings import Accel
-from qemu_unit.vm import host
+from qemu_unit.vm import domain, host
 
 
 @pytest.fixture
@@ -67,8 +67,8 @@ def test_render_prints_what_the_runner_starts(
         (tmp_path / "x.vm").write_text(text)
         assert cli.main(["render", "--config-dir", str(tmp_path), "x"]) == 0
         printed = capsys.readouterr().out
-        _vm, _plan, xml = runner.Runner(source.find_source("x", [tmp_path])).check()
-        assert printed == xml
+        _vm, _plan, tree = runner.Runner(source.find_source("x", [tmp_path])).check()
+        assert printed == domain.serialize(tree)
 
 
 def test_validate_messages_carry_the_prefix(

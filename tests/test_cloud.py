@@ -132,7 +132,8 @@ def test_unreadable_seed_file_names_the_key(tmp_path: Path) -> None:
 def test_set_credential_file_is_private_and_not_in_the_xml(tmp_path: Path) -> None:
     vm = vm_of("[VM]\nSetCredential=api.token:t0ps3cret\nLoadCredential=tls:/etc/hostname\n")
     assert "t0ps3cret" not in repr(vm.credentials)  # a traceback shows no value
-    files = credentials.write_files(vm, tmp_path)
+    files = credentials.planned_files(vm, tmp_path)
+    credentials.write_files(vm, files, tmp_path)
     written = tmp_path / "credentials" / "api.token"
     assert files == [("api.token", written), ("tls", Path("/etc/hostname"))]
     assert written.read_text() == "t0ps3cret"
@@ -151,14 +152,16 @@ def test_load_credential_needs_the_units_credential(tmp_path: Path,
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     with pytest.raises(ConfigError, match="web.vm:2: LoadCredential=: the unit has no "
                                           "credential 'db'"):
-        credentials.write_files(vm, tmp_path)
+        credentials.write_files(vm, credentials.planned_files(vm, tmp_path), tmp_path)
     unit_dir = tmp_path / "unit"
     unit_dir.mkdir()
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(unit_dir))
     with pytest.raises(ConfigError, match="does not exist"):
-        credentials.write_files(vm, tmp_path)
+        credentials.write_files(vm, credentials.planned_files(vm, tmp_path), tmp_path)
     (unit_dir / "db").write_text("pw")
-    assert credentials.write_files(vm, tmp_path) == [("db", unit_dir / "db")]
+    files = credentials.planned_files(vm, tmp_path)
+    assert files == [("db", unit_dir / "db")]
+    credentials.write_files(vm, files, tmp_path)
 
 
 # The overlay.

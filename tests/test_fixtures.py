@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 
 from qemu_unit import paths
-from qemu_unit.config import domainxml, settings, source, unitfile
+from qemu_unit.config import settings, source, unitfile
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.vm import domain, host
 
@@ -61,13 +61,8 @@ def dirs_of(name: str) -> paths.Dirs:
 
 def plan_of(vm: settings.VMConfig, accel: str = "tcg") -> host.Plan:
     """VM's plan for ACCEL without host.plan()'s file checks: fixtures name files this
-    host does not have. Disk headers are read as host.plan reads them."""
-    if vm.accel is not settings.Accel.AUTO and vm.accel != accel:
-        raise QemuUnitError(f"the VM says Accel={vm.accel}, cannot plan it for {accel}")
-    xml = domainxml.read_domain_xml(vm.domain_xml) if vm.domain_xml is not None else None
-    dirs = dirs_of(vm.name)
-    return host.Plan(settings.Accel(accel), dirs, tuple(host.plan_disk(d) for d in vm.disks),
-                     xml, **host.guest_files(vm, dirs))
+    host does not have."""
+    return host.plan_vm(vm, dirs_of(vm.name), accel=settings.Accel(accel))
 
 # Verbs other test modules check: verb -> the module that does. Add yours here.
 FOREIGN_VERBS: dict[str, str] = {

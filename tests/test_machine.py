@@ -108,9 +108,9 @@ def test_uuid_comes_from_the_status_file_checked(tmp_path: Path) -> None:
     root = tmp_path / "web"
     root.mkdir()
     assert machine.read_uuid(root) is None
-    status.write(root, uuid=UUID.upper())
+    status.write(root, status.Status(uuid=UUID.upper()))
     assert machine.read_uuid(root) == UUID
-    status.write(root, uuid="../../etc")
+    status.write(root, status.Status(uuid="../../etc"))
     assert machine.read_uuid(root) is None
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from qemu_unit.cli import commands as cli
 from qemu_unit.cli import overview
+from qemu_unit.config import domainxml
 from qemu_unit.vm import status
 from tests.support.schema import validate
 
@@ -69,14 +70,13 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (etc / "y.xml").write_text("<domain>\n<memory>")
     run = tmp_path / "run" / "web"
     run.mkdir(parents=True)
-    status.write(run, name="web", pid=4242, qemu_pid=4300, uuid="1b4e28ba-2fa1-11d2-883f-0016d3cca427",  # noqa: E501
-                 accelerator="tcg", memory=1024**3, cpus=2,
-                 ports=[{"host_ip": "127.0.0.1", "host_port": 2222, "guest_port": 22,
-                         "protocol": "tcp"}],
-                 started=1764550800)  # fmt: skip
+    status.write(run, status.Status(
+        name="web", pid=4242, qemu_pid=4300, uuid="1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+        accelerator="tcg", memory=1024**3, cpus=2,
+        ports=(status.Port("127.0.0.1", 2222, 22, "tcp"),), started=1764550800))
     # A status file left by an earlier runner of a VM that is not running.
     (tmp_path / "run" / "off").mkdir()
-    status.write(tmp_path / "run" / "off", name="off", pid=77, accelerator="kvm")
+    status.write(tmp_path / "run" / "off", status.Status(name="off", pid=77, accelerator="kvm"))
 
     def show(units: list[str]) -> dict[str, dict[str, str]]:
         props = {b["Id"]: b for b in overview.parse_show(SHOW)}
@@ -129,7 +129,7 @@ def test_collect_merges_config_systemd_and_status_file(tree: Path) -> None:
 
 
 def test_status_file_of_another_runner_is_ignored(tree: Path) -> None:
-    status.write(tree / "run" / "web", name="web", pid=1, accelerator="kvm")
+    status.write(tree / "run" / "web", status.Status(name="web", pid=1, accelerator="kvm"))
     assert collect(tree)["web"].accelerator is None
 
 
@@ -202,8 +202,20 @@ def test_status_of_unknown_vm_is_a_config_error(tmp_path: Path, capsys: Any) -> 
 
 
 def test_status_file_roundtrip_and_refusals(tmp_path: Path) -> None:
-    status.write(tmp_path, name="a", pid=3)
-    assert status.read(tmp_path) == {"version": 1, "name": "a", "pid": 3}
+    record = status.Status(name="a", pid=3, ports=(status.Port("::1", 80, 8, "udp"),))
+    status.write(tmp_path, record)
+    assert status.read(tmp_path) == record
+    # The file format: the JSON other tools may read (docs/qemu-unit.schema.json is `list`'s).
+    assert json.loads((tmp_path / status.FILENAME).read_text()) == {
+        "version": 1, "name": "a", "pid": 3, "qemu_pid": None, "uuid": None,
+        "accelerator": None, "memory": None, "cpus": None, "started": None,
+        "ports": [{"host_ip": "::1", "host_port": 80, "guest_port": 8, "protocol": "udp"}]}
+    # Written by an unprivileged runner: a field of the wrong type is dropped, not trusted.
+    (tmp_path / status.FILENAME).write_text(
+        '{"version": 1, "pid": "3", "uuid": 7, "cpus": true, "ports": [{"host_ip": 1}, 5]}')
+    assert status.read(tmp_path) == status.Status()
+    (tmp_path / status.FILENAME).write_text("[" * 50000 + "]" * 50000)
+    assert status.read(tmp_path) is None
     assert [p.name for p in tmp_path.iterdir()] == [status.FILENAME]  # no temporary left
     (tmp_path / status.FILENAME).unlink()
     (tmp_path / status.FILENAME).symlink_to("/etc/passwd")
@@ -227,4 +239,4 @@ def test_status_file_roundtrip_and_refusals(tmp_path: Path) -> None:
     ],
 )
 def test_resources(xml: str, expected: tuple[int | None, int | None]) -> None:
-    assert status.resources(ET.fromstring(xml)) == expected
+    assert domainxml.resources(ET.fromstring(xml)) == expected

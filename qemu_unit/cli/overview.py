@@ -162,7 +162,7 @@ def apply_config(vm: VMState, src: source.Source) -> None:
     if config.domain_xml is not None:
         # A full domain XML says its own size; Accel= and Memory= do not apply.
         try:
-            vm.memory, vm.cpus = status.resources(domainxml.read_domain_xml(config.domain_xml))
+            vm.memory, vm.cpus = domainxml.resources(domainxml.read_domain_xml(config.domain_xml))
         except ConfigError as e:
             vm.error = str(e)
         return
@@ -174,23 +174,13 @@ def apply_runtime(vm: VMState, root: Path) -> None:
     """The runner's status file, when it belongs to the runner systemd knows as MainPID."""
     if vm.active_state not in _UP:
         return
-    data = status.read(root)
-    if data is None or data.get("pid") != vm.main_pid:
+    record = status.read(root)
+    if record is None or record.pid != vm.main_pid:
         return  # not written yet, or left by an earlier runner
-    vm.accelerator = _str(data.get("accelerator"))
-    vm.uuid = _str(data.get("uuid"))
-    pid = data.get("qemu_pid")
-    vm.qemu_pid = pid if isinstance(pid, int) else None
-    for key in ("memory", "cpus"):
-        if isinstance(data.get(key), int):
-            setattr(vm, key, data[key])
-    ports = data.get("ports")
-    if isinstance(ports, list):
-        vm.ports = [p for p in ports if isinstance(p, dict)]
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    vm.accelerator, vm.uuid, vm.qemu_pid = record.accelerator, record.uuid, record.qemu_pid
+    vm.memory = record.memory if record.memory is not None else vm.memory
+    vm.cpus = record.cpus if record.cpus is not None else vm.cpus
+    vm.ports = [asdict(p) for p in record.ports]
 
 
 def _state(name: str, find: Any) -> VMState:

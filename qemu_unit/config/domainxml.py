@@ -87,3 +87,26 @@ def xml_paths(root: ET.Element) -> list[HostPath]:
     if emulator:
         out.append(HostPath("emulator", emulator, False, "exec"))
     return out
+
+
+_UNITS = {
+    "b": 1, "bytes": 1,
+    "kb": 1000, "k": 1024, "kib": 1024,
+    "mb": 1000**2, "m": 1024**2, "mib": 1024**2,
+    "gb": 1000**3, "g": 1024**3, "gib": 1024**3,
+    "tb": 1000**4, "t": 1024**4, "tib": 1024**4,
+}  # fmt: skip
+
+
+def resources(root: ET.Element) -> tuple[int | None, int | None]:
+    """(memory in bytes, vCPUs) a <domain> asks for; None for what it does not say."""
+    memory = cpus = None
+    el = root.find("memory")
+    if el is not None and el.text:
+        scale = _UNITS.get(el.get("unit", "KiB").lower())
+        if scale is not None and el.text.strip().isdigit():
+            memory = int(el.text) * scale
+    el = root.find("vcpu")
+    if el is not None and el.text and el.text.strip().isdigit():
+        cpus = int(el.text)
+    return memory, cpus

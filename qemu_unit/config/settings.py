@@ -16,14 +16,14 @@ import functools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 from qemu_unit.config.imagesource import ImageSource, is_url, parse_checksum
 from qemu_unit.config.names import split_template
 from qemu_unit.config.source import Source
-from qemu_unit.config.unitfile import Entry, UnitFile, escape_specifiers, read
+from qemu_unit.config.unitfile import Entry, UnitFile, read
 from qemu_unit.errors import ConfigError
 
 # typing costs ~3 ms to import at every boot and is needed by type checkers only.
@@ -1217,8 +1217,12 @@ def parse_vm(
     *,
     source_path: Path | None = None,
     dropins: tuple[Path, ...] = (),
+    domain_xml: Path | None = None,
 ) -> VMConfig:
-    """Build the VMConfig of VM NAME from parsed UNIT (pure: reads no file)."""
+    """Build the VMConfig of VM NAME from parsed UNIT (pure: reads no file).
+
+    DOMAIN_XML: the VM is this NAME.xml file (as if DomainXML= named it, but not an
+    assignment: errors about it name the file alone); UNIT holds its drop-ins."""
     passthrough: dict[str, list[Entry]] = {s: [] for s in PASSTHROUGH_SECTIONS}
     a = _Assignments()
     for entry in unit.entries:
@@ -1243,6 +1247,9 @@ def parse_vm(
             value = expand_specifiers(value, name, entry)
         a.assign(setting, value, entry)
     settled = a.settled()
+    own_xml = domain_xml is not None and settled["DomainXML"] is None
+    if own_xml:
+        settled["DomainXML"] = domain_xml
     _check_combinations(a, settled)
 
     values: dict[str, Any] = {}
@@ -1261,6 +1268,8 @@ def parse_vm(
         for value, entry in a.assigned(s.name)
         if (path := s.names_file(value)) is not None
     ]
+    if own_xml:
+        files.insert(0, FileRef(settled["DomainXML"], None))
     if source_path is None:
         source_path = Path(unit.path)
     return VMConfig(
@@ -1346,22 +1355,15 @@ def read_source(source: Source) -> UnitFile:
     """The entries of SOURCE and its drop-ins: what load_vm() reads."""
     if source.kind == "vm":
         return read(source.path, source.dropins)
-    # A NAME.xml is a NAME.vm with only DomainXML=; its drop-ins still apply.
-    own = Entry(VM_SECTION, "DomainXML", escape_specifiers(str(source.path)),
-                str(source.path), 0)
+    # A NAME.xml is a NAME.vm with only DomainXML= (build_vm says so); its drop-ins apply.
     dropins = [e for d in source.dropins for e in read(d).entries]
-    return UnitFile(str(source.path), (own, *dropins))
+    return UnitFile(str(source.path), tuple(dropins))
 
 
 def build_vm(source: Source, unit: UnitFile) -> VMConfig:
     """The VMConfig of SOURCE from UNIT, its read_source() (pure: reads no file)."""
-    vm = parse_vm(source.name, unit, source_path=source.path, dropins=source.dropins)
-    if source.kind == "xml":
-        # The XML file is not an assignment: errors about it name the file alone.
-        own = unit.entries[0]
-        files = tuple(FileRef(f.path, None) if f.entry is own else f for f in vm.files)
-        vm = replace(vm, files=files, origins=tuple(e for e in vm.origins if e is not own))
-    return vm
+    return parse_vm(source.name, unit, source_path=source.path, dropins=source.dropins,
+                    domain_xml=source.path if source.kind == "xml" else None)
 
 
 def load_vm(source: Source) -> VMConfig:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from qemu_unit.config.settings import VMConfig
@@ -38,9 +39,9 @@ def planned_files(vm: VMConfig, runtime: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def write_files(vm: VMConfig, runtime: Path) -> list[tuple[str, Path]]:
-    """Write the SetCredential= files (mode 0600) and check the others; planned_files()."""
-    files = planned_files(vm, runtime)
+def write_files(vm: VMConfig, files: Sequence[tuple[str, Path]], runtime: Path) -> None:
+    """Write the SetCredential= files (mode 0600) where FILES (the plan's credentials,
+    planned_files()) say, and check the others."""
     directory = runtime / DIRECTORY
     remove(runtime)
     for cred, (_, path) in zip(vm.credentials, files, strict=True):
@@ -57,7 +58,6 @@ def write_files(vm: VMConfig, runtime: Path) -> list[tuple[str, Path]]:
         elif not os.access(path, os.R_OK) or not path.is_file():
             problem = "does not exist" if not path.exists() else "is not a readable file"
             raise ConfigError(f"credential {cred.id!r}: {path} {problem}", **where)
-    return files
 
 
 def remove(runtime: Path) -> None:

@@ -195,30 +195,42 @@ def plan(
 ) -> Plan:
     """Learn what VM needs from this host; ConfigError for anything that cannot work.
 
-    DIRS default to the runner's (finalize_dirs). ACCEL, when given, is taken as
-    decided (tests); without PROBE, /dev/kvm is not opened and the VM is taken as
-    its configuration says (validate).
+    The file checks (check_files, check_plan) around plan_vm. DIRS default to the
+    runner's (finalize_dirs). ACCEL, when given, is taken as decided (tests); without
+    PROBE, /dev/kvm is not opened and the VM is taken as its configuration says
+    (validate).
     """
+    check_files(vm)
+    result = plan_vm(vm, dirs or finalize_dirs(vm.name), accel=accel, probe=probe)
+    check_plan(vm, result)
+    return result
+
+
+def plan_vm(vm: VMConfig, dirs: Dirs, *, accel: Accel | None = None,
+            probe: bool = True) -> Plan:
+    """VM's plan without checking that its files exist (fixtures name files this host
+    does not have): disk headers and a DomainXML= file are read if they can be."""
     if accel is Accel.AUTO:
         raise QemuUnitError("a plan needs a decided accelerator (kvm or tcg)")
     if accel is not None and vm.accel is not Accel.AUTO and vm.accel is not accel:
         raise QemuUnitError(f"the VM says Accel={vm.accel}, cannot plan it for {accel}")
-    dirs = dirs or finalize_dirs(vm.name)
     if len(os.fspath(dirs.root)) + MONITOR_SUFFIX > SUN_PATH_MAX:
         raise ConfigError(
             f"embed root {dirs.root} is too long for QEMU's monitor socket path "
             f"({SUN_PATH_MAX} bytes max): use a shorter VM name"
         )
-    check_files(vm)
-    xml = None
-    if vm.domain_xml is not None:
-        xml = read_domain_xml(vm.domain_xml)
-        check_xml_paths(xml, vm.domain_xml)
+    xml = read_domain_xml(vm.domain_xml) if vm.domain_xml is not None else None
     disks = tuple(plan_disk(d) for d in vm.disks)
     if accel is None:
         accel = finalize_accel(vm, xml, probe=probe)
     return Plan(accel=accel, dirs=dirs, disks=disks, domain_xml=xml,
                 **guest_files(vm, dirs, probe=probe))
+
+
+def check_plan(vm: VMConfig, plan: Plan) -> None:
+    """The host paths a DomainXML= domain names are there (check_files did the VM's own)."""
+    if plan.domain_xml is not None and vm.domain_xml is not None:
+        check_xml_paths(plan.domain_xml, vm.domain_xml)
 
 
 def overlay_path(vm: VMConfig, dirs: Dirs) -> Path:

@@ -64,10 +64,10 @@ def _machine_property(path: str, name: str) -> Any:
 def read_uuid(root: Path) -> str | None:
     """The domain UUID from the runner's status file (written by the unprivileged runner:
     checked, never trusted)."""
-    data = status.read(root)
-    value = data.get("uuid") if data else None
+    record = status.read(root)
+    value = record.uuid if record else None
     try:
-        return str(uuidlib.UUID(value)) if isinstance(value, str) else None
+        return str(uuidlib.UUID(value)) if value is not None else None
     except ValueError:
         return None
 

@@ -27,7 +27,7 @@ from typing import Any
 import libvirt
 
 from qemu_unit import log, paths
-from qemu_unit.config import settings, source
+from qemu_unit.config import domainxml, settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.paths import SERVICE_USER, Dirs
 from qemu_unit.vm import control, domain, host, status
@@ -223,7 +223,7 @@ class Runner:
         self.agent_accepted = False
 
     # Everything that can fail on bad input, before anything is acquired.
-    def check(self) -> tuple[settings.VMConfig, host.Plan, str]:
+    def check(self) -> tuple[settings.VMConfig, host.Plan, ET.Element]:
         vm = settings.load_vm(self.src)
         if vm.image_source is not None:
             from qemu_unit.vm.image import wait_for_pull
@@ -231,14 +231,14 @@ class Runner:
             wait_for_pull(vm, self.notify)
         plan = host.plan(vm)
         host.check_ports(vm)
-        return vm, plan, domain.render(vm, plan)
+        return vm, plan, domain.build(vm, plan)
 
     def run(self) -> int:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.notify.status("Checking configuration")
-        vm, plan, xml = self.check()
+        vm, plan, tree = self.check()
         self.vm = vm
         dirs = plan.dirs
         accel = str(plan.accel)
@@ -279,7 +279,7 @@ class Runner:
             server = control.Server(dirs.control_socket, self.control)
             server.listen()
             stack.callback(server.close)
-            with self.running_domain(conn, xml, dirs):
+            with self.running_domain(conn, domain.serialize(tree), dirs):
                 assert self.dom is not None
                 if plan.credentials:
                     # QEMU has read them: they need not lie around any longer.
@@ -289,9 +289,8 @@ class Runner:
                 uuid = self.dom.UUIDString()
                 log.set_vm_fields(self.name, uuid)
                 logger.info("Started VM %s (%s, uuid %s)", self.name, accel.upper(), uuid)
-                memory, cpus = status.resources(ET.fromstring(xml))
-                status.write(
-                    dirs.root,
+                memory, cpus = domainxml.resources(tree)
+                status.write(dirs.root, status.Status(
                     name=self.name,
                     pid=os.getpid(),
                     qemu_pid=status.qemu_pid(dirs.root, self.name),
@@ -299,11 +298,10 @@ class Runner:
                     accelerator=accel,
                     memory=memory,
                     cpus=cpus,
-                    ports=[{"host_ip": p.host_ip, "host_port": p.host_port,
-                            "guest_port": p.guest_port, "protocol": p.protocol}
-                           for p in vm.publish_ports],
+                    ports=tuple(status.Port(p.host_ip, p.host_port, p.guest_port, p.protocol)
+                                for p in vm.publish_ports),
                     started=int(time.time()),
-                )
+                ))
                 if vm.ready.kind is settings.ReadyKind.STARTED:
                     self.notify.ready(f"Running ({accel.upper()})")
                 elif vm.ready.kind is settings.ReadyKind.AGENT:
@@ -615,7 +613,7 @@ def prepare_guest_files(
         from qemu_unit.vm import credentials
 
         stack.callback(credentials.remove, plan.dirs.root)
-        credentials.write_files(vm, plan.dirs.root)
+        credentials.write_files(vm, plan.credentials, plan.dirs.root)
 
 
 def _signal_name(signum: int) -> str:

@@ -2,18 +2,20 @@
 
 `ROOT/status.json` in the VM's runtime directory (/run/qemu-run/NAME under the
 unit): the accelerator actually used, the domain UUID, QEMU's PID, published
-ports. Written atomically (rename), so a reader sees the old or the new file,
-never half of one; it goes away with the runtime directory when the unit stops.
-`qemu-unit list` and `status` read it; systemd answers everything else.
+ports. One `Status` record: the runner writes it, `qemu-unit list`/`status` and
+`register-machine` read it; systemd answers everything else. Written atomically
+(rename), so a reader sees the old or the new file, never half of one; it goes
+away with the runtime directory when the unit stops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
 import tempfile
-import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,78 @@ from qemu_unit.paths import STATUS_FILE, qemu_pidfile
 
 FILENAME = STATUS_FILE
 VERSION = 1
+# Root reads what the unprivileged runner wrote: no more than this, no deeper nesting
+# than json's recursion allows (a RecursionError is a refusal like any other).
+MAX_SIZE = 64 * 1024
 
 
-def write(root: Path, **fields: Any) -> None:
-    """Replace ROOT/status.json with FIELDS (plus the format version)."""
-    data = {"version": VERSION, **fields}
+@dataclass(frozen=True)
+class Port:
+    """One PublishPort= as the runner set it up."""
+
+    host_ip: str
+    host_port: int
+    guest_port: int
+    protocol: str
+
+
+@dataclass(frozen=True)
+class Status:
+    """The status file's content. Read back from a file the runner wrote: every field
+    checked for its type, a field of the wrong type is None (never trusted further)."""
+
+    name: str | None = None
+    pid: int | None = None  # the runner's: systemd's MainPID when it is current
+    qemu_pid: int | None = None
+    uuid: str | None = None
+    accelerator: str | None = None  # "kvm" or "tcg": what the VM really runs with
+    memory: int | None = None  # bytes
+    cpus: int | None = None
+    ports: tuple[Port, ...] = ()
+    started: int | None = None  # seconds since the epoch
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Status | None:
+        """DATA as written by to_json(); None if it is not a status of this version."""
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            return None
+
+        def typed(key: str, kind: type) -> Any:
+            value = data.get(key)
+            # bool is an int to Python, never to the writer.
+            return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+        ports = data.get("ports")
+        return cls(
+            name=typed("name", str), pid=typed("pid", int), qemu_pid=typed("qemu_pid", int),
+            uuid=typed("uuid", str), accelerator=typed("accelerator", str),
+            memory=typed("memory", int), cpus=typed("cpus", int), started=typed("started", int),
+            ports=tuple(_port(p) for p in ports if _port(p) is not None)
+            if isinstance(ports, list) else (),
+        )
+
+
+def _port(data: Any) -> Port | None:
+    try:
+        port = Port(**data) if isinstance(data, dict) else None
+    except TypeError:
+        return None
+    if port is None or not (isinstance(port.host_ip, str) and isinstance(port.protocol, str)
+                            and isinstance(port.host_port, int)
+                            and isinstance(port.guest_port, int)):
+        return None
+    return port
+
+
+def write(root: Path, record: Status) -> None:
+    """Replace ROOT/status.json with RECORD."""
     fd, tmp = tempfile.mkstemp(prefix=".status.", dir=root)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
+            json.dump(record.to_json(), f, sort_keys=True)
             f.write("\n")
         # Readable by root and the VM's user only: the runtime directory is 0700 anyway.
         os.replace(tmp, root / FILENAME)
@@ -38,14 +103,10 @@ def write(root: Path, **fields: Any) -> None:
         raise
 
 
-MAX_SIZE = 64 * 1024
+def read(root: Path) -> Status | None:
+    """The status in ROOT; None when there is none, it is unreadable or not ours.
 
-
-def read(root: Path) -> dict[str, Any] | None:
-    """The status file's fields; None when there is none, it is unreadable or not ours.
-
-    Root reads what the unprivileged runner wrote: no symlinks, no FIFOs, no more
-    than MAX_SIZE bytes."""
+    No symlinks, no FIFOs, no more than MAX_SIZE bytes."""
     try:
         fd = os.open(root / FILENAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -54,13 +115,11 @@ def read(root: Path) -> dict[str, Any] | None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         data = json.loads(os.read(fd, MAX_SIZE))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     finally:
         os.close(fd)
-    if not isinstance(data, dict) or data.get("version") != VERSION:
-        return None
-    return data
+    return Status.from_json(data)
 
 
 def qemu_pid(root: Path, name: str) -> int | None:
@@ -69,26 +128,3 @@ def qemu_pid(root: Path, name: str) -> int | None:
         return int(qemu_pidfile(root, name).read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-_UNITS = {
-    "b": 1, "bytes": 1,
-    "kb": 1000, "k": 1024, "kib": 1024,
-    "mb": 1000**2, "m": 1024**2, "mib": 1024**2,
-    "gb": 1000**3, "g": 1024**3, "gib": 1024**3,
-    "tb": 1000**4, "t": 1024**4, "tib": 1024**4,
-}  # fmt: skip
-
-
-def resources(root: ET.Element) -> tuple[int | None, int | None]:
-    """(memory in bytes, vCPUs) a <domain> asks for; None for what it does not say."""
-    memory = cpus = None
-    el = root.find("memory")
-    if el is not None and el.text:
-        scale = _UNITS.get(el.get("unit", "KiB").lower())
-        if scale is not None and el.text.strip().isdigit():
-            memory = int(el.text) * scale
-    el = root.find("vcpu")
-    if el is not None and el.text and el.text.strip().isdigit():
-        cpus = int(el.text)
-    return memory, cpus
