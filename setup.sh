@@ -36,7 +36,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps .
-"$VENV/bin/pip" install -q --disable-pip-version-check "pytest>=7" "hypothesis>=6" ruff
+"$VENV/bin/pip" install -q --disable-pip-version-check "pytest>=7" "hypothesis>=6" ruff mypy
 chmod -R a+rX "$(dirname "$VENV")"
 ln -sf "$VENV/bin/qemu-unit" /usr/local/bin/qemu-unit
 

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import os
+from typing import Protocol
+
+
+class Origin(Protocol):
+    """Where a value was written: unitfile.Entry is one (file, line, key)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def line(self) -> int: ...
+    @property
+    def key(self) -> str: ...
 
 
 class QemuUnitError(Exception):
-    """An error that names where it comes from: file, line and key when known."""
+    """An error that names where it comes from: file, line and key when known.
+
+    ENTRY (the assignment at fault, or None) gives all three; PATH, LINE and KEY,
+    when given, say it otherwise or more precisely."""
 
     exit_status = 1
 
@@ -14,12 +29,15 @@ class QemuUnitError(Exception):
         self,
         message: str,
         *,
+        entry: Origin | None = None,
         path: str | os.PathLike[str] | None = None,
         line: int | None = None,
         key: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        if entry is not None:
+            path, line, key = path or entry.path, line or entry.line, key or entry.key
         self.path = os.fspath(path) if path is not None else None
         self.line = line
         self.key = key

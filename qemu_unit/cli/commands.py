@@ -63,7 +63,8 @@ def validate(targets: Sequence[str], search_path: Sequence[Path] | None = None) 
         errors: list[ConfigError] = []
         found = list(source.list_sources(search_path, errors=errors))
         problems += [str(e) for e in errors]
-    for target in (*targets, *found):
+    every: list[str | source.Source] = [*targets, *found]
+    for target in every:
         try:
             if isinstance(target, source.Source):
                 src = target

@@ -735,9 +735,10 @@ class _Player:
             wrote = True
         self.leftover(nocloud, "cloudInitNoCloud")
         for credential in _take(vmi, "accessCredentials", default=[]) or []:
-            key = credential.get("sshPublicKey") or {}
-            secret = self.secrets.pop(_take(key, "source", "secret", "secretName") or "", None)
-            if secret is None or _take(key, "propagationMethod", "noCloud") is None:
+            ssh_key = credential.get("sshPublicKey") or {}
+            secret = self.secrets.pop(_take(ssh_key, "source", "secret", "secretName") or "",
+                                      None)
+            if secret is None or _take(ssh_key, "propagationMethod", "noCloud") is None:
                 self.out.notes.append("accessCredentials: only SSH keys from a Secret in the "
                                       "file, by noCloud, are expressible")
                 continue

@@ -261,7 +261,7 @@ def _install_list(entries: tuple[Entry, ...], key: str) -> tuple[str, ...]:
 
 
 def _fail(entry: Entry, message: str) -> ConfigError:
-    return ConfigError(message, path=entry.path, line=entry.line, key=entry.key)
+    return ConfigError(message, entry=entry)
 
 
 _SIZE = re.compile(r"([0-9]{1,20}(?:\.[0-9]{1,20})?|\.[0-9]{1,20})\s*([KMGTPEB]?)")
@@ -1264,7 +1264,7 @@ def parse_vm(
             values[setting.field] = settled[setting.name]
     files = [
         FileRef(path, entry)
-        for s in _FILE_SETTINGS
+        for s in _FILE_SETTINGS if s.names_file is not None
         for value, entry in a.assigned(s.name)
         if (path := s.names_file(value)) is not None
     ]

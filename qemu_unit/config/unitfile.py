@@ -243,7 +243,7 @@ def format_line(key: str, value: str, entry: Entry | None = None) -> str:
         raise ConfigError(
             f"too long to write as one line (systemd reads lines of at most "
             f"{LINE_MAX - 1} bytes)",
-            path=entry.path if entry else None, line=entry.line if entry else None, key=key,
+            entry=entry, key=key,
         )
     return line + "\n"
 

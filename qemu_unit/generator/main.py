@@ -289,7 +289,7 @@ def install_links(vm: settings.VMConfig, unit: str, template: str) -> list[tuple
             known = "=, ".join(INSTALL_LINKS)
             raise ConfigError(
                 f"not supported in [Install] of a VM (only {known}=)",
-                path=entry.path, line=entry.line, key=entry.key,
+                entry=entry,
             )
     links = []
     for key, targets in (("WantedBy", vm.wanted_by), ("RequiredBy", vm.required_by)):
@@ -299,7 +299,7 @@ def install_links(vm: settings.VMConfig, unit: str, template: str) -> list[tuple
                 entry = next(e for e in vm.install if e.key == key and target in e.value.split())
                 raise ConfigError(
                     f"invalid unit name {target!r}",
-                    path=entry.path, line=entry.line, key=entry.key,
+                    entry=entry,
                 )
             links.append((f"{target}.{INSTALL_LINKS[key]}/{unit}", template))
     return links

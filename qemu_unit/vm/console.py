@@ -233,7 +233,8 @@ class Console:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
-        reader, sender, *attach = self._threads or [None, None]
+        reader, sender = self._threads[:2] if self._threads else (None, None)
+        attach = self._threads[2:]
         if reader is not None:
             reader.join(drain_timeout)
             if reader.is_alive() and self._conn is not None:

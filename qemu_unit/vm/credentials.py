@@ -46,7 +46,6 @@ def write_files(vm: VMConfig, files: Sequence[tuple[str, Path]], runtime: Path) 
     remove(runtime)
     for cred, (_, path) in zip(vm.credentials, files, strict=True):
         entry = cred.entry
-        where = {"path": entry.path, "line": entry.line, "key": entry.key} if entry else {}
         if cred.value is not None:
             directory.mkdir(mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -54,10 +53,10 @@ def write_files(vm: VMConfig, files: Sequence[tuple[str, Path]], runtime: Path) 
                 f.write(cred.value)
         elif cred.path is None and "CREDENTIALS_DIRECTORY" not in os.environ:
             raise ConfigError(f"the unit has no credential {cred.id!r}: give it one with "
-                              f"LoadCredential={cred.id}:PATH in [Service]", **where)
+                              f"LoadCredential={cred.id}:PATH in [Service]", entry=entry)
         elif not os.access(path, os.R_OK) or not path.is_file():
             problem = "does not exist" if not path.exists() else "is not a readable file"
-            raise ConfigError(f"credential {cred.id!r}: {path} {problem}", **where)
+            raise ConfigError(f"credential {cred.id!r}: {path} {problem}", entry=entry)
 
 
 def remove(runtime: Path) -> None:

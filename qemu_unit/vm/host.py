@@ -76,13 +76,6 @@ def kvm_problem() -> str | None:
     return None
 
 
-def _origin(vm: VMConfig, key: str) -> dict[str, Any]:
-    entry = vm.origin(key)
-    if entry is None:
-        return {"path": vm.source_path, "key": key}
-    return {"path": entry.path, "line": entry.line, "key": key}
-
-
 def finalize_accel(vm: VMConfig, xml: ET.Element | None, *, probe: bool = True) -> Accel:
     """The one accelerator decision: KVM where asked for (or auto) and /dev/kvm opens.
 
@@ -102,7 +95,9 @@ def finalize_accel(vm: VMConfig, xml: ET.Element | None, *, probe: bool = True) 
     if problem is None:
         return Accel.KVM
     if wanted is Accel.KVM:
-        raise ConfigError(f"KVM requested but unusable ({problem})", **_origin(vm, "Accel"))
+        origin = vm.origin("Accel")
+        raise ConfigError(f"KVM requested but unusable ({problem})", entry=origin,
+                          path=None if origin else vm.source_path, key="Accel")
     from qemu_unit.log import log  # here: the generator imports this module for XML VMs
 
     log.warning("KVM is unusable (%s); falling back to TCG, which is much slower", problem)
@@ -122,8 +117,7 @@ def check_files(vm: VMConfig) -> None:
         if problem is not None:
             if ref.entry is None:
                 raise ConfigError(problem, path=ref.path)
-            raise ConfigError(f"{ref.path} {problem}", path=ref.entry.path,
-                              line=ref.entry.line, key=ref.entry.key)
+            raise ConfigError(f"{ref.path} {problem}", entry=ref.entry)
 
 
 def detect_format(disk: Disk) -> str:
@@ -147,9 +141,7 @@ def detect_format(disk: Disk) -> str:
         # A probed backing file is how a guest writing a raw disk could read host files.
         raise ConfigError(
             f"{disk.path} is a qcow2 image with a backing file: write format=qcow2",
-            path=disk.entry.path if disk.entry else None,
-            line=disk.entry.line if disk.entry else None,
-            key="Disk",
+            entry=disk.entry, key="Disk",
         )
     return "qcow2"
 
@@ -288,8 +280,6 @@ def check_ports(vm: VMConfig) -> None:
             try:
                 s.bind((port.host_ip or "0.0.0.0", port.host_port))
             except OSError as e:
-                entry = port.entry
-                where = {"path": entry.path, "line": entry.line} if entry else {}
                 address = f"{port.host_ip or '*'}:{port.host_port}/{port.protocol}"
                 raise ConfigError(f"host port {address} is not available: {e.strerror}",
-                                  key="PublishPort", **where) from None
+                                  entry=port.entry, key="PublishPort") from None

@@ -81,7 +81,7 @@ def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:
         raise ConfigError(
             f"the overlay {path} was made from {made_from}, not {base}: run "
             f"'qemu-unit reset {vm.name}' to start afresh from the new image",
-            **({"path": entry.path, "line": entry.line} if entry else {}), key="Image")
+            entry=entry, key="Image")
     try:
         recorded = json.loads(record.read_text())
     except (OSError, ValueError):

@@ -312,7 +312,6 @@ class Runner:
                         f"Waiting for the guest's console to match {vm.ready.regex!r}"
                     )
                 return self.loop(dirs)
-        return 1  # pragma: no cover - loop() returns
 
     def _watch_agent(self, stack: contextlib.ExitStack) -> None:
         """Ready=agent: ask the guest agent until it answers, then report readiness."""

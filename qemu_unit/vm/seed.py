@@ -58,8 +58,7 @@ def _read(path: Path, vm: VMConfig, key: str) -> bytes:
         return path.read_bytes()
     except OSError as e:
         entry = vm.origin(key)
-        where = {"path": entry.path, "line": entry.line} if entry else {}
-        raise ConfigError(f"cannot read {path}: {e.strerror}", key=key, **where) from None
+        raise ConfigError(f"cannot read {path}: {e.strerror}", entry=entry, key=key) from None
 
 
 def from_vm(vm: VMConfig) -> Seed:

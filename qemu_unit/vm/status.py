@@ -68,12 +68,12 @@ class Status:
             return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
         ports = data.get("ports")
+        checked = [_port(p) for p in ports] if isinstance(ports, list) else []
         return cls(
             name=typed("name", str), pid=typed("pid", int), qemu_pid=typed("qemu_pid", int),
             uuid=typed("uuid", str), accelerator=typed("accelerator", str),
             memory=typed("memory", int), cpus=typed("cpus", int), started=typed("started", int),
-            ports=tuple(_port(p) for p in ports if _port(p) is not None)
-            if isinstance(ports, list) else (),
+            ports=tuple(p for p in checked if p is not None),
         )
 
 
