@@ -70,6 +70,22 @@ class NetworkKind(StrEnum):
     TAP = "tap"
     BRIDGE = "bridge"
 
+    @property
+    def interface_type(self) -> str:
+        """libvirt's <interface type=> for this kind."""
+        return _INTERFACE_TYPES[self]
+
+    @classmethod
+    def for_interface(cls, interface_type: str) -> NetworkKind:
+        """The kind with the same needs on the host as libvirt's <interface type=>; types
+        without a kind of their own (network, direct...) get the widest: bridge."""
+        return _INTERFACE_KINDS.get(interface_type, cls.BRIDGE)
+
+
+_INTERFACE_TYPES = {NetworkKind.USER: "user", NetworkKind.TAP: "ethernet",
+                    NetworkKind.BRIDGE: "bridge"}  # fmt: skip
+_INTERFACE_KINDS = {t: k for k, t in _INTERFACE_TYPES.items()}
+
 
 class ReadyKind(StrEnum):
     STARTED = "started"
@@ -148,6 +164,7 @@ class FileRef:
 
     path: Path
     entry: Entry | None
+    writable: bool = False  # the guest writes it (a disk not read-only)
 
 
 @dataclass(frozen=True)
@@ -641,10 +658,13 @@ class Setting:
     # The field's value from the assignments, when it is not the value or the list of
     # values (several rows may share a field: the first row's collect builds it).
     collect: Callable[[_Assignments], Any] | None = None
-    # The host file a value names (host.check_files checks them).
+    # The host file a value names (host.check_files checks them, the generator opens
+    # them in the unit's sandbox), and whether the guest may write it.
     names_file: Callable[[Any], Path | None] | None = None
+    writes_file: Callable[[Any], bool] | None = None
 
 
+# The models that are the host's CPU: they need KVM. The first is the default under KVM.
 HOST_CPU_MODELS = ("host-passthrough", "host-model")
 
 
@@ -866,6 +886,7 @@ SETTINGS: tuple[Setting, ...] = (
         specifiers=True,
         check=lambda disk, settled: _check_disk_bus(disk, settled),
         names_file=_disk_path,
+        writes_file=lambda disk: not disk.readonly,
     ),
     Setting(
         "CDROM", "cdroms", parse_path, None, "PATH",
@@ -1263,7 +1284,7 @@ def parse_vm(
         else:
             values[setting.field] = settled[setting.name]
     files = [
-        FileRef(path, entry)
+        FileRef(path, entry, s.writes_file is not None and s.writes_file(value))
         for s in _FILE_SETTINGS if s.names_file is not None
         for value, entry in a.assigned(s.name)
         if (path := s.names_file(value)) is not None

@@ -86,10 +86,6 @@ INSTALL_LINKS = {"WantedBy": "wants", "RequiredBy": "requires"}
 _HOME_DIRS = ("/home/", "/root/", "/run/user/")
 _TMP_DIRS = ("/tmp/", "/var/tmp/")
 
-# libvirt <interface type=...> -> the .vm network kind with the same needs on
-# the host. Types not listed (network, direct, ...) get the widest: bridge.
-_XML_INTERFACES = {"user": "user", "ethernet": "tap", "bridge": "bridge"}
-
 # Below this many VMs per process a fork costs more than it saves (measured: 100
 # to 150 VMs break even at ~0.08 ms per VM).
 PARALLEL_MIN = 100
@@ -154,16 +150,9 @@ def _format_seconds(seconds: float) -> str:
 
 
 def _vm_needs(vm: settings.VMConfig) -> HostNeeds:
-    """HostNeeds of a VM described by [VM] keys."""
-    files = [(str(d.path), not d.readonly) for d in vm.disks]
-    files += [(str(p), False) for p in vm.cdroms]
-    files += [(str(p), False) for p in (vm.kernel, vm.initrd) if p is not None]
-    # Read-only: the base image (the overlay is in the state directory), the seed's
-    # sources, credential files.
-    files += [(str(p), False) for p in (vm.image, vm.user_data, vm.network_config)
-              if p is not None]
-    files += [(str(k), False) for k in vm.ssh_authorized_keys if not isinstance(k, str)]
-    files += [(str(c.path), False) for c in vm.credentials if c.path is not None]
+    """HostNeeds of a VM described by [VM] keys: the files are the ones its keys name
+    (the key table's names_file column; Image='s overlay is in the state directory)."""
+    files = [(str(ref.path), ref.writable) for ref in vm.files]
     kinds = [str(n.kind) for n in vm.networks]
     if vm.restrict_network:
         # An isolated user network opens host sockets only for published ports: on
@@ -194,7 +183,7 @@ def _xml_needs(path: Path) -> HostNeeds:
     except ET.ParseError as e:
         raise ConfigError(f"invalid XML: {e}", path=path) from None
     networks = [
-        _XML_INTERFACES.get(i.get("type", ""), "bridge")
+        str(settings.NetworkKind.for_interface(i.get("type", "")))
         for i in root.iterfind("./devices/interface")
     ]
     from qemu_unit.config import domainxml  # with ElementTree: only DomainXML= VMs pay

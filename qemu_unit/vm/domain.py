@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qemu_unit import paths
 from qemu_unit.config.settings import (
+    HOST_CPU_MODELS,
     Accel,
     Console,
     Disk,
@@ -153,10 +154,10 @@ def _cdrom(devices: ET.Element, path: Path, bus: str, targets: _Targets) -> None
 def _cpu(domain: ET.Element, vm: VMConfig, accel: Accel) -> None:
     model = vm.cpu_model
     if model is None:
-        model = "host-passthrough" if accel is Accel.KVM else None
+        model = HOST_CPU_MODELS[0] if accel is Accel.KVM else None
     if model is None:
         return
-    if model in ("host-passthrough", "host-model"):
+    if model in HOST_CPU_MODELS:
         if accel is not Accel.KVM:
             raise ConfigError(f"CPUModel={model} needs KVM, and the VM runs under TCG",
                               path=vm.source_path, key="CPUModel")
@@ -289,12 +290,7 @@ def build(vm: VMConfig, plan: Plan) -> ET.Element:
     for index, (network, mac) in enumerate(zip(vm.networks, vm.macs(), strict=True)):
         if index in on_commandline:
             continue
-        kind = {
-            NetworkKind.USER: "user",
-            NetworkKind.TAP: "ethernet",
-            NetworkKind.BRIDGE: "bridge",
-        }[network.kind]
-        interface = _sub(devices, "interface", type=kind)
+        interface = _sub(devices, "interface", type=network.kind.interface_type)
         _sub(interface, "mac", address=mac)
         if network.kind is NetworkKind.TAP:
             assert network.target is not None
