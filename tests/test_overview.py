@@ -92,7 +92,7 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def collect(tree: Path) -> dict[str, overview.VMState]:
-    vms, problem = overview.collect(search_path=[tree / "etc"], runtime_root=tree / "run")
+    vms, problem = overview.collect(search_path=[tree / "etc"], roots=tree / "run")
     assert problem is None
     return {vm.name: vm for vm in vms}
 

@@ -28,7 +28,7 @@ from qemu_unit.config import settings
 from qemu_unit.config.names import check_name
 from qemu_unit.config.settings import (
     Accel,
-    Console,
+    ConsoleMode,
     Firmware,
     NetworkKind,
     ReadyKind,
@@ -221,7 +221,7 @@ class _Generator:
             "machine": {"type": vm.machine},
             # The same SMBIOS UUID: a guest (and cloud-init) sees the same machine.
             "firmware": {"uuid": vm.domain_uuid(), "bootloader": bootloader},
-            "devices": {"autoattachSerialConsole": vm.console is Console.JOURNAL,
+            "devices": {"autoattachSerialConsole": vm.console is ConsoleMode.JOURNAL,
                         "disks": [], "interfaces": []},
         }
 
@@ -636,7 +636,7 @@ class _Player:
         _take(loader, "bios")
         devices = domain.get("devices") or {}
         if _take(devices, "autoattachSerialConsole") is False:
-            self.set("Console", Console.NONE.value)
+            self.set("Console", ConsoleMode.NONE.value)
 
     def volume(self, volume: dict[str, Any], disks: dict[str, dict[str, Any]],
                templates: dict[str, Any], image_path: str | None, name: str) -> bool:

@@ -203,7 +203,7 @@ def _state(name: str, find: Any) -> VMState:
 def collect(
     names: Sequence[str] | None = None,
     search_path: Sequence[str | os.PathLike[str]] | None = None,
-    runtime_root: Path = SYSTEM_RUNTIME,
+    roots: Path = SYSTEM_RUNTIME,  # where each VM's embed root is, by name
 ) -> tuple[list[VMState], str | None]:
     """The VMs NAMES (default: every VM on the search path) and, when systemd could
     not be asked, why not."""
@@ -217,19 +217,19 @@ def collect(
     for vm in vms:
         if not isinstance(props, str) and vm.unit in props:
             apply_unit(vm, props[vm.unit])
-        apply_runtime(vm, runtime_root / vm.name)
+        apply_runtime(vm, roots / vm.name)
     return vms, problem
 
 
 def find_one(
     name: str,
     search_path: Sequence[str | os.PathLike[str]] | None = None,
-    runtime_root: Path = SYSTEM_RUNTIME,
+    roots: Path = SYSTEM_RUNTIME,
 ) -> tuple[VMState, str | None]:
     """One VM, which must exist: on the search path (perhaps broken or masked) or as a
     loaded unit."""
     check_name(name)
-    [vm], problem = collect([name], search_path, runtime_root)
+    [vm], problem = collect([name], search_path, roots)
     known = vm.source is not None or vm.active_state not in (None, "inactive")
     if not known:
         raise ConfigError(vm.error or f"no VM {name!r}")

@@ -55,7 +55,7 @@ class Firmware(StrEnum):
     UEFI = "uefi"
 
 
-class Console(StrEnum):
+class ConsoleMode(StrEnum):
     JOURNAL = "journal"
     NONE = "none"
 
@@ -189,7 +189,7 @@ class VMConfig:
     cdroms: tuple[Path, ...]
     networks: tuple[Network, ...]
     uuid: str | None  # None: derived from the name, see domain_uuid()
-    console: Console
+    console: ConsoleMode
     console_log: int  # bytes per file of the console's copy; 0: none
     console_rate_interval: float  # seconds; 0: no limit
     console_rate_burst: int  # lines per interval; 0: no limit
@@ -675,7 +675,7 @@ def _check_cpu_model(model: str | None, settled: dict[str, Any]) -> str | None:
 
 
 def _check_ready(ready: Ready, settled: dict[str, Any]) -> str | None:
-    if ready.kind is ReadyKind.CONSOLE and settled["Console"] is Console.NONE:
+    if ready.kind is ReadyKind.CONSOLE and settled["Console"] is ConsoleMode.NONE:
         return "console:REGEX needs Console=journal"
     return None
 
@@ -927,12 +927,12 @@ SETTINGS: tuple[Setting, ...] = (
         "every host.",
     ),
     Setting(
-        "Console", "console", _enum_parser(Console), "journal", "journal|none",
+        "Console", "console", _enum_parser(ConsoleMode), "journal", "journal|none",
         "Where the guest's first serial port goes: journal sends each line the guest "
         "prints to the journal of the VM's unit; none gives the guest no serial port. "
         "Defaults to journal. Allowed with DomainXML=, where journal takes the domain's "
         "first serial port.",
-        choices=tuple(Console),
+        choices=tuple(ConsoleMode),
         with_domain_xml=True,
     ),
     Setting(

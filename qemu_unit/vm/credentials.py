@@ -7,7 +7,7 @@ command line (SMBIOS type 11 strings would put the value there, readable by
 every host user in /proc/PID/cmdline).
 
 SetCredential= values are written to files only the VM's user can read, in
-the runtime directory; QEMU reads them when it starts, so the runner removes
+the embed root; QEMU reads them when it starts, so the runner removes
 them right after the start (and again on the way out, whatever happened).
 LoadCredential= files are handed to QEMU where they are.
 """
@@ -24,13 +24,13 @@ from qemu_unit.errors import ConfigError
 from qemu_unit.paths import CREDENTIALS_DIR as DIRECTORY
 
 
-def planned_files(vm: VMConfig, runtime: Path) -> list[tuple[str, Path]]:
+def planned_files(vm: VMConfig, root: Path) -> list[tuple[str, Path]]:
     """(ID, file QEMU reads) of each credential; writes nothing (for render)."""
     unit_dir = os.environ.get("CREDENTIALS_DIRECTORY")
     files = []
     for cred in vm.credentials:
         if cred.value is not None:
-            path = runtime / DIRECTORY / cred.id
+            path = root / DIRECTORY / cred.id
         elif cred.path is not None:
             path = cred.path
         else:
@@ -39,11 +39,11 @@ def planned_files(vm: VMConfig, runtime: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def write_files(vm: VMConfig, files: Sequence[tuple[str, Path]], runtime: Path) -> None:
+def write_files(vm: VMConfig, files: Sequence[tuple[str, Path]], root: Path) -> None:
     """Write the SetCredential= files (mode 0600) where FILES (the plan's credentials,
     planned_files()) say, and check the others."""
-    directory = runtime / DIRECTORY
-    remove(runtime)
+    directory = root / DIRECTORY
+    remove(root)
     for cred, (_, path) in zip(vm.credentials, files, strict=True):
         entry = cred.entry
         if cred.value is not None:
@@ -59,6 +59,6 @@ def write_files(vm: VMConfig, files: Sequence[tuple[str, Path]], runtime: Path) 
             raise ConfigError(f"credential {cred.id!r}: {path} {problem}", entry=entry)
 
 
-def remove(runtime: Path) -> None:
+def remove(root: Path) -> None:
     """Remove the SetCredential= files (QEMU has read them once it runs)."""
-    shutil.rmtree(runtime / DIRECTORY, ignore_errors=True)
+    shutil.rmtree(root / DIRECTORY, ignore_errors=True)

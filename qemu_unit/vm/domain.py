@@ -17,7 +17,7 @@ from qemu_unit import paths
 from qemu_unit.config.settings import (
     HOST_CPU_MODELS,
     Accel,
-    Console,
+    ConsoleMode,
     Disk,
     Firmware,
     NetworkKind,
@@ -227,7 +227,7 @@ def _take_over(vm: VMConfig, plan: Plan) -> ET.Element:
             nvram = _sub(os_, "nvram")
         if not (nvram.text or "").strip() and not nvram.get("template"):
             nvram.text = _nvram(vm, plan)
-    if vm.console is Console.JOURNAL:
+    if vm.console is ConsoleMode.JOURNAL:
         _take_console(devices, plan)
     return domain
 
@@ -300,7 +300,7 @@ def build(vm: VMConfig, plan: Plan) -> ET.Element:
             _sub(interface, "source", bridge=network.target)
         _sub(interface, "model", type="virtio")
 
-    if vm.console is Console.JOURNAL:
+    if vm.console is ConsoleMode.JOURNAL:
         _take_console(devices, plan)
     if ShutdownMethod.AGENT in vm.shutdown_mode or vm.ready.kind is ReadyKind.AGENT:
         channel = _sub(devices, "channel", type="unix")

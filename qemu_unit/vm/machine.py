@@ -96,7 +96,7 @@ def register(name: str, leader: int, uuid: str | None) -> str:
     return str(answer["data"][0])
 
 
-def register_from_unit(name: str, runtime_root: Path = SYSTEM_RUNTIME) -> int:
+def register_from_unit(name: str, roots: Path = SYSTEM_RUNTIME) -> int:
     """`qemu-unit register-machine NAME` as the unit's ExecStartPost=+. Never fails the
     unit: a VM without a machined entry still runs (exit 0, a warning says why)."""
     check_name(name)
@@ -108,7 +108,7 @@ def register_from_unit(name: str, runtime_root: Path = SYSTEM_RUNTIME) -> int:
     if not pid.isdigit() or int(pid) <= 1:
         log.log.warning("Not registered with systemd-machined: no $MAINPID (%r)", pid)
         return 0
-    uuid = read_uuid(runtime_root / name)
+    uuid = read_uuid(roots / name)
     log.set_vm_fields(name, uuid)
     try:
         path = register(name, int(pid), uuid)

@@ -21,6 +21,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,50 @@ class MonitorProbe:
             self._asked_at = None
 
 
+# -- what the main loop hears ---------------------------------------------------------------
+# Every source (signal handlers, libvirt's event thread, console and agent watchers) puts
+# one of these on Runner.events; only the main loop acts on them.
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """A libvirt lifecycle event (VIR_DOMAIN_EVENT_*) and its detail."""
+
+    event: int
+    detail: int
+
+
+@dataclass(frozen=True)
+class Rebooted:
+    pass
+
+
+@dataclass(frozen=True)
+class DiskError:
+    """An I/O error on a disk: what libvirt did (VIR_DOMAIN_EVENT_IO_ERROR_*) and why."""
+
+    device: str
+    action: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class GuestReady:
+    """Ready=console matched, or Ready=agent's agent answered."""
+
+
+@dataclass(frozen=True)
+class Signalled:
+    signum: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Nothing arrived before the next deadline."""
+
+
+Event = Lifecycle | Rebooted | DiskError | GuestReady | Signalled | Tick
+
 # -- the runner ------------------------------------------------------------------------------
 
 _STOPPED_REASONS = {
@@ -214,7 +259,7 @@ class Runner:
         self.name = src.name
         self.shutdown_timeout_override = shutdown_timeout
         self.notify = Notifier()
-        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.dom: libvirt.virDomain | None = None
         self.stop_requested = False
         self.destroy_started = False
@@ -257,7 +302,7 @@ class Runner:
             conn = self._open(dirs)
             stack.callback(self._close, conn)
             console = None
-            if vm.console is settings.Console.JOURNAL:
+            if vm.console is settings.ConsoleMode.JOURNAL:
                 console = Console(
                     dirs.console_socket,
                     log.console_sink(self.name),
@@ -268,7 +313,7 @@ class Runner:
                     assert vm.ready.regex is not None
                     pattern = re.compile(vm.ready.regex)
                     console.watchers.append(
-                        lambda line: self.events.put(("ready",)) if pattern.search(line) else None
+                        lambda line: self.events.put(GuestReady()) if pattern.search(line) else None
                     )
                 console.listen(header=f"-- qemu-unit: console of {self.name} from "
                                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} --\n")
@@ -327,28 +372,28 @@ class Runner:
                 except libvirt.libvirtError:
                     done.wait(AGENT_POLL)
                     continue
-                self.events.put(("ready",))
+                self.events.put(GuestReady())
                 return
 
         threading.Thread(target=ask, name="agent-ready", daemon=True).start()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         # SimpleQueue.put is reentrant: safe from a signal handler.
-        self.events.put(("signal", signum))
+        self.events.put(Signalled(signum))
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
         if dom.name() == self.name:
-            self.events.put(("lifecycle", event, detail))
+            self.events.put(Lifecycle(event, detail))
 
     def _on_reboot(self, _conn: Any, dom: Any, _opaque: Any) -> None:
         if dom.name() == self.name:
-            self.events.put(("reboot",))
+            self.events.put(Rebooted())
 
     def _on_io_error(
         self, _conn: Any, dom: Any, path: str, alias: str, action: int, reason: str, _opaque: Any
     ) -> None:
         if dom.name() == self.name:
-            self.events.put(("io-error", path or alias, action, reason))
+            self.events.put(DiskError(path or alias, action, reason))
 
     def _open(self, dirs: Dirs) -> libvirt.virConnect:
         uri = f"qemu:///embed?root={dirs.root}"
@@ -431,55 +476,42 @@ class Runner:
             if next_resume is not None:
                 wakeups.append(next_resume)
             timeout = max(0.0, min(wakeups) - now) if wakeups else None
+            item: Event
             try:
                 item = self.events.get(timeout=timeout)
             except queue.Empty:
-                item = ("tick",)
-            kind = item[0]
-            if kind == "lifecycle":
-                event, detail = item[1], item[2]
-                if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+                item = Tick()
+            match item:
+                case Lifecycle(event=libvirt.VIR_DOMAIN_EVENT_STOPPED, detail=detail):
                     return self._stopped(detail, dirs)
-                if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN:
+                case Lifecycle(event=libvirt.VIR_DOMAIN_EVENT_SHUTDOWN):
                     logger.info("Guest shut down")
-            elif kind == "reboot":
-                logger.info("Guest rebooted")
-            elif kind == "io-error":
-                # Every retry that fails again reports anew: say it once per episode.
-                if next_resume is None and item[2] == libvirt.VIR_DOMAIN_EVENT_IO_ERROR_PAUSE:
-                    what = "no space left on device" if item[3] == "enospc" else item[3]
-                    logger.error(
-                        "Disk %s: %s; the guest is paused and resumes once the write "
-                        "succeeds (retried every %gs)", item[1], what, RESUME_RETRY,
-                    )
-                    self.notify.status(f"Paused: disk {item[1]}: {what}")
-                    next_resume = time.monotonic() + RESUME_RETRY
-                elif next_resume is None:
-                    logger.warning("Disk %s: I/O error (%s)", item[1], item[3])
-            elif kind == "ready" and not ready:
-                ready = True
-                if self.vm.ready.kind is settings.ReadyKind.AGENT:
-                    logger.info("The guest agent answered: ready")
-                else:
-                    logger.info("Guest console matched %r: ready", self.vm.ready.regex)
-                self.notify.ready("Running")
-            elif kind == "signal":
-                signame = _signal_name(item[1])
-                if not self.stop_requested:
-                    self.stop_requested = True
-                    deadline = time.monotonic() + self.shutdown_timeout
-                    logger.info(
-                        "Received %s: shutting the guest down (timeout %gs)",
-                        signame,
-                        self.shutdown_timeout,
-                    )
-                    self.notify.stopping(f"Shutting down (received {signame})")
-                    next_extend = 0.0
-                    next_retry = time.monotonic() + SHUTDOWN_RETRY
-                    self._request_shutdown()
-                elif not self.destroy_started:
-                    logger.warning("Received %s again: destroying the VM now", signame)
-                    self._destroy()
+                case Rebooted():
+                    logger.info("Guest rebooted")
+                case DiskError() if next_resume is None:
+                    # Every retry that fails again reports anew: say it once per episode.
+                    next_resume = self._disk_error(item)
+                case GuestReady() if not ready:
+                    ready = True
+                    if self.vm.ready.kind is settings.ReadyKind.AGENT:
+                        logger.info("The guest agent answered: ready")
+                    else:
+                        logger.info("Guest console matched %r: ready", self.vm.ready.regex)
+                    self.notify.ready("Running")
+                case Signalled(signum=signum):
+                    signame = _signal_name(signum)
+                    if not self.stop_requested:
+                        self.stop_requested = True
+                        deadline = time.monotonic() + self.shutdown_timeout
+                        logger.info("Received %s: shutting the guest down (timeout %gs)",
+                                    signame, self.shutdown_timeout)
+                        self.notify.stopping(f"Shutting down (received {signame})")
+                        next_extend = 0.0
+                        next_retry = time.monotonic() + SHUTDOWN_RETRY
+                        self._request_shutdown()
+                    elif not self.destroy_started:
+                        logger.warning("Received %s again: destroying the VM now", signame)
+                        self._destroy()
             now = time.monotonic()
             if deadline is not None and not self.destroy_started:
                 if now >= deadline:
@@ -513,6 +545,17 @@ class Runner:
                         logger.error("libvirt does not answer for the domain: %s", e)
                 else:
                     self.notify.watchdog()
+
+    def _disk_error(self, error: DiskError) -> float | None:
+        """Report ERROR; when the guest is paused for it, when to try resuming."""
+        if error.action != libvirt.VIR_DOMAIN_EVENT_IO_ERROR_PAUSE:
+            logger.warning("Disk %s: I/O error (%s)", error.device, error.reason)
+            return None
+        what = "no space left on device" if error.reason == "enospc" else error.reason
+        logger.error("Disk %s: %s; the guest is paused and resumes once the write succeeds "
+                     "(retried every %gs)", error.device, what, RESUME_RETRY)
+        self.notify.status(f"Paused: disk {error.device}: {what}")
+        return time.monotonic() + RESUME_RETRY
 
     def _resume_after_io_error(self, now: float) -> float | None:
         """Resume a guest paused by a disk error; None once it keeps running."""
