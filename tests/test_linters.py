@@ -119,3 +119,16 @@ def test_no_import_cycles() -> None:
     for module in sorted(graph):
         visit(module, [module])
     assert not cycles, sorted(set(cycles))
+
+
+def test_subprocess_only_through_command_run() -> None:
+    """One environment policy for every host tool: qemu_unit/command.py's."""
+    users = sorted(
+        str(path.relative_to(REPO)) for path in PACKAGE.rglob("*.py")
+        if path.name != "command.py" or path.parent != PACKAGE
+        if any(isinstance(n, ast.Import | ast.ImportFrom)
+               and ("subprocess" in {a.name for a in n.names}
+                    or getattr(n, "module", None) == "subprocess")
+               for n in ast.walk(ast.parse(path.read_text())))
+    )
+    assert users == []

@@ -17,7 +17,6 @@ import lzma
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -245,12 +244,7 @@ def _read_module(path: Path) -> bytes:
     if path.name.endswith(".ko.gz"):
         return gzip.decompress(data)
     if path.name.endswith(".ko.zst"):
-        try:
-            return subprocess.run(["zstd", "-dc", str(path)], capture_output=True,
-                                  check=True).stdout
-        except (OSError, subprocess.CalledProcessError) as e:
-            raise QemuUnitError(f"cannot decompress {path.name} (is zstd installed?): {e}") \
-                from e
+        return command.run_bytes(["zstd", "-dc", str(path)], f"decompressing {path.name}")
     return data
 
 
@@ -282,13 +276,11 @@ def _collect_modules(tree: Path, wanted: Sequence[str]) -> list[tuple[str, bytes
 
 def _write_cpio_gz(root: Path, dest: Path) -> None:
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-    cpio = subprocess.run(
+    archive = command.run_bytes(
         ["cpio", "-o", "-H", "newc", "-R", "0:0", "--reproducible", "--quiet"],
-        cwd=root, input=("\n".join(names) + "\n").encode(), capture_output=True, check=False,
+        "making the initrd", root, input=("\n".join(names) + "\n").encode(),
     )
-    if cpio.returncode != 0:
-        raise QemuUnitError(f"cpio failed: {cpio.stderr.decode(errors='replace').strip()}")
-    dest.write_bytes(gzip.compress(cpio.stdout, compresslevel=6, mtime=0))
+    dest.write_bytes(gzip.compress(archive, compresslevel=6, mtime=0))
 
 
 def _build_initrd(tree: Path, init_script: str, modules: Sequence[str], busybox: Path,

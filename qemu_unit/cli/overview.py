@@ -14,12 +14,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qemu_unit import command
 from qemu_unit.config import domainxml, settings, source
 from qemu_unit.config.names import check_name
 from qemu_unit.errors import ConfigError, QemuUnitError
@@ -101,20 +101,11 @@ def unit_properties(units: Sequence[str]) -> dict[str, dict[str, str]] | str:
     if not units:
         return {}
     try:
-        result = subprocess.run(
-            ["systemctl", "show", "--timestamp=unix", "-p", ",".join(PROPERTIES), "--", *units],
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""},
-        )
-    except OSError as e:
-        return f"systemctl: {e.strerror}"
-    if result.returncode != 0:
-        return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else (
-            f"systemctl show exited with status {result.returncode}"
-        )
-    return {block.get("Id", ""): block for block in parse_show(result.stdout)}
+        out = command.run(["systemctl", "show", "--timestamp=unix", "-p", ",".join(PROPERTIES),
+                           "--", *units], "systemctl show")
+    except command.CommandError as e:
+        return e.detail.splitlines()[-1] if e.detail else str(e)
+    return {block.get("Id", ""): block for block in parse_show(out)}
 
 
 def _unix_time(value: str) -> str | None:

@@ -13,11 +13,11 @@ import contextlib
 import fcntl
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from qemu_unit import command
 from qemu_unit.config.settings import VMConfig
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.log import log as logger
@@ -32,8 +32,6 @@ from qemu_unit.paths import (
 from qemu_unit.vm.host import ImagePlan, pulled_base
 from qemu_unit.vm.qcow2 import read_header
 
-QEMU_IMG_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-
 
 def virtual_size(path: Path) -> int:
     header = read_header(path)
@@ -47,10 +45,7 @@ def _identity(path: Path) -> dict[str, int | str]:
 
 
 def _qemu_img(*args: str) -> None:
-    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False,
-                          env=QEMU_IMG_ENV, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise QemuUnitError(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
+    command.run(["qemu-img", *args], f"qemu-img {args[0]}")
 
 
 def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:

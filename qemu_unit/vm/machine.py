@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
-from qemu_unit import log
+from qemu_unit import command, log
 from qemu_unit.config.names import check_name
 from qemu_unit.errors import QemuUnitError
 from qemu_unit.paths import SYSTEM_RUNTIME, unit_name
@@ -44,17 +43,11 @@ def is_machine_name(name: str) -> bool:
 
 def _busctl(*args: str) -> Any:
     """Run busctl on the system bus; its JSON answer, or QemuUnitError with its message."""
-    result = subprocess.run(
-        ["busctl", "--system", "--json=short", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-             "SYSTEMD_PAGER": ""},  # fmt: skip
-    )
-    if result.returncode != 0:
-        raise QemuUnitError(result.stderr.strip() or f"busctl {args[0]} failed")
-    return json.loads(result.stdout) if result.stdout.strip() else None
+    try:
+        out = command.run(["busctl", "--system", "--json=short", *args], f"busctl {args[0]}")
+    except command.CommandError as e:
+        raise QemuUnitError(e.detail or str(e)) from None
+    return json.loads(out) if out.strip() else None
 
 
 def _machine_property(path: str, name: str) -> Any:
