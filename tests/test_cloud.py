@@ -20,7 +20,7 @@ from qemu_unit.cli import commands as cli
 from qemu_unit.config import settings
 from qemu_unit.config.unitfile import parse
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.generator import main as generator
+from qemu_unit.generator import convert
 from qemu_unit.vm import credentials, domain, host, image, seed
 from qemu_unit.vm.host import check_ports
 from tests.test_fixtures import FIXTURE_DIR, fixtures
@@ -259,7 +259,7 @@ def test_taken_port_is_one_clear_error() -> None:
 
 def test_generator_relaxes_only_what_published_ports_need() -> None:
     def service(text: str) -> dict[str, list[str]]:
-        (_, dropin), = generator.convert(vm_of(text)).files
+        (_, dropin), = convert.convert(vm_of(text)).files
         out: dict[str, list[str]] = {}
         for e in parse(dropin, "x"):
             if e.section == "Service":

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from qemu_unit.config import names, settings, source, unitfile
 from qemu_unit.errors import ConfigError
+from qemu_unit.generator import convert
 from qemu_unit.generator import main as generator
 from tests.test_fixtures import FIXTURE_DIR, Fixture, fixtures, load_fixture
 
@@ -47,7 +48,7 @@ BOOTSTRAP = (
     f"import sys; sys.path.insert(0, {str(REPO)!r}); "
     "from qemu_unit.generator.main import main; sys.exit(main())"
 )
-DROPIN = generator.DROPIN
+DROPIN = convert.DROPIN
 
 
 def run_generator(
@@ -485,7 +486,7 @@ def test_instance_unit_agrees_with_systemd() -> None:
     good = ["web", "web-1", "a:b_c.d", "tmpl@blue", "x" * names.MAX_LENGTH]
     bad = ["a b", "a/b", "a\\x2db", "", "x" * (names.MAX_LENGTH + 1), "é"]
     for name in good:
-        unit = generator.instance_unit(names.check_name(name))
+        unit = convert.instance_unit(names.check_name(name))
         result = subprocess.run(
             ["systemd-escape", "--unescape", "--instance", unit],
             capture_output=True, text=True, check=False,
@@ -502,14 +503,14 @@ def test_every_valid_vm_name_makes_a_valid_unit(name: str) -> None:
         names.check_name(name)
     except ConfigError:
         return
-    assert generator.instance_unit(name) == f"qemu-run@{name}.service"
+    assert convert.instance_unit(name) == f"qemu-run@{name}.service"
 
 
 def test_install_target_names() -> None:
-    assert generator.is_unit_name("multi-user.target")
-    assert generator.is_unit_name("getty@tty1.service")
+    assert convert.is_unit_name("multi-user.target")
+    assert convert.is_unit_name("getty@tty1.service")
     for bad in ("../x.target", "a/b.target", "getty@.service", "x", "x.nope", "a b.target"):
-        assert not generator.is_unit_name(bad), bad
+        assert not convert.is_unit_name(bad), bad
 
 
 # Import-light
@@ -676,18 +677,18 @@ GENERATOR_VERBS = {
 def test_an_image_url_wants_one_pull_unit_that_names_the_source() -> None:
     src = source.from_file(REPO / "tests/fixtures/vm/image-url.vm")
     vm = settings.load_vm(src)
-    generated = generator.convert(vm)
+    generated = convert.convert(vm)
     key = vm.image_source.key()
     (_, vm_dropin), (rel, pull) = generated.files
     assert rel == f"qemu-run-pull@{key}.service.d/{DROPIN}"
     entries = unitfile.parse(pull, rel)
     (env,) = [e.value for e in entries if e.key == "Environment"]
     name, _, args = env.partition("=")
-    assert name == generator.PULL_ARGS_ENV
+    assert name == convert.PULL_ARGS_ENV
     assert args.split() == vm.image_source.pull_arguments()
     # Another VM on the same source writes the same file: one unit, one pull job.
     twin = dataclasses.replace(vm, name="twin")
-    assert generator.convert(twin).files[1] == (rel, pull)
+    assert convert.convert(twin).files[1] == (rel, pull)
 
 
 @pytest.mark.parametrize(
@@ -705,7 +706,7 @@ def test_corpus_assertions(fixture: Fixture, corpus_run: tuple[Path, str, int]) 
     key_checks = fixture.get("assert-key-is") + fixture.get("assert-key-contains")
     if key_checks or fixture.get("assert-symlink"):
         # Pure conversion of the loaded fixture: works for template instances too.
-        generated = generator.convert(load_fixture(fixture))
+        generated = convert.convert(load_fixture(fixture))
         (rel, text), *others = generated.files  # the VM's drop-in first
         parsed = unitfile.parse(text, rel)
         for d in key_checks:
@@ -822,7 +823,7 @@ def test_drop_in_reads_back_as_the_vm_file_was_read(lines: list[tuple[str, str, 
         vm = settings.build_vm(source.Source("rt", "vm", path), unit)
     except ConfigError:
         return
-    ((_, dropin),) = generator.convert(vm).files
+    ((_, dropin),) = convert.convert(vm).files
     back = unitfile.parse(dropin, "/run/dropin.conf")
     written = [(e.section, e.key, e.value) for e in back]
     # The generator's own lines come first in each section.
@@ -842,7 +843,7 @@ def test_a_value_ending_in_a_backslash_does_not_continue_in_the_drop_in() -> Non
     path = Path("/etc/qemu-run/bs.vm")
     vm = settings.build_vm(source.Source("bs", "vm", path),
                            unitfile.UnitFile(str(path), tuple(unitfile.parse(text, path))))
-    ((_, dropin),) = generator.convert(vm).files
+    ((_, dropin),) = convert.convert(vm).files
     assert "Environment=A=x\\ \nExecStop=/bin/true\n" in dropin
 
 
@@ -853,7 +854,7 @@ def test_a_file_name_with_a_line_end_is_refused(tmp_path: Path) -> None:
     vm = settings.build_vm(source.Source("cr", "vm", path, (Path("/etc/x\r[Service].conf"),)),
                            unitfile.UnitFile(str(path), ()))
     with pytest.raises(ConfigError, match="line end"):
-        generator.convert(vm)
+        convert.convert(vm)
 
 
 def test_extension_keys_in_install_are_ignored() -> None:
@@ -863,7 +864,7 @@ def test_extension_keys_in_install_are_ignored() -> None:
     path = Path("/etc/qemu-run/xi.vm")
     vm = settings.build_vm(source.Source("xi", "vm", path),
                            unitfile.UnitFile(str(path), tuple(unitfile.parse(text, path))))
-    assert [link for link, _ in generator.convert(vm).symlinks] == [
+    assert [link for link, _ in convert.convert(vm).symlinks] == [
         "multi-user.target.wants/qemu-run@xi.service"
     ]
 
@@ -878,7 +879,7 @@ def test_unit_and_service_lines_keep_their_order() -> None:
     path = Path("/etc/qemu-run/order.vm")
     vm = settings.build_vm(source.Source("order", "vm", path),
                            unitfile.UnitFile(str(path), tuple(unitfile.parse(text, path))))
-    ((_, dropin),) = generator.convert(vm).files
+    ((_, dropin),) = convert.convert(vm).files
     body = dropin[dropin.index("[Unit]"):]
     assert body == (
         "[Unit]\nSourcePath=/etc/qemu-run/order.vm\nDescription=a\n\n"

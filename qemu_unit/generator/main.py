@@ -28,33 +28,26 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qemu_unit import paths
 from qemu_unit.config import settings, source
-from qemu_unit.config.unitfile import Entry, escape_specifiers, format_line
 from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.generator.convert import (
+    FALLBACK_TEMPLATE,
+    PROGRAM,
+    TEMPLATE,
+    Generated,
+    convert,
+    instance_unit,
+)
 
 # typing costs ~3 ms to import at every boot and is needed by type checkers only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, TextIO
-
-PROGRAM = "qemu-unit-generator"
-TEMPLATE = paths.TEMPLATE_UNIT
-DROPIN = paths.GENERATOR_DROPIN
-# One instance per image source (ImageSource.key()): every VM on it wants the same unit,
-# so VMs starting together queue one pull job.
-PULL_ARGS_ENV = "QEMU_UNIT_PULL_ARGS"
-
-# Seconds systemd waits beyond ShutdownTimeout=: after the guest's own timeout the
-# runner still destroys the domain and tears down the embed root; systemd must
-# not SIGKILL it in the middle of that.
-STOP_MARGIN_SEC = 10
 
 # The system manager's unit search path (systemd 252), without the generator,
 # .control, .attached and transient directories no installer puts a template in.
@@ -64,28 +57,6 @@ UNIT_DIRS = (
     "/usr/local/lib/systemd/system",
     "/usr/lib/systemd/system",
 )
-# Where a distribution package puts the template. systemd resolves a .wants/
-# link by its own name (the target only needs a compatible name), so a link
-# here still starts the right unit once the template is installed anywhere.
-FALLBACK_TEMPLATE = os.fspath(paths.VENDOR_UNIT_DIR / TEMPLATE)
-
-# systemd's unit-name alphabet (basic/unit-name.c); "@" is allowed in instances.
-# Instances are checked with str.strip() (nothing left: valid), without the
-# backslash systemd allows, as instance_unit() explains.
-_UNIT_NAME = re.compile(
-    r"[A-Za-z0-9:_.\\-]+(?:@(?P<instance>[A-Za-z0-9:_.\\@-]*))?"
-    r"\.(?:service|socket|device|mount|automount|swap|target|path|timer|slice|scope)"
-)
-UNIT_NAME_MAX = 255
-_NEEDS_QUOTES = re.compile(r"[\s\"'\\]")
-
-# [Install] keys the generator turns into links: key -> directory suffix.
-INSTALL_LINKS = {"WantedBy": "wants", "RequiredBy": "requires"}
-
-# Where ProtectHome=yes hides files, and where PrivateTmp=yes does.
-_HOME_DIRS = ("/home/", "/root/", "/run/user/")
-_TMP_DIRS = ("/tmp/", "/var/tmp/")
-
 # Below this many VMs per process a fork costs more than it saves (measured: 100
 # to 150 VMs break even at ~0.08 ms per VM).
 PARALLEL_MIN = 100
@@ -96,276 +67,6 @@ _KMSG_MAX = 1000
 # The kernel's default ratelimit for /dev/kmsg writers: 10 records per open file.
 _KMSG_BURST = 10
 _KMSG_MAX_RECORDS = 200
-
-
-@dataclass(frozen=True)
-class Generated:
-    """What one VM turns into, relative to the output directory. Writes nothing."""
-
-    files: tuple[tuple[str, str], ...] = ()
-    symlinks: tuple[tuple[str, str], ...] = ()
-    warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class HostNeeds:
-    """What a VM touches on the host, as far as the sandbox is concerned."""
-
-    networks: tuple[str, ...] = ()  # 'user', 'user-loopback', 'tap', 'bridge'
-    # (path, writable) of every file QEMU opens: disks, CD-ROMs, kernel, NVRAM...
-    files: tuple[tuple[str, bool], ...] = ()
-    warnings: tuple[str, ...] = field(default=(), compare=False)
-
-
-def instance_unit(name: str) -> str:
-    """`qemu-run@NAME.service` for a VM name (names.check_name has accepted it).
-
-    The template passes `%i` (the raw instance) to the runner; the VM name
-    alphabet (names.py) is a subset of what systemd keeps verbatim in an
-    instance, and names.MAX_LENGTH keeps the unit name far below 255.
-    """
-    return paths.unit_name(name)
-
-
-def is_unit_name(name: str) -> bool:
-    """Whether NAME is a unit name that may name a .wants/ directory (no template)."""
-    match = _UNIT_NAME.fullmatch(name)
-    if match is None or len(name) > UNIT_NAME_MAX:
-        return False
-    return match.group("instance") != ""
-
-
-def quote(value: str) -> str:
-    """VALUE as one word of a unit-file setting that expands %-specifiers."""
-    value = escape_specifiers(value)
-    if _NEEDS_QUOTES.search(value):
-        value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return value
-
-
-def _format_seconds(seconds: float) -> str:
-    if float(seconds).is_integer():
-        return str(int(seconds))
-    return f"{round(seconds * 1000)}ms"
-
-
-def _vm_needs(vm: settings.VMConfig) -> HostNeeds:
-    """HostNeeds of a VM described by [VM] keys: the files are the ones its keys name
-    (the key table's names_file column; Image='s overlay is in the state directory)."""
-    files = [(str(ref.path), ref.writable) for ref in vm.files]
-    kinds = [str(n.kind) for n in vm.networks]
-    if vm.restrict_network:
-        # An isolated user network opens host sockets only for published ports: on
-        # loopback alone, or on every address; with none it needs no network at all.
-        if not vm.publish_ports:
-            kinds = [k for k in kinds if k != "user"]
-        elif all(p.host_ip.startswith("127.") for p in vm.publish_ports):
-            kinds = ["user-loopback" if k == "user" else k for k in kinds]
-    return HostNeeds(tuple(kinds), tuple(files))
-
-
-def _xml_needs(path: Path) -> HostNeeds:
-    """HostNeeds of a domain XML file; ConfigError if it is not XML.
-
-    An unreadable file (e.g. on a file system not mounted yet at boot) is only
-    a warning: the VM is then assumed to need the host network and /dev/net/tun.
-    """
-    # Imported here: only VMs with DomainXML= pay for it.
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.parse(path).getroot()
-    except OSError as e:
-        warning = (
-            f"{path}: cannot read ({e.strerror}); assuming the VM needs the host network"
-        )
-        return HostNeeds(("tap",), (), (warning,))
-    except ET.ParseError as e:
-        raise ConfigError(f"invalid XML: {e}", path=path) from None
-    networks = [
-        str(settings.NetworkKind.for_interface(i.get("type", "")))
-        for i in root.iterfind("./devices/interface")
-    ]
-    from qemu_unit.config import domainxml  # with ElementTree: only DomainXML= VMs pay
-
-    files = [(p.path, p.writable) for p in domainxml.xml_paths(root)]
-    nvram = root.findtext("./os/nvram", "").strip()
-    if nvram.startswith("/"):
-        files.append((nvram, True))
-    return HostNeeds(tuple(networks), tuple(files))
-
-
-def host_needs(vm: settings.VMConfig) -> HostNeeds:
-    if vm.domain_xml is None:
-        return _vm_needs(vm)
-    needs = _xml_needs(vm.domain_xml)
-    # The runner reads the XML file itself, inside the same sandbox.
-    return replace(needs, files=((str(vm.domain_xml), False), *needs.files))
-
-
-def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, str]]:
-    """[Service] settings the VM needs on top of the template's sandbox.
-
-    The template sandboxes every VM as if it had no network and no files
-    outside its state directory: PrivateNetwork=yes, IPAddressDeny=any,
-    DevicePolicy=closed with /dev/kvm only, no capabilities, ProtectSystem=strict,
-    ProtectHome=yes, PrivateTmp=yes. Each need undoes exactly what it must:
-
-    user    QEMU's user-mode stack opens ordinary host sockets: the host's
-            network namespace, IP traffic allowed. With RestrictNetwork=yes only
-            published ports open host sockets: none, nothing is relaxed; all on
-            127.x, IP traffic only with localhost (IPAddressAllow=localhost).
-    tap     and /dev/net/tun; the tap device must already exist and belong to
-            the qemu-run user (made by the administrator, e.g. systemd-networkd).
-    bridge  and what qemu-bridge-helper needs to gain CAP_NET_ADMIN from its
-            setuid bit or file capability: NoNewPrivileges=no, the capability in
-            the bounding set, no user namespace (PrivateUsers= leaves root
-            unmapped, so the setuid bit would not count). The helper itself must
-            be setuid or `setcap cap_net_admin+ep` and /etc/qemu/bridge.conf must
-            allow the bridge: that is host setup, not done here.
-    files   a writable disk becomes ReadWritePaths= (with "-": a missing file is
-            the runner's error to report, not a namespace failure); a block
-            device becomes DeviceAllow=; anything under /home, /root or
-            /run/user needs ProtectHome=read-only, under /tmp or /var/tmp
-            PrivateTmp=no (the private /tmp would hide it).
-    """
-    out: list[tuple[str, str]] = [
-        ("TimeoutStopSec", _format_seconds(vm.shutdown_timeout + STOP_MARGIN_SEC)),
-    ]
-    kinds = set(needs.networks)
-    if kinds == {"user-loopback"}:
-        # The host's network namespace, but IP traffic only on loopback.
-        out += [("PrivateNetwork", "no"), ("IPAddressAllow", "localhost")]
-    elif kinds:
-        # The empty assignment resets the template's IPAddressDeny=any.
-        out += [("PrivateNetwork", "no"), ("IPAddressDeny", "")]
-    if kinds & {"tap", "bridge"}:
-        out.append(("DeviceAllow", "/dev/net/tun rw"))
-    if "bridge" in kinds:
-        out += [
-            ("NoNewPrivileges", "no"),
-            ("PrivateUsers", "no"),
-            ("CapabilityBoundingSet", "CAP_NET_ADMIN"),
-        ]
-    paths = sorted(dict.fromkeys(needs.files))
-    if any(p.startswith(_HOME_DIRS) for p, _ in paths):
-        out.append(("ProtectHome", "read-only"))
-    if any(p.startswith(_TMP_DIRS) for p, _ in paths):
-        out.append(("PrivateTmp", "no"))
-    for path, writable in paths:
-        if path.startswith("/dev/"):
-            out.append(("DeviceAllow", f"{quote(path)} {'rw' if writable else 'r'}"))
-        elif writable:
-            out.append(("ReadWritePaths", f"-{quote(path)}"))
-    return out
-
-
-def _section(name: str, lines: Iterable[tuple[str, str] | Entry]) -> str:
-    """[NAME] and its lines, each written so that systemd reads back the same value;
-    an Entry (from the .vm file) names its file and line if that cannot be done."""
-    return f"[{name}]\n" + "".join([
-        format_line(item.key, item.value, item) if isinstance(item, Entry)
-        else format_line(*item)
-        for item in lines
-    ])
-
-
-def install_links(vm: settings.VMConfig, unit: str, template: str) -> list[tuple[str, str]]:
-    """The [Install] symlinks: TARGET.wants/UNIT -> TEMPLATE, as `systemctl enable` makes."""
-    for entry in vm.install:
-        # X- keys are extensions, which systemd ignores too.
-        if entry.key not in INSTALL_LINKS and not entry.key.startswith(settings.EXTENSION_PREFIX):
-            known = "=, ".join(INSTALL_LINKS)
-            raise ConfigError(
-                f"not supported in [Install] of a VM (only {known}=)",
-                entry=entry,
-            )
-    links = []
-    for key, targets in (("WantedBy", vm.wanted_by), ("RequiredBy", vm.required_by)):
-        for target in targets:
-            if not is_unit_name(target):
-                # It names a directory: no "/" or "..", no template without instance.
-                entry = next(e for e in vm.install if e.key == key and target in e.value.split())
-                raise ConfigError(
-                    f"invalid unit name {target!r}",
-                    entry=entry,
-                )
-            links.append((f"{target}.{INSTALL_LINKS[key]}/{unit}", template))
-    return links
-
-
-def _runs_in_file_order(vm: settings.VMConfig) -> list[tuple[str, list[Entry]]]:
-    """VM's [Unit] and [Service] entries in the order they were read, cut into runs of
-    one section. systemd stops reading a file at a value it finds fatal (e.g. a
-    relative ExecStartPre= path): in file order, the same lines are lost as in
-    the .vm file read as a unit file."""
-    files = {p: i for i, p in enumerate((str(vm.source_path), *map(str, vm.dropins)))}
-    entries = sorted([*vm.unit, *vm.service], key=lambda e: (files.get(e.path, 0), e.line))
-    runs: list[tuple[str, list[Entry]]] = []
-    for entry in entries:
-        if not runs or runs[-1][0] != entry.section:
-            runs.append((entry.section, []))
-        runs[-1][1].append(entry)
-    return runs
-
-
-def convert(vm: settings.VMConfig, *, template: str = FALLBACK_TEMPLATE) -> Generated:
-    """The drop-in and [Install] links for VM; TEMPLATE is what the links point at.
-
-    Pure apart from reading a DomainXML= file. The file's own [Service] entries
-    come after the implied ones, so an explicit TimeoutStopSec= or
-    PrivateNetwork= in the .vm file wins; its [Unit] and [Service] entries keep
-    their order (a section header is repeated where the file switches back).
-    """
-    unit = instance_unit(vm.name)
-    path = str(vm.source_path)
-    if any(c in p for p in (path, *map(str, vm.dropins)) for c in "\n\r"):
-        # systemd would end the comment or SourcePath= line there.
-        raise ConfigError("file name contains a line end", path=path)
-    needs = host_needs(vm)
-    header = f"# Automatically generated by {PROGRAM} from {path}\n"
-    header += "".join(f"# with drop-in {d}\n" for d in vm.dropins)
-    runs = _runs_in_file_order(vm)
-    # SourcePath= is one literal path (no quotes), but it does expand specifiers.
-    unit_lines: list[tuple[str, str] | Entry] = [("SourcePath", escape_specifiers(path))]
-    if runs and runs[0][0] == "Unit":
-        unit_lines += runs.pop(0)[1]
-    pull = pull_unit(vm)
-    if pull is not None:
-        # Wants= without After=: the runner starts at once and shows the pull's progress
-        # in its own STATUS= while it waits (image.wait_for_pull).
-        unit_lines.append(("Wants", pull[0]))
-    service_lines: list[tuple[str, str] | Entry] = [*implied_service(vm, needs)]
-    if runs and runs[0][0] == "Service":
-        service_lines += runs.pop(0)[1]
-    text = "\n".join([header, _section("Unit", unit_lines), _section("Service", service_lines),
-                      *(_section(name, entries) for name, entries in runs)])
-    return Generated(
-        files=((f"{unit}.d/{DROPIN}", text), *(pull[1:] if pull else ())),
-        symlinks=tuple(install_links(vm, unit, template)),
-        warnings=needs.warnings,
-    )
-
-
-def pull_unit(vm: settings.VMConfig) -> tuple[str, tuple[str, str]] | None:
-    """(unit name, its drop-in file) of the pull of VM's Image= URL; None for a local image.
-
-    The drop-in only names the source: the same for every VM on it, whichever
-    writes it last."""
-    src = vm.image_source
-    if src is None:
-        return None
-    if src.keyring is not None and any(c.isspace() for c in str(src.keyring)):
-        entry = vm.origin("ImageKeyring")
-        raise ConfigError("a keyring path with white space cannot be passed to the pull unit",
-                          path=entry.path if entry else vm.source_path,
-                          line=entry.line if entry else None, key="ImageKeyring")
-    name = paths.pull_unit_name(src.key())
-    args = escape_specifiers(" ".join(src.pull_arguments()))
-    text = (f"# Automatically generated by {PROGRAM}: the image source of Image= "
-            f"{src.url.replace(chr(10), '')}\n\n" + _section("Service", [(
-                "Environment", f"{PULL_ARGS_ENV}={args}")]))
-    return name, (f"{name}.d/{DROPIN}", text)
 
 
 def unit_search_path() -> list[str]:

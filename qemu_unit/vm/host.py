@@ -76,6 +76,12 @@ def kvm_problem() -> str | None:
     return None
 
 
+def key_error(vm: VMConfig, key: str, message: str) -> ConfigError:
+    """MESSAGE about VM's KEY: at its assignment, else (a default) in VM's file."""
+    entry = vm.origin(key)
+    return ConfigError(message, entry=entry, path=None if entry else vm.source_path, key=key)
+
+
 def finalize_accel(vm: VMConfig, xml: ET.Element | None, *, probe: bool = True) -> Accel:
     """The one accelerator decision: KVM where asked for (or auto) and /dev/kvm opens.
 
@@ -95,9 +101,7 @@ def finalize_accel(vm: VMConfig, xml: ET.Element | None, *, probe: bool = True) 
     if problem is None:
         return Accel.KVM
     if wanted is Accel.KVM:
-        origin = vm.origin("Accel")
-        raise ConfigError(f"KVM requested but unusable ({problem})", entry=origin,
-                          path=None if origin else vm.source_path, key="Accel")
+        raise key_error(vm, "Accel", f"KVM requested but unusable ({problem})")
     from qemu_unit.log import log  # here: the generator imports this module for XML VMs
 
     log.warning("KVM is unusable (%s); falling back to TCG, which is much slower", problem)
@@ -253,9 +257,8 @@ def guest_files(vm: VMConfig, dirs: Dirs, *, probe: bool = True) -> dict[str, An
     elif vm.image_source is not None:
         pulled = pulled_base(vm)
         if pulled is None and probe:
-            raise ConfigError(f"{vm.image_source.url} is not in the image cache: start the "
-                              "unit (it pulls it) or run qemu-unit image pull",
-                              **_origin(vm, "Image"))
+            raise key_error(vm, "Image", f"{vm.image_source.url} is not in the image cache: "
+                            "start the unit (it pulls it) or run qemu-unit image pull")
         if pulled is not None:
             image = ImagePlan(overlay_path(vm, dirs), *pulled)
     files: tuple[tuple[str, Path], ...] = ()

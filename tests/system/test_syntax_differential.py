@@ -36,7 +36,7 @@ from qemu_unit.config import settings as vm_settings
 from qemu_unit.config import source
 from qemu_unit.config.unitfile import LINE_MAX
 from qemu_unit.errors import ConfigError
-from qemu_unit.generator import main as generator
+from qemu_unit.generator import convert
 from tests.support.container import Container
 from tests.support.vm import CONFIG_DIR
 
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.system
 GENERATOR_DIR = "/run/systemd/generator"
 # Where `qemu-unit install` (prefix /usr/local) puts the generator.
 GENERATOR = "/usr/local/lib/systemd/system-generators/qemu-unit-generator"
-GENERATOR_NAME = generator.PROGRAM
+GENERATOR_NAME = convert.PROGRAM
 DROPIN = "50-qemu-unit.conf"
 # Sorts after DROPIN, as a .vm drop-in's lines come after the file's.
 DROPIN_NAME = "60-extra.conf"
@@ -239,7 +239,7 @@ def _refusal(case: Case, directory: Path) -> ConfigError | None:
         dropins[0].parent.mkdir()
         dropins[0].write_bytes(case.dropin)
     try:
-        generator.convert(vm_settings.load_vm(source.Source(case.name, "vm", path, dropins)))
+        convert.convert(vm_settings.load_vm(source.Source(case.name, "vm", path, dropins)))
     except ConfigError as e:
         return e
     return None
