@@ -81,8 +81,9 @@ def _package(module: str) -> str:
 ALLOWED = {
     "config": {"config", "errors", "paths"},
     "generator": {"config", "generator", "errors", "paths"},
-    "vm": {"config", "vm", "errors", "paths", "log", "command"},
-    "cli": {"cli", "config", "generator", "vm", "errors", "paths", "log", "command"},
+    "images": {"config", "images", "vm", "errors", "paths", "log", "command"},
+    "vm": {"config", "vm", "images", "errors", "paths", "log", "command"},
+    "cli": {"cli", "config", "generator", "images", "vm", "errors", "paths", "log", "command"},
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -150,7 +151,7 @@ def remove(cache: Cache, targets: Sequence[str], search_path: Sequence[Path] | N
     return digests
 
 
-def source_from_args(args: object) -> ImageSource:
+def source_from_args(args: argparse.Namespace) -> ImageSource:
     return ImageSource(
         url=args.url, checksum=args.checksum,
         checksums=args.checksums, signature=args.signature,

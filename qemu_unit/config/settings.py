@@ -721,7 +721,7 @@ def _image_source(a: _Assignments) -> ImageSource | None:
     except ConfigError as e:
         key = e.key or "Image"
         entry = a.single[key][1] if key in a.single else image_entry
-        raise _fail(entry, e.message) from None
+        raise ConfigError(e.message, entry=entry, key=key) from None
     return src
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_unit import command
 from qemu_unit.config.imagesource import (
     COMPRESSED_SUFFIXES,
     DIGEST_ALGORITHMS,
@@ -29,7 +29,6 @@ _GNU_LINE = re.compile(r"([0-9a-fA-F]{64}|[0-9a-fA-F]{128}) [ *](.+)")
 _BSD_LINE = re.compile(r"(SHA256|SHA512) \((.+)\) ?= ?([0-9a-fA-F]+)")
 _CLEARSIGN_BEGIN = "-----BEGIN PGP SIGNED MESSAGE-----"
 _SIGNATURE_BEGIN = "-----BEGIN PGP SIGNATURE-----"
-GPGV_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 
 
 class VerificationError(QemuUnitError):
@@ -120,13 +119,12 @@ def verify_signature(data: Path, signature: Path | None, keyring: Path) -> None:
         cmd = ["gpgv", "--homedir", home, "--keyring", os.path.abspath(keyring)]
         cmd += [os.fspath(signature), os.fspath(data)] if signature else [os.fspath(data)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=GPGV_ENV,
-                                  stdin=subprocess.DEVNULL, check=False)
-        except FileNotFoundError:
-            raise QemuUnitError("gpgv is not installed (Debian package gpgv)") from None
-    if proc.returncode != 0:
-        detail = " ".join(line.removeprefix("gpgv: ") for line in proc.stderr.splitlines()
-                          if "BAD signature" in line or "Can't check" in line
-                          or "no valid OpenPGP" in line or "No public key" in line)
-        raise VerificationError(f"the signature of {data.name} does not verify against "
-                                f"{keyring}: {detail or proc.stderr.strip()}")
+            command.run(cmd, "gpgv")
+        except command.CommandError as e:
+            if not e.detail:
+                raise QemuUnitError(f"{e} (Debian package gpgv)") from None
+            detail = " ".join(line.removeprefix("gpgv: ") for line in e.detail.splitlines()
+                              if "BAD signature" in line or "Can't check" in line
+                              or "no valid OpenPGP" in line or "No public key" in line)
+            raise VerificationError(f"the signature of {data.name} does not verify against "
+                                    f"{keyring}: {detail or e.detail}") from None
