@@ -124,14 +124,14 @@ def test_dropins_apply_to_an_xml_source(dirs: list[Path]) -> None:
 def test_template_instance_falls_back_to_the_template(dirs: list[Path]) -> None:
     template = write(dirs[2] / "tmpl@.vm")
     found = find_source("tmpl@blue", dirs)
-    assert found == Source("tmpl@blue", "vm", template, (), "blue")
+    assert found == Source("tmpl@blue", "vm", template, ())
 
 
 def test_instance_file_beats_the_template_in_any_directory(dirs: list[Path]) -> None:
     write(dirs[0] / "tmpl@.vm")
     own = write(dirs[2] / "tmpl@blue.vm")
     found = find_source("tmpl@blue", dirs)
-    assert (found.path, found.instance) == (own, "blue")
+    assert (found.name, found.path) == ("tmpl@blue", own)
 
 
 def test_template_and_instance_dropins_both_apply(dirs: list[Path]) -> None:

@@ -281,13 +281,11 @@ def render_vm_page(settings: Sequence[Any] | None = None) -> str:
         out += [f".IR {_quote(str(directory) + '/')} NAME .vm", ".br"]
     out += [".IR NAME .vm.d/*.conf"]
     out += _VM_DESCRIPTION.strip("\n").split("\n")
-    sections: dict[str, list[Any]] = {}
+    from qemu_unit.config.settings import VM_SECTION
+
+    out += [f".SH {_quote('[' + VM_SECTION + '] SECTION')}"]
     for row in settings:
-        sections.setdefault(row.section, []).append(row)
-    for section, rows in sections.items():
-        out += [f".SH {_quote('[' + section + '] SECTION')}"]
-        for row in rows:
-            out += _vm_key(row)
+        out += _vm_key(row)
     if specifiers:
         out += [
             ".SH SPECIFIERS",
@@ -314,7 +312,8 @@ def render_vm_page(settings: Sequence[Any] | None = None) -> str:
 
 
 def _vm_key(row: Any) -> list[str]:
-    """One key: NAME=METAVAR, its help, then what the table says and the help may not."""
+    """One key: NAME=METAVAR, its help, then the sentences the table's columns say (the
+    help never restates them: tests/test_settings.py)."""
     choices = tuple(getattr(row, "choices", ()) or ())
     metavar = getattr(row, "metavar", None) or (
         "|".join(_show(c) for c in choices) if choices else "VALUE"
@@ -324,13 +323,15 @@ def _vm_key(row: Any) -> list[str]:
     notes = []
     if choices and not all(_show(c) in metavar.split("|") for c in choices):
         notes.append("One of: " + ", ".join(_show(c) for c in choices) + ".")
-    if getattr(row, "repeatable", False) and "repeated" not in help_text:
+    if getattr(row, "repeatable", False):
         notes.append("May be repeated; an empty assignment resets the list.")
     default = getattr(row, "default", None)
-    if default not in (None, "", (), []) and "default" not in help_text.lower():
+    if default not in (None, "", (), []):
         notes.append(f"Defaults to {_show(default)}.")
-    if getattr(row, "specifiers", False) and "pecifiers" not in help_text:
+    if getattr(row, "specifiers", False):
         notes.append("Specifiers are expanded.")
+    if getattr(row, "with_domain_xml", False):
+        notes.append("Allowed with DomainXML=.")
     for note in notes:
         lines += [".br", _escape(note)]
     return lines

@@ -645,8 +645,7 @@ class Setting:
     parse: Callable[[str, Entry], Any]
     default: str | None
     metavar: str
-    help: str
-    section: str = VM_SECTION
+    help: str  # only what the other columns cannot say (the man page adds what they say)
     repeatable: bool = False
     choices: tuple[str, ...] = ()
     specifiers: bool = False  # %i, %n, %p, %% are expanded
@@ -728,27 +727,26 @@ def _image_source(a: _Assignments) -> ImageSource | None:
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "Memory", "memory", parse_size, "512M", "SIZE",
-        "Memory of the guest. A number of bytes, or with one of the suffixes K, M, G, T, "
-        "P (base 1024, as systemd reads sizes; case matters); fractions are allowed (1.5G). "
-        "From 1M to 1P. Defaults to 512M.",
+        "Memory of the guest. A number of bytes, or with one of the suffixes K, M, G, T, P "
+        "(base 1024, as systemd reads sizes; case matters); fractions are allowed (1.5G). "
+        "From 1M to 1P.",
     ),
     Setting(
         "CPUs", "cpus", parse_cpus, "1", "N",
-        "Number of virtual CPUs, from 1 to 1024. Defaults to 1.",
+        "Number of virtual CPUs, from 1 to 1024.",
     ),
     Setting(
         "Machine", "machine", parse_machine, "q35", "TYPE",
-        "QEMU machine type: q35 (a PCI Express chipset), pc (the older i440FX chipset), or "
-        "a versioned type such as pc-q35-7.2. Defaults to q35: it is what libvirt and "
-        "virt-install choose for new x86 guests, it has PCI Express and it is what UEFI "
-        "Secure Boot needs. IDE disks (bus=ide) exist only on pc; on q35 CD-ROMs are SATA.",
+        "QEMU machine type: q35 (a PCI Express chipset), pc (the older i440FX chipset), or a "
+        "versioned type such as pc-q35-7.2. q35 is what libvirt and virt-install choose for "
+        "new x86 guests, it has PCI Express and it is what UEFI Secure Boot needs. IDE disks "
+        "(bus=ide) exist only on pc; on q35 CD-ROMs are SATA.",
     ),
     Setting(
         "Accel", "accel", _enum_parser(Accel), "auto", "auto|kvm|tcg",
         "Accelerator. kvm needs a usable /dev/kvm and fails the start otherwise; tcg is "
         "QEMU's portable (slow) emulation; auto uses KVM when the runner finds it usable "
-        "when the VM starts and falls back to TCG, saying so in the journal. Defaults to "
-        "auto. Allowed with DomainXML=.",
+        "when the VM starts and falls back to TCG, saying so in the journal.",
         choices=tuple(Accel),
         with_domain_xml=True,
     ),
@@ -765,31 +763,29 @@ SETTINGS: tuple[Setting, ...] = (
         "Guest firmware: bios (SeaBIOS) or uefi (OVMF, chosen by libvirt from the firmware "
         "descriptors installed on the host, without Secure Boot). A UEFI guest keeps its "
         "variables in NAME_VARS.fd in the VM's state directory, created from the firmware's "
-        "template on first start. Defaults to bios.",
+        "template on first start.",
         choices=tuple(Firmware),
     ),
     Setting(
         "Kernel", "kernel", parse_path, None, "PATH",
-        "Boot this Linux kernel directly instead of booting from a disk (absolute path; "
-        "specifiers are expanded). Not set by default.",
+        "Boot this Linux kernel directly instead of booting from a disk (absolute path). Not "
+        "set by default.",
         specifiers=True,
         names_file=_same_path,
     ),
     Setting(
         "Initrd", "initrd", parse_path, None, "PATH",
-        "Initial ramdisk for Kernel= (absolute path; specifiers are expanded). Needs "
-        "Kernel=. Not set by default.",
+        "Initial ramdisk for Kernel= (absolute path). Needs Kernel=. Not set by default.",
         specifiers=True,
         requires="Kernel",
         names_file=_same_path,
     ),
     Setting(
         "KernelCmdline", "kernel_cmdline", parse_cmdline, None, "ARGS",
-        "Kernel command line for Kernel=. May be repeated: the values are joined with "
-        "spaces, and an empty assignment resets it, so a drop-in can add arguments. "
-        "Specifiers are expanded (write %% for a literal %). For the console to reach the "
-        "journal the guest must print to the first serial port (console=ttyS0). Needs "
-        "Kernel=. Empty by default.",
+        "Kernel command line for Kernel=. The values of its assignments are joined with "
+        "spaces, so a drop-in can add arguments. Write %% for a literal %. For the console "
+        "to reach the journal the guest must print to the first serial port (console=ttyS0). "
+        "Needs Kernel=. Empty by default.",
         repeatable=True,
         specifiers=True,
         requires="Kernel",
@@ -798,21 +794,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "Image", "image", parse_image, None, "PATH|URL",
         "A bootable base image (qcow2 or raw, e.g. a distribution's cloud image; absolute "
-        "path; specifiers are expanded), shared by any number of VMs and never written: the "
-        "VM boots from its own qcow2 overlay, image.qcow2 in its state directory, backed by "
-        "the base with the base's format written into it (QEMU never probes it). The "
-        "overlay is made on the first start and kept across restarts, so the guest's "
-        "changes persist until qemu-unit reset NAME. If the base changes after the overlay "
-        "was made, the runner says so in the journal and does not rebase. The image is "
-        "the first (boot) disk; Disk= adds more. It boots through its own boot loader "
-        "(Firmware=bios|uefi) or with Kernel=. "
-        "An https://, http:// or file:// URL is pulled into the shared image cache "
+        "path), shared by any number of VMs and never written: the VM boots from its own "
+        "qcow2 overlay, image.qcow2 in its state directory, backed by the base with the "
+        "base's format written into it (QEMU never probes it). The overlay is made on the "
+        "first start and kept across restarts, so the guest's changes persist until "
+        "qemu-unit reset NAME. If the base changes after the overlay was made, the runner "
+        "says so in the journal and does not rebase. The image is the first (boot) disk; "
+        "Disk= adds more. It boots through its own boot loader (Firmware=bios|uefi) or with "
+        "Kernel=. An https://, http:// or file:// URL is pulled into the shared image cache "
         "(/var/lib/qemu-run/images/, content-addressed, read-only to VMs) by "
         "qemu-run-pull@KEY.service, which the VM's unit wants; the start waits for it "
         "(STATUS= shows bytes and percent) and boots only bytes that ImageChecksum= or "
         "ImageChecksums= vouched for (or ImageVerify=no). .xz, .gz and .zst images are "
-        "decompressed while downloading. Write %% for a % in a URL (specifiers are "
-        "expanded). Not set by default.",
+        "decompressed while downloading. Write %% for a % in a URL. Not set by default.",
         specifiers=True,
         collect=lambda a: _local_image(a),
         names_file=_local_path,
@@ -856,9 +850,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "Ephemeral", "ephemeral", parse_bool, "no", "yes|no",
-        "With yes, Image='s overlay lives in the runtime directory and is gone when the "
-        "unit stops: every start is a first boot and nothing the guest writes is kept "
-        "(as podman run --rm). Needs Image=. Defaults to no.",
+        "With yes, Image='s overlay lives in the runtime directory and is gone when the unit "
+        "stops: every start is a first boot and nothing the guest writes is kept (as podman "
+        "run --rm). Needs Image=.",
         requires="Image",
     ),
     Setting(
@@ -871,17 +865,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "Disk", "disks", parse_disk, None, "PATH[,OPTION...]",
-        "A disk image or block device (absolute path; specifiers are expanded), followed "
-        "by comma-separated options: format=raw|qcow2|qed|vmdk|vdi|vpc|vhdx, readonly (only "
-        "on virtio and scsi), "
+        "A disk image or block device (absolute path), followed by comma-separated options: "
+        "format=raw|qcow2|qed|vmdk|vdi|vpc|vhdx, readonly (only on virtio and scsi), "
         "bus=virtio|sata|scsi|ide (default virtio; ide only on Machine=pc), "
         "cache=default|none|writeback|writethrough|directsync|unsafe. Write ,, for a comma "
-        "in the path. Without format= the format is read from the file when the VM "
-        "starts: qcow2 if it begins with the qcow2 magic, raw otherwise; a qcow2 image "
-        "with a backing file needs an explicit format=qcow2, because a guest that can "
-        "write a raw disk could otherwise plant a header that opens a host file. Give "
-        "format= for disks a guest can write. May be repeated, one disk each; an empty "
-        "assignment resets the list. The first disk is the boot disk.",
+        "in the path. Without format= the format is read from the file when the VM starts: "
+        "qcow2 if it begins with the qcow2 magic, raw otherwise; a qcow2 image with a "
+        "backing file needs an explicit format=qcow2, because a guest that can write a raw "
+        "disk could otherwise plant a header that opens a host file. Give format= for disks "
+        "a guest can write. One disk each. The first disk is the boot disk.",
         repeatable=True,
         specifiers=True,
         check=lambda disk, settled: _check_disk_bus(disk, settled),
@@ -890,9 +882,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "CDROM", "cdroms", parse_path, None, "PATH",
-        "An ISO image attached as a read-only CD-ROM (absolute path; specifiers are "
-        "expanded). The VM boots from disks first, then from CD-ROMs. May be repeated; an "
-        "empty assignment resets the list.",
+        "An ISO image attached as a read-only CD-ROM (absolute path). The VM boots from "
+        "disks first, then from CD-ROMs.",
         repeatable=True,
         specifiers=True,
         names_file=_same_path,
@@ -901,22 +892,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Network", "networks", parse_network, "user", "none|user|tap:IFACE|bridge:BRIDGE",
         "A network interface (virtio): user is QEMU's user-mode network (outgoing "
         "connections through the host, no configuration, unprivileged); tap:IFACE uses an "
-        "existing tap device owned by the VM's user; bridge:BRIDGE attaches to a host "
-        "bridge through qemu-bridge-helper. none means no network interface at all. May "
-        "be repeated, one interface each; an empty assignment resets the list. Specifiers "
-        "are expanded (tap:vm-%i). Without any Network= a VM has one user interface.",
+        "existing tap device owned by the VM's user; bridge:BRIDGE attaches to a host bridge "
+        "through qemu-bridge-helper. none means no network interface at all. One interface "
+        "each. For example tap:vm-%i. Without any Network= a VM has one user interface.",
         repeatable=True,
         specifiers=True,
         collect=lambda a: _networks(a.lists.get("Network"), a.lists.get("MAC", [])),
     ),
     Setting(
         "MAC", "networks", parse_mac, None, "ADDRESS",
-        "MAC address of the interfaces, matched to Network= in order: the first MAC= "
-        "goes to the first interface (without Network=, to the default user interface). "
-        "More MAC= than interfaces, or one address twice, is an error. May be repeated; "
-        "an empty assignment resets the "
-        "list. An interface without a MAC= gets a stable address derived from the VM "
-        "name and the interface's index, with the prefix 52:54:00.",
+        "MAC address of the interfaces, matched to Network= in order: the first MAC= goes to "
+        "the first interface (without Network=, to the default user interface). More MAC= "
+        "than interfaces, or one address twice, is an error. An interface without a MAC= "
+        "gets a stable address derived from the VM name and the interface's index, with the "
+        "prefix 52:54:00.",
         repeatable=True,
         collect=lambda a: _networks(a.lists.get("Network"), a.lists.get("MAC", [])),
     ),
@@ -928,21 +917,20 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "Console", "console", _enum_parser(ConsoleMode), "journal", "journal|none",
-        "Where the guest's first serial port goes: journal sends each line the guest "
-        "prints to the journal of the VM's unit; none gives the guest no serial port. "
-        "Defaults to journal. Allowed with DomainXML=, where journal takes the domain's "
-        "first serial port.",
+        "Where the guest's first serial port goes: journal sends each line the guest prints "
+        "to the journal of the VM's unit; none gives the guest no serial port. With "
+        "DomainXML=, journal takes the domain's first serial port.",
         choices=tuple(ConsoleMode),
         with_domain_xml=True,
     ),
     Setting(
         "ConsoleLog", "console_log", parse_console_log, "8M", "SIZE|no",
-        "Keep a complete copy of everything the guest prints on its console (Console=journal) "
-        "in console.log in the VM's logs directory (/var/log/qemu-run/NAME/ for "
-        "qemu-run@NAME.service), whatever the journal drops. When the file would grow past "
-        "SIZE (as Memory= reads sizes, at least 1M) it is renamed to console.log.1, "
-        "replacing the older one, so the copy takes at most twice SIZE. no turns the copy "
-        "off. Defaults to 8M. Allowed with DomainXML=.",
+        "Keep a complete copy of everything the guest prints on its console "
+        "(Console=journal) in console.log in the VM's logs directory "
+        "(/var/log/qemu-run/NAME/ for qemu-run@NAME.service), whatever the journal drops. "
+        "When the file would grow past SIZE (as Memory= reads sizes, at least 1M) it is "
+        "renamed to console.log.1, replacing the older one, so the copy takes at most twice "
+        "SIZE. no turns the copy off.",
         with_domain_xml=True,
     ),
     Setting(
@@ -954,45 +942,41 @@ SETTINGS: tuple[Setting, ...] = (
         "journal says how many were not sent and where the complete copy is. 0 turns the "
         "limit off. This limit replaces journald's for the console: the unit sets journald's "
         "own (LogRateLimitBurst=) far above what a serial console can print, so that "
-        "journald drops neither console lines nor the runner's messages on its own. "
-        "Defaults to 30s (journald's default interval). Allowed with DomainXML=.",
+        "journald drops neither console lines nor the runner's messages on its own. 30s is "
+        "journald's default interval.",
         with_domain_xml=True,
     ),
     Setting(
         "ConsoleRateLimitBurst", "console_rate_burst", parse_count, "10000", "LINES",
         "How many console lines the journal gets per ConsoleRateLimitIntervalSec= (see "
-        "there). 0 turns the limit off. Defaults to 10000 (journald's default burst). "
-        "Allowed with DomainXML=.",
+        "there). 0 turns the limit off. 10000 is journald's default burst.",
         with_domain_xml=True,
     ),
     Setting(
         "ShutdownMode", "shutdown_mode", parse_shutdown_mode, "acpi", "METHOD...",
         "How the VM is asked to shut down when its unit stops: a space-separated list of "
-        "acpi (press the ACPI power button) and agent (ask the QEMU guest agent, which "
-        "adds a guest agent channel to the VM), tried in order until one is accepted; "
-        "agent acpi tries the agent first. The last assignment wins. When the guest has "
-        "not powered off after ShutdownTimeout=, it is destroyed. Defaults to acpi. "
-        "Allowed with DomainXML=.",
+        "acpi (press the ACPI power button) and agent (ask the QEMU guest agent, which adds "
+        "a guest agent channel to the VM), tried in order until one is accepted; agent acpi "
+        "tries the agent first. The last assignment wins. When the guest has not powered off "
+        "after ShutdownTimeout=, it is destroyed.",
         choices=tuple(ShutdownMethod),
         with_domain_xml=True,
     ),
     Setting(
         "ShutdownTimeout", "shutdown_timeout", parse_timespan, "60s", "TIMESPAN",
-        "How long to wait for the guest to power off before destroying it, as a systemd "
-        "time span: 90s, 2min, 1min 30s, 500ms; a plain number is seconds; 0 destroys at "
-        "once. The unit's TimeoutStopSec= is set a little longer. Defaults to 60s. "
-        "Allowed with DomainXML=.",
+        "How long to wait for the guest to power off before destroying it, as a systemd time "
+        "span: 90s, 2min, 1min 30s, 500ms; a plain number is seconds; 0 destroys at once. "
+        "The unit's TimeoutStopSec= is set a little longer.",
         with_domain_xml=True,
     ),
     Setting(
         "Ready", "ready", parse_ready, "started", "started|agent|console:REGEX",
-        "When the unit reports readiness to systemd (Type=notify): started as soon as "
-        "QEMU runs the guest; agent once the QEMU guest agent in the guest answers (a "
-        "booted userspace; adds a guest agent channel, as ShutdownMode=agent does); "
-        "console:REGEX once a line the guest prints on its console "
-        "matches the Python regular expression REGEX (searched anywhere in the line), "
-        "which needs Console=journal. Units ordered After= this one wait for that. "
-        "Defaults to started. Allowed with DomainXML=.",
+        "When the unit reports readiness to systemd (Type=notify): started as soon as QEMU "
+        "runs the guest; agent once the QEMU guest agent in the guest answers (a booted "
+        "userspace; adds a guest agent channel, as ShutdownMode=agent does); console:REGEX "
+        "once a line the guest prints on its console matches the Python regular expression "
+        "REGEX (searched anywhere in the line), which needs Console=journal. Units ordered "
+        "After= this one wait for that.",
         with_domain_xml=True,
         check=lambda ready, settled: _check_ready(ready, settled),
     ),
@@ -1000,11 +984,10 @@ SETTINGS: tuple[Setting, ...] = (
         "PublishPort", "publish_ports", parse_publish_port, None,
         "[[IP:]HOSTPORT:]GUESTPORT[/tcp|/udp]",
         "Forward HOSTPORT on the host (on IP, an IPv4 address, else on every address) to "
-        "GUESTPORT of the guest's first user network (Network=user), as podman run "
-        "--publish spells it; tcp by default. Use 127.0.0.1: to keep a port to this host. "
-        "A host port that is already taken fails the start with a message naming it. "
-        "Ports below 1024 need privileges the unit does not have. May be repeated; an "
-        "empty assignment resets the list.",
+        "GUESTPORT of the guest's first user network (Network=user), as podman run --publish "
+        "spells it; tcp by default. Use 127.0.0.1: to keep a port to this host. A host port "
+        "that is already taken fails the start with a message naming it. Ports below 1024 "
+        "need privileges the unit does not have.",
         repeatable=True,
         collect=lambda a: _published_ports(a),
     ),
@@ -1013,27 +996,25 @@ SETTINGS: tuple[Setting, ...] = (
         "With yes, the user networks (Network=user) are isolated (QEMU's restrict=on): the "
         "guest can reach nothing outside, neither the host nor the internet (QEMU's DHCP "
         "still names 10.0.2.3 as DNS server, but no query gets out); PublishPort= forwards "
-        "still reach it. Together with published "
-        "ports bound to 127.0.0.1 the unit's sandbox then only allows loopback traffic. "
-        "Defaults to no.",
+        "still reach it. Together with published ports bound to 127.0.0.1 the unit's sandbox "
+        "then only allows loopback traffic.",
     ),
     Setting(
         "UserData", "user_data", parse_path, None, "PATH",
-        "A cloud-init user-data file (e.g. a #cloud-config file; absolute path; specifiers "
-        "are expanded), handed to the guest in a NoCloud seed: an ISO 9660 image labelled "
-        "cidata, written into the runtime directory at every start and attached as a "
-        "read-only virtio disk. Any of UserData=, SSHAuthorizedKey=, Hostname= or "
-        "NetworkConfig= adds the seed; its meta-data has a stable instance-id (from the "
-        "domain UUID). Not set by default (an empty cloud-config).",
+        "A cloud-init user-data file (e.g. a #cloud-config file; absolute path), handed to "
+        "the guest in a NoCloud seed: an ISO 9660 image labelled cidata, written into the "
+        "runtime directory at every start and attached as a read-only virtio disk. Any of "
+        "UserData=, SSHAuthorizedKey=, Hostname= or NetworkConfig= adds the seed; its "
+        "meta-data has a stable instance-id (from the domain UUID). Not set by default (an "
+        "empty cloud-config).",
         specifiers=True,
         names_file=_same_path,
     ),
     Setting(
         "SSHAuthorizedKey", "ssh_authorized_keys", parse_ssh_key, None, "KEY|PATH",
         "An SSH public key (as in authorized_keys) or the absolute path of a file of keys, "
-        "installed by cloud-init for the image's default user (debian on Debian, ubuntu "
-        "on Ubuntu); goes into the seed's meta-data as public-keys. May be repeated; an "
-        "empty assignment resets the list.",
+        "installed by cloud-init for the image's default user (debian on Debian, ubuntu on "
+        "Ubuntu); goes into the seed's meta-data as public-keys.",
         repeatable=True,
         names_file=lambda key: key if isinstance(key, Path) else None,
     ),
@@ -1045,9 +1026,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "NetworkConfig", "network_config", parse_path, None, "PATH",
-        "A cloud-init network-config file (version 1 or 2; absolute path; specifiers are "
-        "expanded) for the seed. Without it cloud-init configures DHCP on the first "
-        "interface.",
+        "A cloud-init network-config file (version 1 or 2; absolute path) for the seed. "
+        "Without it cloud-init configures DHCP on the first interface.",
         specifiers=True,
         names_file=_same_path,
     ),
@@ -1056,39 +1036,38 @@ SETTINGS: tuple[Setting, ...] = (
         "A systemd credential for the guest, as systemd's SetCredential= spells it (the "
         "value is taken literally): passed through QEMU's fw_cfg "
         "(opt/io.systemd.credentials/ID), which systemd in the guest imports into "
-        "/run/credentials/@system/ID. The value goes into a file only the VM's user can "
-        "read in the runtime directory, removed when the VM stops; it is never on a "
-        "command line, in the journal or in qemu-unit render output. ID: up to 28 of "
-        "A-Z a-z 0-9 _ . @ -. May be repeated; a later assignment of the same ID wins, and "
-        "LoadCredential= of the same ID wins over it; an empty assignment resets the list.",
+        "/run/credentials/@system/ID. The value goes into a file only the VM's user can read "
+        "in the runtime directory, removed when the VM stops; it is never on a command line, "
+        "in the journal or in qemu-unit render output. ID: up to 28 of A-Z a-z 0-9 _ . @ -. "
+        "A later assignment of the same ID wins, and LoadCredential= of the same ID wins "
+        "over it.",
         repeatable=True,
         collect=lambda a: _credentials(a),
     ),
     Setting(
         "LoadCredential", "credentials", parse_load_credential, None, "ID[:PATH]",
-        "A systemd credential for the guest read from PATH (absolute), or without PATH "
-        "from the unit's own credential ID ($CREDENTIALS_DIRECTORY/ID): so a secret given "
-        "to the unit with LoadCredential= or LoadCredentialEncrypted= in [Service] reaches "
-        "the guest without lying in clear anywhere else. Passed like SetCredential=. A "
-        "missing or unreadable file fails the start. May be repeated; a later assignment "
-        "of the same ID wins; an empty assignment resets the list.",
+        "A systemd credential for the guest read from PATH (absolute), or without PATH from "
+        "the unit's own credential ID ($CREDENTIALS_DIRECTORY/ID): so a secret given to the "
+        "unit with LoadCredential= or LoadCredentialEncrypted= in [Service] reaches the "
+        "guest without lying in clear anywhere else. Passed like SetCredential=. A missing "
+        "or unreadable file fails the start. A later assignment of the same ID wins.",
         repeatable=True,
         collect=lambda a: _credentials(a),
         names_file=lambda cred: cred.path,
     ),
     Setting(
         "DomainXML", "domain_xml", parse_path, None, "PATH",
-        "Use this complete libvirt domain XML file (absolute path; specifiers are "
-        "expanded) instead of describing the VM with the keys above. The runner sets the "
-        "domain's name and type (kvm or qemu, as Accel= decides; with Accel=auto as the "
-        "file's <domain type=> says), points its first serial port at the runner's console "
-        "socket (Console=journal) and its guest agent channel at the runner's socket, and "
-        "keeps UEFI variables in the VM's state directory unless the file names an <nvram> "
-        "path. The host paths the file names (disk images and directories, file system "
-        "sources, kernel, firmware, the emulator...) must exist when the VM starts. "
-        "Only Accel=, Console=, the Console*= keys, ShutdownMode=, ShutdownTimeout= "
-        "and Ready= may be used with it: any other key is an error. A NAME.xml file in "
-        "the search path is the same as a NAME.vm with only DomainXML=.",
+        "Use this complete libvirt domain XML file (absolute path) instead of describing the "
+        "VM with the keys above. The runner sets the domain's name and type (kvm or qemu, as "
+        "Accel= decides; with Accel=auto as the file's <domain type=> says), points its "
+        "first serial port at the runner's console socket (Console=journal) and its guest "
+        "agent channel at the runner's socket, and keeps UEFI variables in the VM's state "
+        "directory unless the file names an <nvram> path. The host paths the file names "
+        "(disk images and directories, file system sources, kernel, firmware, the "
+        "emulator...) must exist when the VM starts. Only Accel=, Console=, the Console*= "
+        "keys, ShutdownMode=, ShutdownTimeout= and Ready= may be used with it: any other key "
+        "is an error. A NAME.xml file in the search path is the same as a NAME.vm with only "
+        "DomainXML=.",
         specifiers=True,
         names_file=_same_path,
     ),

@@ -39,14 +39,13 @@ class Source:
     """One VM definition as found on disk.
 
     For a template instance 'base@inst' read from 'base@.vm', NAME is the
-    instance's full name, PATH the template file and INSTANCE is 'inst'.
+    instance's full name and PATH the template file.
     """
 
     name: str
     kind: Kind
     path: Path
     dropins: tuple[Path, ...] = ()
-    instance: str | None = None
 
 
 class MaskedError(ConfigError):
@@ -146,12 +145,10 @@ def _source(
     if split is not None and not split[1]:
         raise ConfigError(f"{name!r} is a template: run an instance of it, e.g. {name}NAME")
     found = _find_file(name, dirs, listings)
-    instance = None
     # The template's drop-ins apply to every instance, as systemd's foo@.service.d.
     dropin_names = [name]
     if split is not None:
         template = f"{split[0]}@"
-        instance = split[1]
         dropin_names.append(template)
         if found is None:
             found = _find_file(template, dirs, listings)
@@ -160,7 +157,7 @@ def _source(
     kind, path, masked = found
     if masked:
         raise MaskedError(f"VM {name!r} is masked", path=path)
-    return Source(name, kind, path, find_dropins(dropin_names, dirs, listings), instance)
+    return Source(name, kind, path, find_dropins(dropin_names, dirs, listings))
 
 
 def find_source(name: str, path: Sequence[str | os.PathLike[str]] | None = None) -> Source:
