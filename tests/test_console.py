@@ -6,7 +6,6 @@ import contextlib
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,7 +92,19 @@ class _Capture(logging.Handler):
         self.out = out
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.out.append(record.getMessage())
+        with _NOTED:
+            self.out.append(record.getMessage())
+            _NOTED.notify_all()
+
+
+# Notified at every captured message: a test waits for the runner's own words.
+_NOTED = threading.Condition()
+
+
+def _wait_for_notes(out: list[str], text: str, count: int = 1) -> None:
+    """Until COUNT captured messages contain TEXT (the console logs after it acted)."""
+    with _NOTED:
+        assert _NOTED.wait_for(lambda: sum(text in n for n in out) >= count, timeout=30), out
 
 
 @contextlib.contextmanager
@@ -191,7 +202,8 @@ def test_attached_clients_see_output_and_type_to_the_guest_only(tmp_path: Path) 
     notes: list[str] = []
     with _captured(notes):
         one, two = _attach(tmp_path / "a.sock"), _attach(tmp_path / "a.sock")
-        time.sleep(0.3)  # both accepted before the guest prints
+        # Both accepted before the guest prints (noted once each is a client).
+        _wait_for_notes(notes, "Console client attached", 2)
         qemu.sendall(b"login: ")
         assert _recv_until(one, b"login: ") == b"login: "
         assert _recv_until(two, b"login: ") == b"login: "
@@ -217,12 +229,12 @@ def test_a_client_that_stops_reading_is_cut_off_not_waited_for(tmp_path: Path) -
     console = Console(tmp_path / "c.sock", got.append, attach_path=tmp_path / "a.sock")
     console.listen()
     qemu = _qemu(tmp_path / "c.sock")
-    stuck = _attach(tmp_path / "a.sock")
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    time.sleep(0.3)
     lines = [f"flood {i}" for i in range(200000)]
     notes: list[str] = []
     with _captured(notes):
+        stuck = _attach(tmp_path / "a.sock")
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        _wait_for_notes(notes, "Console client attached")
         qemu.settimeout(20)
         qemu.sendall("".join(f"{line}\n" for line in lines).encode())
         qemu.close()

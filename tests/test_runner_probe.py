@@ -13,18 +13,20 @@ from qemu_unit.vm.runner import HANG_FLOOR, MonitorProbe
 class FakeDomain:
     def __init__(self) -> None:
         self.release = threading.Event()
+        self.called = threading.Event()  # the probe's thread is inside the question
         self.calls = 0
 
     def ioThreadInfo(self) -> list[object]:  # noqa: N802 - libvirt's name
         self.calls += 1
-        self.release.wait(5)
+        self.called.set()
+        self.release.wait(30)
         if self.calls == 2:
             raise libvirt.libvirtError("domain is not running")
         return []
 
 
 def _answered(probe: MonitorProbe) -> bool:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while probe.unanswered_for() and time.monotonic() < deadline:
         time.sleep(0.01)
     return probe.unanswered_for() == 0.0
@@ -35,9 +37,10 @@ def test_unanswered_question_ages_and_is_not_asked_twice() -> None:
     probe = MonitorProbe(dom)  # type: ignore[arg-type]
     assert probe.unanswered_for() == 0.0
     probe.ask()
-    time.sleep(0.2)
+    assert dom.called.wait(30)  # the question is out (however slow the host is)
+    first = probe.unanswered_for()
     probe.ask()  # still pending: no second call piles up behind a hung monitor
-    assert probe.unanswered_for() >= 0.2
+    assert probe.unanswered_for() >= first > 0.0
     assert dom.calls == 1
     dom.release.set()
     assert _answered(probe)

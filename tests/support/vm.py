@@ -109,19 +109,35 @@ def qemu_pids(ct: Container, vm: str | None = None) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def console(ct: Container, vm: str) -> str:
-    """The guest's console lines, as an administrator selects them."""
-    return ct.journal("-u", f"qemu-run@{vm}.service", "-t", "qemu-unit-console", "-o", "cat")
+def invocation(ct: Container, vm: str) -> str:
+    """The InvocationID of VM's unit: this start's (take it while the unit runs: an
+    inactive unit may be unloaded, and its ID with it)."""
+    found = prop(ct, f"qemu-run@{vm}.service", "InvocationID")
+    assert found, f"qemu-run@{vm}.service has no invocation"
+    return found
 
 
-def runner_log(ct: Container, vm: str) -> str:
-    return ct.journal("-u", f"qemu-run@{vm}.service", "-t", "qemu-unit", "-o", "cat")
+def _lines(ct: Container, vm: str, identifier: str, of: str | None) -> str:
+    # One start's lines only when OF (an invocation ID) is given: a shared container's
+    # journal keeps every earlier start of the same VM.
+    match = [f"_SYSTEMD_INVOCATION_ID={of}"] if of else ["-u", f"qemu-run@{vm}.service"]
+    return ct.journal(*match, "-t", identifier, "-o", "cat")
 
 
-def assert_graceful_stop(ct: Container, vm: str) -> None:
-    """After `systemctl stop`: the guest saw the power button, the unit ended well, no QEMU."""
+def console(ct: Container, vm: str, of: str | None = None) -> str:
+    """The guest's console lines, as an administrator selects them (of invocation OF)."""
+    return _lines(ct, vm, "qemu-unit-console", of)
+
+
+def runner_log(ct: Container, vm: str, of: str | None = None) -> str:
+    return _lines(ct, vm, "qemu-unit", of)
+
+
+def assert_graceful_stop(ct: Container, vm: str, of: str) -> None:
+    """After `systemctl stop`: the guest of invocation OF saw the power button, the unit
+    ended well, no QEMU."""
     unit = f"qemu-run@{vm}.service"
-    assert "qemu-unit-guest: power button pressed" in console(ct, vm)
+    assert "qemu-unit-guest: power button pressed" in console(ct, vm, of)
     assert prop(ct, unit, "ActiveState") == "inactive"
     assert prop(ct, unit, "Result") == "success"
     assert qemu_pids(ct, vm) == []

@@ -22,6 +22,7 @@ from tests.support.container import Container
 from tests.support.vm import (
     assert_graceful_stop,
     console,
+    invocation,
     prop,
     qemu_pids,
     stage_guest,
@@ -135,6 +136,7 @@ def test_daemon_reload_picks_up_a_new_vm(ct: Container) -> None:
 def test_vm_starts_logs_console_and_stops_cleanly(ct: Container) -> None:
     unit = "qemu-run@web.service"
     ct.systemctl("start", unit)
+    this = invocation(ct, "web")
     try:
         assert prop(ct, unit, "ActiveState") == "active"
         assert "path=/usr/bin/qemu-unit" in prop(ct, unit, "ExecStart")
@@ -144,7 +146,7 @@ def test_vm_starts_logs_console_and_stops_cleanly(ct: Container) -> None:
                  lambda: "qemu-unit-guest: booted" in console(ct, "web"), timeout=60)
     finally:
         ct.systemctl("stop", unit)
-    assert_graceful_stop(ct, "web")
+    assert_graceful_stop(ct, "web", this)
     assert ct.run("test", "-d", "/var/lib/qemu-run/web", check=False).returncode == 0
 
 

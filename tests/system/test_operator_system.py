@@ -15,6 +15,7 @@ from tests.support.schema import validate
 from tests.support.vm import (
     console,
     install_qemu_unit,
+    invocation,
     prop,
     put_file,
     qemu_pids,
@@ -166,10 +167,11 @@ def test_machinectl_sees_the_vm_and_powers_it_off(ct: Container, qemu_unit_bin: 
     assert f"Leader={main}\n" in show and f"Unit={unit}\n" in show and "Class=vm\n" in show
     status = ct.run("machinectl", "status", "run", "--no-pager").stdout
     assert f"Leader: {main}" in status and unit in status
+    this = invocation(ct, "run")
     ct.run("machinectl", "poweroff", "run")
     wait_for("unit stopped", lambda: prop(ct, unit, "ActiveState") == "inactive", timeout=60)
-    assert "Received SIGRTMIN+4" in runner_log(ct, "run")
-    assert "qemu-unit-guest: power button pressed" in console(ct, "run")
+    assert "Received SIGRTMIN+4" in runner_log(ct, "run", this)
+    assert "qemu-unit-guest: power button pressed" in console(ct, "run", this)
     assert prop(ct, unit, "Result") == "success"
     wait_for("machine gone", lambda: "run" not in machines(ct))
     # Started again (a new leader), it is registered again.

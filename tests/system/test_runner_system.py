@@ -14,6 +14,7 @@ from tests.support.vm import (
     cold_cache,
     console,
     install_qemu_unit,
+    invocation,
     prop,
     put_file,
     qemu_pids,
@@ -61,6 +62,7 @@ def stop_all(ct: Container, *vms: str) -> None:
 def test_start_runs_vm_in_unit_cgroup_with_journal(ct: Container) -> None:
     unit = "qemu-run@web.service"
     ct.systemctl("start", unit)
+    this = invocation(ct, "web")
     try:
         assert active(ct, unit)
         assert prop(ct, unit, "StatusText").startswith("Running")
@@ -80,8 +82,8 @@ def test_start_runs_vm_in_unit_cgroup_with_journal(ct: Container) -> None:
         assert "qemu-unit-guest:" not in runner_log(ct, "web")
     finally:
         ct.systemctl("stop", unit)
-    assert_graceful_stop(ct, "web")
-    assert "destroy" not in runner_log(ct, "web").lower()
+    assert_graceful_stop(ct, "web", this)
+    assert "destroy" not in runner_log(ct, "web", this).lower()
 
 
 def test_guest_poweroff_ends_unit_successfully(ct: Container) -> None:
@@ -296,9 +298,10 @@ def test_stop_while_guest_still_boots_is_still_graceful(ct: Container) -> None:
     # The first press lands before the guest listens; the runner presses again.
     unit = "qemu-run@web.service"
     ct.systemctl("start", unit)
+    this = invocation(ct, "web")
     ct.systemctl("stop", unit, timeout=90)
-    assert "qemu-unit-guest: power button pressed" in console(ct, "web")
-    assert "destroy" not in runner_log(ct, "web").lower()
+    assert "qemu-unit-guest: power button pressed" in console(ct, "web", this)
+    assert "destroy" not in runner_log(ct, "web", this).lower()
     assert qemu_pids(ct, "web") == []
 
 
