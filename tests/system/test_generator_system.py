@@ -9,6 +9,7 @@ install --root UPPER`), so systemd runs the generator at boot exactly as on a ho
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import subprocess
 import threading
@@ -22,6 +23,7 @@ from tests.support.container import Container
 from tests.support.vm import (
     CONFIG_DIR,
     console,
+    invocation,
     prop,
     put_file,
     stage_guest,
@@ -157,11 +159,20 @@ def test_ready_waits_for_the_console_line(ct: Container) -> None:
     unit = "qemu-run@ready.service"
     ct.systemctl("start", "--no-block", unit)
     try:
-        wait_for("guest boot", lambda: "qemu-unit-guest: booted" in console(ct, "ready"))
-        # Booted but not yet ready: the guest says so 3 s after boot.
-        assert prop(ct, unit, "ActiveState") == "activating"
-        wait_for("ready", lambda: prop(ct, unit, "ActiveState") == "active", timeout=60)
-        assert READY_LINE in console(ct, "ready")
+        wait_for("ready", lambda: prop(ct, unit, "ActiveState") == "active", timeout=120)
+        # Active only once the guest printed the line (3 s after it booted): the order of
+        # the journal's and systemd's monotonic timestamps, however slow the host is.
+        this = invocation(ct, "ready")
+        stamps: dict[str, int] = {}
+        for line in ct.journal(f"_SYSTEMD_INVOCATION_ID={this}", "-t", "qemu-unit-console",
+                               "-o", "json", "--output-fields=MESSAGE").splitlines():
+            entry = json.loads(line)
+            for text in ("qemu-unit-guest: booted", READY_LINE):
+                if text in str(entry.get("MESSAGE")):
+                    stamps.setdefault(text, int(entry["__MONOTONIC_TIMESTAMP"]))
+        active = int(prop(ct, unit, "ActiveEnterTimestampMonotonic"))
+        booted, ready = stamps["qemu-unit-guest: booted"], stamps[READY_LINE]
+        assert booted < ready <= active, (booted, ready, active)
         # `systemctl start` blocks until then: a second start of an active unit returns at once.
         start = time.monotonic()
         ct.systemctl("start", unit)
