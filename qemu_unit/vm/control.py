@@ -34,6 +34,7 @@ from typing import Any
 
 from qemu_unit import log
 from qemu_unit.vm.console import peer_credentials
+from qemu_unit.vm.events import Event
 
 logger = log.log
 
@@ -62,7 +63,7 @@ class Context:
     name: str
     vm: Any = None
     domain: Callable[[], Any] = lambda: None
-    post: Callable[[tuple[Any, ...]], None] = lambda _event: None
+    post: Callable[[Event], None] = lambda _event: None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -21,7 +21,6 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,15 @@ from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.paths import SERVICE_USER, Dirs
 from qemu_unit.vm import control, domain, host, status
 from qemu_unit.vm.console import Console, Policy
+from qemu_unit.vm.events import (
+    DiskError,
+    Event,
+    GuestReady,
+    Lifecycle,
+    Rebooted,
+    Signalled,
+    Tick,
+)
 from qemu_unit.vm.notify import Notifier
 
 logger = log.log
@@ -198,50 +206,6 @@ class MonitorProbe:
                 self._dom.ioThreadInfo()
             self._asked_at = None
 
-
-# -- what the main loop hears ---------------------------------------------------------------
-# Every source (signal handlers, libvirt's event thread, console and agent watchers) puts
-# one of these on Runner.events; only the main loop acts on them.
-
-
-@dataclass(frozen=True)
-class Lifecycle:
-    """A libvirt lifecycle event (VIR_DOMAIN_EVENT_*) and its detail."""
-
-    event: int
-    detail: int
-
-
-@dataclass(frozen=True)
-class Rebooted:
-    pass
-
-
-@dataclass(frozen=True)
-class DiskError:
-    """An I/O error on a disk: what libvirt did (VIR_DOMAIN_EVENT_IO_ERROR_*) and why."""
-
-    device: str
-    action: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class GuestReady:
-    """Ready=console matched, or Ready=agent's agent answered."""
-
-
-@dataclass(frozen=True)
-class Signalled:
-    signum: int
-
-
-@dataclass(frozen=True)
-class Tick:
-    """Nothing arrived before the next deadline."""
-
-
-Event = Lifecycle | Rebooted | DiskError | GuestReady | Signalled | Tick
 
 # -- the runner ------------------------------------------------------------------------------
 

@@ -1,0 +1,49 @@
+"""What the runner's main loop hears: small typed records, handled there with `match`.
+
+Every source (signal handlers, libvirt's event thread, console and agent watchers, the
+control socket's handlers) puts one of these on Runner.events; only the main loop acts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """A libvirt lifecycle event (VIR_DOMAIN_EVENT_*) and its detail."""
+
+    event: int
+    detail: int
+
+
+@dataclass(frozen=True)
+class Rebooted:
+    pass
+
+
+@dataclass(frozen=True)
+class DiskError:
+    """An I/O error on a disk: what libvirt did (VIR_DOMAIN_EVENT_IO_ERROR_*) and why."""
+
+    device: str
+    action: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class GuestReady:
+    """Ready=console matched, or Ready=agent's agent answered."""
+
+
+@dataclass(frozen=True)
+class Signalled:
+    signum: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Nothing arrived before the next deadline."""
+
+
+Event = Lifecycle | Rebooted | DiskError | GuestReady | Signalled | Tick
