@@ -49,6 +49,16 @@ class Accel(StrEnum):
     KVM = "kvm"
     TCG = "tcg"
 
+    @property
+    def domain_type(self) -> str:
+        """libvirt's <domain type=> for a decided accelerator."""
+        return "kvm" if self is Accel.KVM else "qemu"
+
+    @classmethod
+    def for_domain_type(cls, domain_type: str | None) -> Accel:
+        """The accelerator a <domain type=> asks for."""
+        return cls.KVM if domain_type == "kvm" else cls.TCG
+
 
 class Firmware(StrEnum):
     BIOS = "bios"

@@ -170,7 +170,7 @@ def _cpu(domain: ET.Element, vm: VMConfig, accel: Accel) -> None:
 
 
 def _domain_type(plan: Plan) -> str:
-    return "kvm" if plan.accel is Accel.KVM else "qemu"
+    return plan.accel.domain_type
 
 
 def _nvram(vm: VMConfig, plan: Plan) -> str:

@@ -90,7 +90,7 @@ def finalize_accel(vm: VMConfig, xml: ET.Element | None, *, probe: bool = True) 
     """
     wanted = vm.accel
     if wanted is Accel.AUTO and xml is not None:
-        wanted = Accel.KVM if xml.get("type") == "kvm" else Accel.TCG
+        wanted = Accel.for_domain_type(xml.get("type"))
         if wanted is Accel.KVM and probe and (problem := kvm_problem()) is not None:
             raise ConfigError(f"<domain type='kvm'> but KVM is unusable ({problem})",
                               path=vm.domain_xml)
