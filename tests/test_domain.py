@@ -243,7 +243,7 @@ def test_block_devices_are_block_disks() -> None:
 def test_probed_format_is_rendered(tmp_path: Path) -> None:
     image = tmp_path / "d.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
-    root = render(vm_of(f"[VM]\nDisk={image}\n"))
+    root = render(vm_of(f"[VM]\nDisk={image},readonly\n"))
     assert root.find("devices/disk/driver").get("type") == "qcow2"  # type: ignore[union-attr]
 
 

@@ -27,16 +27,59 @@ def vm_of(text: str, name: str = "web") -> VMConfig:
 # Disk formats.
 
 
+def _qcow2(path: Path, *options: str) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *options, str(path), "1M"],
+                   check=True)
+    return path
+
+
 def test_detect_format(tmp_path: Path) -> None:
     raw = tmp_path / "raw.img"
     raw.write_bytes(b"\0" * 4096)
-    qcow2 = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "1M"], check=True)
+    qcow2 = _qcow2(tmp_path / "disk.qcow2")
     assert detect_format(Disk(raw)) == "raw"
-    assert detect_format(Disk(qcow2)) == "qcow2"
+    assert detect_format(Disk(qcow2, readonly=True)) == "qcow2"  # read-only: probed
+    assert detect_format(Disk(qcow2, format="qcow2")) == "qcow2"
     assert detect_format(Disk(qcow2, format="raw")) == "raw"  # as given, never probed
     assert detect_format(Disk(tmp_path / "missing")) == "raw"
     assert detect_format(Disk(Path("/dev/null"))) == "raw"
+
+
+def test_a_writable_disk_never_chooses_its_own_format(tmp_path: Path) -> None:
+    # What a guest writing a raw disk can plant: a qcow2 header.
+    planted = _qcow2(tmp_path / "guest.img")
+    vm = vm_of(f"[VM]\nDisk={planted}\n")
+    with pytest.raises(ConfigError, match="has no format=: write format=qcow2") as info:
+        host.plan(vm, DIRS, accel=Accel.TCG)
+    assert (info.value.line, info.value.key) == (2, "Disk")
+
+
+def test_a_qcow2_with_an_external_data_file_is_refused(tmp_path: Path) -> None:
+    # The review's attack: a header whose data file is a host file QEMU opens read-write.
+    target = tmp_path / "target"
+    target.write_bytes(b"\0" * 1024 * 1024)
+    image = _qcow2(tmp_path / "guest.img", "-o", f"data_file={target},data_file_raw=on")
+    for text in (f"Disk={image}", f"Disk={image},format=qcow2", f"Disk={image},readonly"):
+        with pytest.raises(ConfigError, match="external data file") as info:
+            host.plan(vm_of(f"[VM]\n{text}\n"), DIRS, accel=Accel.TCG)
+        assert info.value.key == "Disk"
+    base = vm_of(f"[VM]\nImage={image}\n")
+    with pytest.raises(ConfigError, match="external data file") as info:
+        host.plan(base, DIRS, accel=Accel.TCG)
+    assert info.value.key == "Image"
+
+
+def test_a_qcow2_with_unknown_incompatible_features_is_refused(tmp_path: Path) -> None:
+    image = _qcow2(tmp_path / "d.qcow2")
+    with open(image, "r+b") as f:  # incompatible_features: bit 40, unknown to QEMU 7.2
+        f.seek(72)
+        f.write((1 << 40).to_bytes(8, "big"))
+    with pytest.raises(ConfigError, match=r"unknown incompatible features \(0x10000000000\)"):
+        host.plan(vm_of(f"[VM]\nDisk={image},format=qcow2\n"), DIRS, accel=Accel.TCG)
+    # Known features (here zstd compression, extended L2) are fine.
+    known = _qcow2(tmp_path / "k.qcow2", "-o", "compression_type=zstd,extended_l2=on")
+    plan = host.plan(vm_of(f"[VM]\nDisk={known},format=qcow2\n"), DIRS, accel=Accel.TCG)
+    assert plan.disks == (host.DiskPlan("qcow2"),)
 
 
 def test_probed_qcow2_with_a_backing_file_is_refused(tmp_path: Path) -> None:
@@ -47,7 +90,7 @@ def test_probed_qcow2_with_a_backing_file_is_refused(tmp_path: Path) -> None:
         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay)],
         check=True,
     )
-    vm = vm_of(f"[VM]\n\nDisk={overlay}\n")
+    vm = vm_of(f"[VM]\n\nDisk={overlay},readonly\n")
     with pytest.raises(ConfigError, match="backing file: write format=qcow2") as info:
         host.plan(vm, DIRS, accel=Accel.TCG)
     assert (info.value.line, info.value.key) == (3, "Disk")

@@ -879,11 +879,13 @@ SETTINGS: tuple[Setting, ...] = (
         "format=raw|qcow2|qed|vmdk|vdi|vpc|vhdx, readonly (only on virtio and scsi), "
         "bus=virtio|sata|scsi|ide (default virtio; ide only on Machine=pc), "
         "cache=default|none|writeback|writethrough|directsync|unsafe. Write ,, for a comma "
-        "in the path. Without format= the format is read from the file when the VM starts: "
-        "qcow2 if it begins with the qcow2 magic, raw otherwise; a qcow2 image with a "
-        "backing file needs an explicit format=qcow2, because a guest that can write a raw "
-        "disk could otherwise plant a header that opens a host file. Give format= for disks "
-        "a guest can write. One disk each. The first disk is the boot disk.",
+        "in the path. A disk the guest can write never chooses its own format (a guest "
+        "writing a raw disk could plant a qcow2 header that opens a host file): without "
+        "format= a writable disk is raw, and one that starts with the qcow2 magic is "
+        "refused (write format=qcow2); a readonly disk without format= is qcow2 if it "
+        "starts with the magic (and has no backing file), raw otherwise. Any qcow2 image "
+        "with an external data file (data_file=) or incompatible feature bits QEMU 7.2 "
+        "does not know is refused. One disk each. The first disk is the boot disk.",
         repeatable=True,
         specifiers=True,
         check=lambda disk, settled: _check_disk_bus(disk, settled),

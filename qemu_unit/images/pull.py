@@ -134,11 +134,15 @@ class _Sink:
 
 
 def image_format(head: bytes) -> str:
-    """qcow2 or raw; a qcow2 image with a backing file is refused (it would open host files)."""
-    if head[:4] != qcow2.MAGIC:
+    """qcow2 or raw; a qcow2 image with a backing file, an external data file or unknown
+    incompatible features is refused (it would open host files)."""
+    header = qcow2.parse_header(head)
+    if header is None:
         return "raw"
     if int.from_bytes(head[8:16], "big") != 0:
         raise VerificationError("a qcow2 image with a backing file is refused")
+    if (problem := header.problem()) is not None:
+        raise VerificationError(f"{problem}: refused")
     return "qcow2"
 
 

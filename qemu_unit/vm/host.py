@@ -124,29 +124,43 @@ def check_files(vm: VMConfig) -> None:
             raise ConfigError(f"{ref.path} {problem}", entry=ref.entry)
 
 
+def _disk_error(disk: Disk, message: str) -> ConfigError:
+    entry = disk.entry
+    return ConfigError(message, path=entry.path if entry else None,
+                       line=entry.line if entry else None, key=entry.key if entry else "Disk")
+
+
 def detect_format(disk: Disk) -> str:
     """DISK's format: as given, else qcow2 or raw from the file's first bytes.
 
-    An unreadable file counts as raw: QEMU will say why it cannot open it.
+    A disk the guest can write never chooses its own format (the guest could have written
+    the header): without format= a writable disk is raw unless it starts with the qcow2
+    magic, which is refused (write format=qcow2). A read-only disk may be probed. Any qcow2
+    (given or probed) with an external data file or unknown incompatible features is
+    refused, and a probed one with a backing file. An unreadable file counts as raw: QEMU
+    will say why it cannot open it.
     """
-    if disk.format is not None:
+    if disk.format not in (None, "qcow2"):
         return disk.format
     try:
-        # Only files and block devices: opening a FIFO or a tty could block forever.
-        mode = disk.path.stat().st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            return "raw"
         header = read_header(disk.path)
     except OSError:
-        return "raw"
+        header = None
     if header is None:
-        return "raw"
+        return disk.format or "raw"  # format=qcow2 on no qcow2: QEMU says what is wrong
+    if (problem := header.problem()) is not None:
+        raise _disk_error(disk, f"{disk.path}: {problem}; refused")
+    if disk.format == "qcow2":
+        return "qcow2"
+    if not disk.readonly:
+        # A guest writing a raw disk could have planted this header.
+        raise _disk_error(disk, f"{disk.path} starts with a qcow2 header but has no format=: "
+                                "write format=qcow2 if it is a qcow2 image (the format of a "
+                                "writable disk is never read from its contents)")
     if header.backing_file:
         # A probed backing file is how a guest writing a raw disk could read host files.
-        raise ConfigError(
-            f"{disk.path} is a qcow2 image with a backing file: write format=qcow2",
-            entry=disk.entry, key="Disk",
-        )
+        raise _disk_error(disk, f"{disk.path} is a qcow2 image with a backing file: "
+                                "write format=qcow2")
     return "qcow2"
 
 
@@ -252,7 +266,7 @@ def guest_files(vm: VMConfig, dirs: Dirs, *, probe: bool = True) -> dict[str, An
     it was pulled). Without PROBE an Image= URL not pulled yet is no error (validate)."""
     image = None
     if vm.image is not None:
-        base_format = detect_format(Disk(vm.image, entry=vm.origin("Image")))
+        base_format = detect_format(Disk(vm.image, readonly=True, entry=vm.origin("Image")))
         image = ImagePlan(overlay_path(vm, dirs), vm.image, base_format)
     elif vm.image_source is not None:
         pulled = pulled_base(vm)

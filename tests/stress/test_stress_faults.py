@@ -47,7 +47,7 @@ def prepare(upper: Path) -> None:
     # period would call a monitor that a busy 2-core host keeps waiting ~1 s hung.)
     write_vm(upper, "long", vm_text("reboot", service="WatchdogSec=6s"))
     write_vm(upper, "efi", vm_text("efivar", vm="Firmware=uefi"))
-    write_vm(upper, "fill", vm_text("fill", vm=f"Disk={STATE}/fill/disk.qcow2"))
+    write_vm(upper, "fill", vm_text("fill", vm=f"Disk={STATE}/fill/disk.qcow2,format=qcow2"))
 
 
 @pytest.fixture(scope="module")
