@@ -15,6 +15,7 @@ the XDG equivalents (see finalize_dirs).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,22 +150,45 @@ def _first(env: str) -> Path | None:
 def finalize_dirs(name: str) -> Dirs:
     """The unit's State/Runtime/Cache/LogsDirectory=, or per-user defaults."""
     home = Path(os.environ.get("HOME") or "/")
+    root = _first("RUNTIME_DIRECTORY")
     if os.geteuid() == 0:
-        state, root, cache = SYSTEM_STATE, SYSTEM_RUNTIME, SYSTEM_CACHE
+        state, cache = SYSTEM_STATE, SYSTEM_CACHE
+        root = root or SYSTEM_RUNTIME / name
     else:
         state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local/state") / PROJECT_DIR
-        runtime = os.environ.get("XDG_RUNTIME_DIR")
-        root = Path(runtime) / PROJECT_DIR if runtime else Path(f"/tmp/{PROJECT_DIR}-{os.getuid()}")
         cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / PROJECT_DIR
+        root = root or private_runtime_dir() / PROJECT_DIR / name
     state_dir = _first("STATE_DIRECTORY") or state / name
     # Unprivileged, the logs live in the VM's state directory, wherever that was put.
     logs = SYSTEM_LOGS / name if os.geteuid() == 0 else state_dir
     return Dirs(
         state=state_dir,
-        root=_first("RUNTIME_DIRECTORY") or root / name,
+        root=root,
         cache=_first("CACHE_DIRECTORY") or cache,
         logs=_first("LOGS_DIRECTORY") or logs,
     )
+
+
+def private_runtime_dir() -> Path:
+    """$XDG_RUNTIME_DIR, checked to be this user's own (a directory, not a link, owned by
+    us, no access for others); QemuUnitError otherwise. Never a /tmp fallback: another
+    local user can create a predictable name there first (and plant links in it)."""
+    from qemu_unit.errors import QemuUnitError
+
+    value = os.environ.get("XDG_RUNTIME_DIR")
+    if not value or not value.startswith("/"):
+        raise QemuUnitError(
+            "no private runtime directory: $XDG_RUNTIME_DIR is not set (a login session "
+            "sets it; or give one with RUNTIME_DIRECTORY=, a directory only you can use)")
+    try:
+        st = os.lstat(value)
+    except OSError as e:
+        raise QemuUnitError(f"$XDG_RUNTIME_DIR {value}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise QemuUnitError(
+            f"$XDG_RUNTIME_DIR {value} is not a private directory of this user (it must be "
+            f"a directory owned by uid {os.geteuid()} with mode 0700, not a link)")
+    return Path(value)
 
 
 # -- what libvirt's embed driver keeps in the root -------------------------------------------

@@ -240,6 +240,26 @@ def test_reset_removes_overlay_and_nvram_and_refuses_while_running(tmp_path: Pat
     assert [p.name for p in state.iterdir()] == ["keep.me"]
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_reset_opens_the_lock_without_following_links_or_blocking(
+    tmp_path: Path, kind: str
+) -> None:
+    # `qemu-unit reset` runs as root; the lock file lies in the VM's own directory. The
+    # review: a symlinked lock made root open (O_RDWR) a file of the VM user's choosing.
+    state, root = tmp_path / "state", tmp_path / "root"
+    state.mkdir()
+    root.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    if kind == "symlink":
+        (root / "qemu-unit.lock").symlink_to(victim)
+    else:
+        os.mkfifo(root / "qemu-unit.lock")  # opened blocking, this would hang
+    with pytest.raises(QemuUnitError, match="not the runner's lock file"):
+        image.reset("web", state, root)
+    assert victim.read_text() == "precious"
+
+
 # Published ports.
 
 

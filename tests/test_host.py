@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -322,4 +323,36 @@ def test_unprivileged_logs_follow_a_given_state_directory(
     monkeypatch.delenv("HOME", raising=False)
     monkeypatch.delenv("LOGS_DIRECTORY", raising=False)
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
     assert paths.finalize_dirs("web").logs == tmp_path / "state"
+
+
+def test_by_hand_the_runtime_directory_is_private_never_in_tmp(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The review: without $XDG_RUNTIME_DIR the runner used /tmp/qemu-run-UID, which another
+    # user had made first with a symlinked lock file; a victim's file was truncated.
+    uid = os.geteuid()
+    monkeypatch.setattr(paths.os, "geteuid", lambda: uid if uid != 0 else 1000)
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    with pytest.raises(QemuUnitError, match="no private runtime directory"):
+        paths.finalize_dirs("web")
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    os.chown(mine, paths.os.geteuid(), -1)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(mine))
+    assert paths.finalize_dirs("web").root == mine / "qemu-run/web"
+    mine.chmod(0o777)  # anybody could plant files in it
+    with pytest.raises(QemuUnitError, match="not a private directory of this user"):
+        paths.finalize_dirs("web")
+    mine.chmod(0o700)
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(link))
+    with pytest.raises(QemuUnitError, match="not a private directory"):
+        paths.finalize_dirs("web")
+    os.chown(mine, paths.os.geteuid() + 1, -1)  # somebody else's
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(mine))
+    with pytest.raises(QemuUnitError, match="not a private directory"):
+        paths.finalize_dirs("web")

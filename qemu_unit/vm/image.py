@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -153,11 +154,19 @@ def _writable(root: Path) -> bool:
 
 def is_running(root: Path) -> bool:
     """Whether a runner holds the embed root ROOT (its lock file, see runner.locked_root)."""
+    lock = root / LOCK_FILE
     try:
-        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
+        # Root reads a file in the VM's own directory: no link followed, no FIFO waited
+        # on, nothing written (flock needs no write access).
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
+    except OSError as e:
+        raise QemuUnitError(f"{lock}: {e.strerror}: not the runner's lock file") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise QemuUnitError(f"{lock} is not a regular file: not the runner's lock file")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True

@@ -87,7 +87,8 @@ def start_event_loop() -> None:
 def locked_root(root: Path) -> Iterator[None]:
     """One runner per embed root; say so clearly instead of libvirt's pid-file error."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(root / paths.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(root / paths.LOCK_FILE,
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
