@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from qemu_unit import paths
 from qemu_unit.cli import commands as cli
 from qemu_unit.cli import overview
 from qemu_unit.config import domainxml
@@ -240,3 +241,34 @@ def test_status_file_roundtrip_and_refusals(tmp_path: Path) -> None:
 )
 def test_resources(xml: str, expected: tuple[int | None, int | None]) -> None:
     assert domainxml.resources(ET.fromstring(xml)) == expected
+
+
+def test_status_file_nested_40000_deep_is_ignored_not_a_traceback(tree: Path) -> None:
+    # Written by the VM's user; json recurses once per level (the review: a RecursionError
+    # in register-machine, list and status).
+    path = tree / "run" / "web" / paths.STATUS_FILE
+    path.write_text("[" * 40_000 + "]" * 40_000)
+    assert status.read(tree / "run" / "web") is None
+    web = collect(tree)["web"]
+    assert web.uuid is None and web.active_state == "active"
+    assert "web" in overview.status_text(web, [])
+    from qemu_unit.vm import machine
+
+    assert machine.read_uuid(tree / "run" / "web") is None
+
+
+def test_guest_bytes_are_escaped_in_status_and_list(tree: Path) -> None:
+    # The review: a guest's console line set the admin's window title through `status`.
+    title = "\x1b]0;pwned\x07"
+    vm = collect(tree)["web"]
+    vm.status_text = f"Running {title}\r\u202e"
+    vm.ports = [{"host_ip": "\x1b[2J", "host_port": 1, "guest_port": 2}]
+    text = overview.status_text(vm, [f"login: {title}", "\x9b31m red"])
+    listing = overview.list_text([vm])
+    for out in (text, listing):
+        assert not any(ord(c) < 0x20 and c != "\n" or 0x7F <= ord(c) < 0xA0 for c in out)
+        assert "\u202e" not in out
+        assert "\\x1b]0;pwned\\x07" in out and "\\x1b[2J" in out
+    assert "  login: \\x1b]0;pwned\\x07" in text and "\\u009b31m red" in text
+    # JSON escapes control characters by itself.
+    assert "\x1b" not in overview.status_json(vm, [title])

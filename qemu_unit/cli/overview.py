@@ -268,6 +268,23 @@ def status_json(vm: VMState, console: Sequence[str]) -> str:
     return json.dumps(data, indent=2)
 
 
+# What a terminal would act on: C0 and C1 controls, DEL, and the format characters that
+# reorder or hide text (bidirectional overrides, zero-width characters).
+_UNSAFE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+_UNSAFE.update({c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0x200B, 0x200C, 0x200D,
+                                              0x200E, 0x200F, *range(0x202A, 0x202F),
+                                              *range(0x2066, 0x206A), 0xFEFF)})
+_UNSAFE[ord("\\")] = "\\\\"
+_UNSAFE[ord("\t")] = "\\t"
+
+
+def shown(text: str) -> str:
+    """TEXT safe to print on a terminal: escape sequences, carriage returns and the like
+    written as C escapes (\\x1b), as `journalctl` shows what a program logged. A guest's
+    console lines, the runner's status and the status file's strings all go through it."""
+    return text.translate(_UNSAFE)
+
+
 def format_size(size: int | None) -> str:
     if size is None:
         return "-"
@@ -346,7 +363,7 @@ def list_rows(vms: Sequence[VMState]) -> list[tuple[str, ...]]:
 
 def list_text(vms: Sequence[VMState]) -> str:
     """A table as `machinectl list` prints one; the last column is not padded."""
-    rows = [COLUMNS, *list_rows(vms)]
+    rows = [COLUMNS, *(tuple(map(shown, row)) for row in list_rows(vms))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
     lines = [
         " ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
@@ -392,7 +409,7 @@ def status_text(vm: VMState, console: Sequence[str]) -> str:
     if vm.error:
         fields.append(("Error", vm.error))
     width = max(len(k) for k, _ in fields)
-    out = [f"{vm.name}"] + [f"{k.rjust(width)}: {v}" for k, v in fields]
+    out = [f"{vm.name}"] + [f"{k.rjust(width)}: {shown(v)}" for k, v in fields]
     out += ["", f"Console (last {len(console)} lines):" if console else "Console: no lines"]
-    out += [f"  {line}" for line in console]
+    out += [f"  {shown(line)}" for line in console]
     return "\n".join(out) + "\n"

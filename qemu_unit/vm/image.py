@@ -80,7 +80,7 @@ def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:
             entry=entry, key="Image")
     try:
         recorded = json.loads(record.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         recorded = None
     if recorded is not None and recorded != _identity(base):
         logger.warning("The base image %s has changed since the overlay was made: the guest "
