@@ -334,3 +334,12 @@ def test_exposure_of_a_vm_with_published_ports(tmp_path: Path) -> None:
     print(f"exposure: isolated, loopback ports {isolated}; open user network {open_net}")
     assert isolated <= 2.0
     assert isolated < open_net  # IPAddressDeny=any kept counts
+
+
+def test_seed_files_are_regular_files_of_bounded_size(tmp_path: Path) -> None:
+    fifo = tmp_path / "user-data"
+    os.mkfifo(fifo)  # read blocking, this would hang the runner
+    vm = vm_of(f"[VM]\nImage=/dev/null\nUserData={fifo}\n")
+    with pytest.raises(ConfigError, match="user-data: file is not a regular file") as info:
+        seed.from_vm(vm)
+    assert (info.value.line, info.value.key) == (3, "UserData")

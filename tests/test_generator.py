@@ -31,7 +31,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from qemu_unit.config import names, settings, source, unitfile
+from qemu_unit.config import files, names, settings, source, unitfile
 from qemu_unit.errors import ConfigError
 from qemu_unit.generator import convert
 from qemu_unit.generator import main as generator
@@ -784,7 +784,7 @@ def test_dryrun_is_not_split(tmp_path: Path) -> None:
 
 def test_an_unexpected_exception_fails_only_its_vm(tmp_path: Path) -> None:
     good = write_vm(tmp_path, "good.vm", "[VM]\n")
-    # A Source no search would produce: its drop-in is not a path (TypeError deep down).
+    # A Source no search would produce: its drop-in is not a path (AttributeError deep down).
     broken = source.Source("broken", "vm", good, dropins=(None,))  # type: ignore[arg-type]
     fine = source.Source("good", "vm", good)
     out = tmp_path / "out"
@@ -793,7 +793,7 @@ def test_an_unexpected_exception_fails_only_its_vm(tmp_path: Path) -> None:
     generator._generate([broken, fine], generator.UnitFiles([]), generator.Writer(out), log,
                         io.StringIO())
     assert log.errors == 1
-    assert f"{good}: internal error: TypeError" in stderr.getvalue()
+    assert f"{good}: internal error: AttributeError" in stderr.getvalue()
     assert dropin(out, "good").is_file() and not dropin(out, "broken").exists()
 
 
@@ -888,3 +888,40 @@ def test_unit_and_service_lines_keep_their_order() -> None:
         "[Service]\nTimeoutStopSec=70\nExecStartPre=bin/x\n\n"
         "[Unit]\nAfter=b.service\n\n[Service]\nNice=1\n"
     )
+
+
+# Files root reads at boot: regular files only, never blocking, size-capped (files.py).
+
+
+def test_a_fifo_named_by_domainxml_does_not_hang_the_generator(tmp_path: Path) -> None:
+    # The review: a DomainXML= naming a FIFO hung the generator at boot, and no VM at all
+    # was generated, valid ones included.
+    src = tmp_path / "src"
+    fifo = tmp_path / "pipe.xml"
+    os.mkfifo(fifo)
+    write_vm(src, "fifo.vm", f"[VM]\nDomainXML={fifo}\n")
+    os.mkfifo(src / "pipe.vm")  # a FIFO as a .vm file: not a VM (the search skips it)
+    write_vm(src, "big.vm", "[VM]\n" + "# padding\n" * (2 * 1024 * 1024))
+    write_vm(src, "fine.vm", "[VM]\n")
+    out = tmp_path / "out"
+    result = run_generator(src, out)  # run_generator's timeout: 60 s
+    assert result.returncode == 1
+    assert f"{fifo}: domain XML is not a regular file (skipped)" in result.stderr
+    assert f"{src}/big.vm: file is larger than 16 MiB (skipped)" in result.stderr
+    assert dropin(out, "fine").is_file()
+    assert not any(dropin(out, n).exists() for n in ("fifo", "big", "pipe"))
+
+
+def test_a_symlink_is_followed_only_where_root_alone_writes(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("<domain type='qemu'><name>s</name></domain>")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)  # like /tmp: anyone may plant a link here
+    (shared / "web.xml").symlink_to(secret)
+    with pytest.raises(ConfigError, match="symbolic link in a directory others can write"):
+        files.read_limited(shared / "web.xml", files.DOMAIN_XML_MAX)
+    private = tmp_path / "etc"
+    private.mkdir(mode=0o755)
+    (private / "web.xml").symlink_to(secret)  # root's own link: followed
+    assert files.read_limited(private / "web.xml", files.DOMAIN_XML_MAX).startswith(b"<domain")

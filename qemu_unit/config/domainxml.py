@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_unit.config.files import DOMAIN_XML_MAX, read_limited
 from qemu_unit.errors import ConfigError
 
 # ElementTree serialises (and copies) recursively: a hostile nesting depth would end
@@ -20,10 +21,15 @@ MAX_XML_DEPTH = 100
 def read_domain_xml(path: Path) -> ET.Element:
     """The <domain> of a DomainXML= file, parsed and no deeper than MAX_XML_DEPTH."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_limited(path, DOMAIN_XML_MAX, what="domain XML").decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "not valid UTF-8"
         raise ConfigError(f"cannot read domain XML: {reason}", path=path) from None
+    return parse_domain_xml(text, path)
+
+
+def parse_domain_xml(text: str, path: Path) -> ET.Element:
+    """The <domain> of TEXT read from PATH, no deeper than MAX_XML_DEPTH."""
     try:
         root = ET.fromstring(text)
     except ET.ParseError as e:

@@ -31,12 +31,12 @@ systemd ignores these lines with a warning, which hides typos.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_unit.config.files import UNIT_FILE_MAX, read_limited
 from qemu_unit.errors import ConfigError
 
 # systemd's LONG_LINE_MAX (bytes): a line must be shorter, joined lines no longer.
@@ -248,25 +248,12 @@ def format_line(key: str, value: str, entry: Entry | None = None) -> str:
     return line + "\n"
 
 
-def _read_bytes(path: Path) -> bytes:
-    """PATH's contents through plain os calls: four system calls, where
-    Path.read_bytes() makes nine and two file objects (a thousand VMs at boot)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
 def read(path: Path, dropins: Iterable[Path] = ()) -> UnitFile:
     """Read PATH and then each drop-in, in the given order."""
     entries: list[Entry] = []
     for p in (path, *dropins):
         try:
-            data = _read_bytes(p)
+            data = read_limited(p, UNIT_FILE_MAX)
         except OSError as e:
             raise ConfigError(f"cannot read: {e.strerror}", path=p) from None
         # Bytes, then decode: no text layer (cheaper), and no newline translation

@@ -125,24 +125,27 @@ def _xml_needs(path: Path) -> HostNeeds:
     An unreadable file (e.g. on a file system not mounted yet at boot) is only
     a warning: the VM is then assumed to need the host network and /dev/net/tun.
     """
-    # Imported here: only VMs with DomainXML= pay for it.
-    import xml.etree.ElementTree as ET
+    # Imported here: only VMs with DomainXML= pay for ElementTree.
+    from qemu_unit.config import domainxml
+    from qemu_unit.config.files import DOMAIN_XML_MAX, read_limited
 
     try:
-        root = ET.parse(path).getroot()
+        # Root at boot: never blocks on a FIFO, never reads a huge file (files.py).
+        data = read_limited(path, DOMAIN_XML_MAX, what="domain XML")
     except OSError as e:
         warning = (
             f"{path}: cannot read ({e.strerror}); assuming the VM needs the host network"
         )
         return HostNeeds(("tap",), (), (warning,))
-    except ET.ParseError as e:
-        raise ConfigError(f"invalid XML: {e}", path=path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("cannot read domain XML: not valid UTF-8", path=path) from None
+    root = domainxml.parse_domain_xml(text, path)
     networks = [
         str(settings.NetworkKind.for_interface(i.get("type", "")))
         for i in root.iterfind("./devices/interface")
     ]
-    from qemu_unit.config import domainxml  # with ElementTree: only DomainXML= VMs pay
-
     files = [(p.path, p.writable) for p in domainxml.xml_paths(root)]
     nvram = root.findtext("./os/nvram", "").strip()
     if nvram.startswith("/"):

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_unit.config.files import SEED_FILE_MAX, read_limited
 from qemu_unit.config.settings import VMConfig
 from qemu_unit.errors import ConfigError
 
@@ -54,11 +55,13 @@ class Seed:
 
 
 def _read(path: Path, vm: VMConfig, key: str) -> bytes:
+    entry = vm.origin(key)
     try:
-        return path.read_bytes()
+        return read_limited(path, SEED_FILE_MAX)
     except OSError as e:
-        entry = vm.origin(key)
         raise ConfigError(f"cannot read {path}: {e.strerror}", entry=entry, key=key) from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e.message}", entry=entry, key=key) from None
 
 
 def from_vm(vm: VMConfig) -> Seed:
