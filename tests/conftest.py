@@ -83,3 +83,12 @@ def guest() -> demo.Guest:
 def qemu_unit_bin() -> Path:
     """bin/qemu-unit of a venv with this tree pip-installed, runnable by a service user."""
     return test_install()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_secret_fixtures() -> None:
+    """Fixtures holding SetCredential= values are refused while others can read them
+    (settings.check_secret_files); git keeps no modes but the executable bit."""
+    for path in (REPO / "tests" / "fixtures").rglob("*"):
+        if path.is_file() and not path.is_symlink() and b"SetCredential=" in path.read_bytes():
+            path.chmod(path.stat().st_mode & ~0o007)

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -343,3 +344,59 @@ def test_seed_files_are_regular_files_of_bounded_size(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="user-data: file is not a regular file") as info:
         seed.from_vm(vm)
     assert (info.value.line, info.value.key) == (3, "UserData")
+
+
+SECRET = "hunter2-s3cr3t"
+
+
+def test_a_secret_in_a_file_others_can_read_is_refused_without_echo(tmp_path: Path) -> None:
+    # The review: /etc/qemu-run/*.vm is 0644 as usually written; `nobody` printed
+    # SetCredential=dbpass:... from it.
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    vm_file = etc / "web.vm"
+    vm_file.write_text(f"[VM]\nMemory=1G\nSetCredential=dbpass:{SECRET}\n")
+    vm_file.chmod(0o644)
+    src = settings.Source("web", "vm", vm_file)
+    with pytest.raises(ConfigError) as info:
+        settings.load_vm(src)
+    message = str(info.value)
+    assert message == (f"{vm_file}:3: SetCredential=: SetCredential= in a file other users "
+                       "can read: chmod o-r it (root and the VM's user only, e.g. 0640 "
+                       "root:qemu-run), or keep the value in a file of its own named by "
+                       "LoadCredential=")
+    vm_file.chmod(0o640)
+    assert settings.load_vm(src).credentials[0].value == SECRET
+    # A drop-in is a file of its own.
+    dropin = etc / "web.vm.d" / "secret.conf"
+    dropin.parent.mkdir()
+    dropin.write_text(f"[VM]\nSetCredential=other:{SECRET}\n")
+    dropin.chmod(0o604)
+    with pytest.raises(ConfigError, match="other users can read") as info:
+        settings.load_vm(settings.Source("web", "vm", vm_file, (dropin,)))
+    assert info.value.path == str(dropin)
+    # The generator refuses the VM as well, and says nothing of the value.
+    vm_file.chmod(0o644)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+         "from qemu_unit.generator.main import main; sys.exit(main(sys.argv[2:]))",
+         str(Path(__file__).parent.parent), str(out)],
+        env={"QEMU_RUN_PATH": str(etc), "SYSTEMD_LOG_TARGET": "console", "PATH": "/usr/bin"},
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and "other users can read" in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("line", [
+    f"SetCredential={SECRET} ok:x",       # the ID forgotten: the secret takes its place
+    f"SetCredential={SECRET}/x:y",
+    f"SetCredential={SECRET * 3}:y",      # too long for an ID
+    f"SetCredential=db:{SECRET}\x1b[31m",  # a control character in the value
+    f"SetCredential={SECRET}",            # no ':' at all
+])  # fmt: skip
+def test_credential_errors_never_show_the_value(line: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        vm_of(f"[VM]\n{line}\n")
+    assert SECRET not in str(info.value)
+    assert info.value.key == "SetCredential"

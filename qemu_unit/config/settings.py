@@ -583,15 +583,21 @@ def parse_ssh_key(value: str, entry: Entry) -> str | Path:
 # systemd's credential names are file names; fw_cfg names hold at most 55 bytes, 27 of
 # them 'opt/io.systemd.credentials/'.
 CREDENTIAL_ID_MAX = 28
+# Keys whose values are secrets: never in a message (journal, kmsg, STATUS=).
+SECRET_KEYS = frozenset({"SetCredential"})
+# The group of the unit's user: a file readable by it is readable by the runner.
+SERVICE_GROUP = "qemu-run"
 _CREDENTIAL_ID = r"[A-Za-z0-9_.@-]+"
 
 
 def _credential_id(cred_id: str, entry: Entry) -> str:
+    # The name is not shown: a line written without its ID puts the secret in its place.
     if not re.fullmatch(_CREDENTIAL_ID, cred_id) or cred_id in (".", ".."):
-        raise _fail(entry, f"invalid credential name {cred_id!r}: expected A-Z a-z 0-9 _ . @ -")
+        raise _fail(entry, f"invalid credential name ({len(cred_id)} characters before the "
+                           "first ':'): expected ID:VALUE, ID of A-Z a-z 0-9 _ . @ -")
     if len(cred_id) > CREDENTIAL_ID_MAX:
-        raise _fail(entry, f"credential name {cred_id!r} is longer than {CREDENTIAL_ID_MAX} "
-                           "characters (QEMU's fw_cfg names are short)")
+        raise _fail(entry, f"credential name longer than {CREDENTIAL_ID_MAX} characters "
+                           "(QEMU's fw_cfg names are short)")
     return cred_id
 
 
@@ -1253,7 +1259,8 @@ def parse_vm(
             raise _unknown_key(entry)
         if _has_unsafe_char(entry.value):
             # Not representable in XML 1.0, and never meant.
-            raise _fail(entry, f"value {entry.value!r} contains a control character")
+            shown = "(not shown)" if entry.key in SECRET_KEYS else repr(entry.value)
+            raise _fail(entry, f"value {shown} contains a control character")
         value = entry.value
         if setting.specifiers:
             value = expand_specifiers(value, name, entry)
@@ -1366,10 +1373,38 @@ def _networks(
 def read_source(source: Source) -> UnitFile:
     """The entries of SOURCE and its drop-ins: what load_vm() reads."""
     if source.kind == "vm":
-        return read(source.path, source.dropins)
-    # A NAME.xml is a NAME.vm with only DomainXML= (build_vm says so); its drop-ins apply.
-    dropins = [e for d in source.dropins for e in read(d).entries]
-    return UnitFile(str(source.path), tuple(dropins))
+        unit = read(source.path, source.dropins)
+    else:
+        # A NAME.xml is a NAME.vm with only DomainXML= (build_vm says so); its drop-ins apply.
+        dropins = [e for d in source.dropins for e in read(d).entries]
+        unit = UnitFile(str(source.path), tuple(dropins))
+    check_secret_files(unit)
+    return unit
+
+
+def check_secret_files(unit: UnitFile) -> None:
+    """ConfigError for a file holding a SetCredential= value that other users can read:
+    the secret is the VM's and root's only. Never names the value."""
+    import os
+    import stat
+
+    checked = set()
+    for entry in unit.entries:
+        if entry.key != "SetCredential" or entry.section != VM_SECTION or not entry.value:
+            continue
+        if entry.path in checked:
+            continue
+        checked.add(entry.path)
+        try:
+            mode = os.stat(entry.path).st_mode
+        except OSError:
+            continue  # read a moment ago: gone again, the next read says so
+        if mode & stat.S_IROTH:
+            raise ConfigError(
+                "SetCredential= in a file other users can read: chmod o-r it (root and the "
+                f"VM's user only, e.g. 0640 root:{SERVICE_GROUP}), or keep the value in a "
+                "file of its own named by LoadCredential=",
+                path=entry.path, line=entry.line, key=entry.key)
 
 
 def build_vm(source: Source, unit: UnitFile) -> VMConfig:

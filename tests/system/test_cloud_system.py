@@ -20,7 +20,15 @@ import pytest
 
 from tests.support.container import Container
 from tests.support.debian import DebianImage, build_debian_image
-from tests.support.vm import install_qemu_unit, prop, qemu_pids, runner_log, wait_for, write_vm
+from tests.support.vm import (
+    CONFIG_DIR,
+    install_qemu_unit,
+    prop,
+    qemu_pids,
+    runner_log,
+    wait_for,
+    write_vm,
+)
 
 pytestmark = pytest.mark.system
 
@@ -108,6 +116,10 @@ def base_sum() -> str:
 def ct(qemu_unit_bin: Path, base_sum: str) -> Iterator[Container]:
     with Container("cloud", prepare, stop_timeout=30) as ct:
         install_qemu_unit(ct, qemu_unit_bin)
+        # Its SetCredential= value: readable by root and the VM's user only, or refused.
+        ct.run("chgrp", "qemu-run", f"{CONFIG_DIR}/cloud.vm")
+        ct.run("chmod", "0640", f"{CONFIG_DIR}/cloud.vm")
+        ct.run("systemctl", "daemon-reload")
         SEEN["qemu-unit"] = str(qemu_unit_bin)
         yield ct
         # The copy the VMs booted from (and the cached original) are byte-identical.
