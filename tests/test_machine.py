@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +118,30 @@ def test_uuid_comes_from_the_status_file_checked(tmp_path: Path) -> None:
 
 def test_installed_unit_registers_through_this_installation() -> None:
     text = (Path(__file__).parents[1] / "units" / "qemu-run@.service").read_text()
-    rendered = install.render_unit(text, "/opt/venv/bin/qemu-unit")
-    assert "ExecStartPost=-+/opt/venv/bin/qemu-unit register-machine %i" in rendered
+    rendered = install.render_unit(text, "/opt/venv/bin/qemu-unit", "/opt/venv/bin/python")
+    assert ("ExecStartPost=-+/opt/venv/bin/python -I -m qemu_unit register-machine %i"
+            in rendered)
     assert "ExecStart=/opt/venv/bin/qemu-unit run %i" in rendered
-    assert "/usr/bin/qemu-unit" not in rendered
+    assert "/usr/bin/qemu-unit" not in rendered and "/usr/bin/python3" not in rendered
+
+
+@pytest.mark.parametrize("isolated", [True, False])
+def test_the_root_step_ignores_the_vm_users_home(tmp_path: Path, isolated: bool) -> None:
+    # The review: the root ExecStartPost=+ ran with the VM user's HOME and the user site
+    # enabled: a .pth there would run as root. Run the unit's own command line (without
+    # -I, to show the test can fail) with HOME pointing at a planted user site.
+    text = (Path(__file__).parents[1] / "units" / "qemu-run@.service").read_text()
+    rendered = install.render_unit(text, "/x/qemu-unit", sys.executable)
+    line = next(ln for ln in rendered.splitlines() if ln.startswith("ExecStartPost="))
+    argv = line.split("=", 1)[1].lstrip("-+").replace("%i", "web").split()
+    if not isolated:
+        argv.remove("-I")
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = tmp_path / ".local" / "lib" / version / "site-packages"
+    site.mkdir(parents=True)
+    marker = tmp_path / "ran-as-root"
+    (site / "evil.pth").write_text(f"import os; open({str(marker)!r}, 'w')\n")
+    # What systemd gives the step: the VM user's HOME; no $MAINPID, so it only warns.
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    subprocess.run(argv, env=env, cwd="/", capture_output=True, timeout=60, check=False)
+    assert marker.exists() is not isolated

@@ -77,14 +77,20 @@ def world_executable(path: Path) -> bool:
 
 
 UNIT_COMMAND = "/usr/bin/qemu-unit"
+# The root step (register-machine): the interpreter itself, isolated (-I).
+UNIT_PYTHON = "/usr/bin/python3 -I -m qemu_unit"
 
 
-def render_unit(text: str, command: str) -> str:
-    """The template with every Exec*= of qemu-unit pointing at COMMAND."""
+def render_unit(text: str, command: str, python: str | None = None) -> str:
+    """The template with every Exec*= of qemu-unit pointing at COMMAND, and its isolated
+    root step at PYTHON (default: this interpreter)."""
+    isolated = f"{python or sys.executable} -I -m qemu_unit"
     lines = []
     for line in text.splitlines():
         if line.startswith("Exec") and UNIT_COMMAND in line:
             line = line.replace(UNIT_COMMAND, command, 1)
+        elif line.startswith("Exec") and UNIT_PYTHON in line:
+            line = line.replace(UNIT_PYTHON, isolated, 1)
         lines.append(line)
     return "\n".join(lines) + "\n"
 
