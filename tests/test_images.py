@@ -29,6 +29,7 @@ def qcow2_like(size: int = 3 << 20, seed: int = 1) -> bytes:
     """A qcow2 header without a backing file, then bytes that do not compress to nothing."""
     header = b"QFI\xfb" + (3).to_bytes(4, "big") + bytes(8) + bytes(4) + bytes(4)
     header += (size).to_bytes(8, "big")
+    header += bytes(104 - len(header))  # version 3: no incompatible features
     body = hashlib.sha256(str(seed).encode()).digest() * (size // 32)
     return (header + body)[:size]
 

@@ -77,6 +77,7 @@ def check_documents(documents: list[dict[str, Any]]) -> None:
 def vm_from(text: str, tmp_path: Path, name: str = "web") -> VMConfig:
     path = tmp_path / f"{name}.vm"
     path.write_text(text)
+    path.chmod(0o600)  # SetCredential= values: root's only, or refused
     return vmsettings.load_vm(source.from_file(path))
 
 
@@ -110,7 +111,8 @@ def round_trip(vm: VMConfig, tmp_path: Path, image_ref: str | None = None
     out.mkdir(exist_ok=True)
     name, played = kube.play(yaml.safe_load_all(text), out)
     for filename, data in played.files.items():
-        (out / filename).write_bytes(data)
+        (out / filename).unlink(missing_ok=True)
+        commands.write_config(out / filename, data)  # as `qemu-unit kube play` writes them
     return generated, played, vmsettings.load_vm(source.from_file(out / f"{name}.vm"))
 
 

@@ -223,9 +223,30 @@ def cmd_kube(args: argparse.Namespace) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     for filename, data in result.files.items():
         path = directory / filename
-        path.write_bytes(data)
+        write_config(path, data)
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def write_config(path: Path, data: bytes) -> None:
+    """Write a file of the search path; one holding SetCredential= values readable by root
+    and the VM's user only (settings.check_secret_files refuses anything else)."""
+    import shutil
+
+    from qemu_unit import paths
+
+    secret = b"SetCredential=" in data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o640 if secret else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        if secret:
+            os.fchmod(f.fileno(), 0o640)
+        f.write(data)
+    if secret and os.geteuid() == 0:
+        try:
+            shutil.chown(path, group=paths.SERVICE_USER)
+        except LookupError:
+            os.chmod(path, 0o600)  # no qemu-run group (yet): root's alone
 
 
 COMMANDS = {

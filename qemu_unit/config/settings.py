@@ -25,6 +25,7 @@ from qemu_unit.config.names import split_template
 from qemu_unit.config.source import Source
 from qemu_unit.config.unitfile import Entry, UnitFile, read
 from qemu_unit.errors import ConfigError
+from qemu_unit.paths import SERVICE_USER
 
 # typing costs ~3 ms to import at every boot and is needed by type checkers only.
 TYPE_CHECKING = False
@@ -585,8 +586,6 @@ def parse_ssh_key(value: str, entry: Entry) -> str | Path:
 CREDENTIAL_ID_MAX = 28
 # Keys whose values are secrets: never in a message (journal, kmsg, STATUS=).
 SECRET_KEYS = frozenset({"SetCredential"})
-# The group of the unit's user: a file readable by it is readable by the runner.
-SERVICE_GROUP = "qemu-run"
 _CREDENTIAL_ID = r"[A-Za-z0-9_.@-]+"
 
 
@@ -1402,7 +1401,7 @@ def check_secret_files(unit: UnitFile) -> None:
         if mode & stat.S_IROTH:
             raise ConfigError(
                 "SetCredential= in a file other users can read: chmod o-r it (root and the "
-                f"VM's user only, e.g. 0640 root:{SERVICE_GROUP}), or keep the value in a "
+                f"VM's user only, e.g. 0640 root:{SERVICE_USER}), or keep the value in a "
                 "file of its own named by LoadCredential=",
                 path=entry.path, line=entry.line, key=entry.key)
 
