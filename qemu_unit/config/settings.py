@@ -908,7 +908,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "Network", "networks", parse_network, "user", "none|user|tap:IFACE|bridge:BRIDGE",
         "A network interface (virtio): user is QEMU's user-mode network (outgoing "
-        "connections through the host, no configuration, unprivileged); tap:IFACE uses an "
+        "connections through the host, no configuration, unprivileged). What a guest on "
+        "it can reach: whatever the host can connect to, the host's own services included: "
+        "10.0.2.2 is the host's loopback (127.0.0.1), and the host's other addresses are "
+        "reached as themselves (QEMU 7.2's user network has no switch against either; "
+        "RestrictNetwork=yes cuts everything but PublishPort=); tap:IFACE uses an "
         "existing tap device owned by the VM's user; bridge:BRIDGE attaches to a host bridge "
         "through qemu-bridge-helper. none means no network interface at all. One interface "
         "each. For example tap:vm-%i. Without any Network= a VM has one user interface.",
