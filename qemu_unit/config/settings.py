@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from qemu_unit.config.imagesource import ImageSource, is_url, parse_checksum
 from qemu_unit.config.names import split_template
@@ -26,11 +27,6 @@ from qemu_unit.config.source import Source
 from qemu_unit.config.unitfile import Entry, UnitFile, read
 from qemu_unit.errors import ConfigError
 from qemu_unit.paths import SERVICE_USER
-
-# typing costs ~3 ms to import at every boot and is needed by type checkers only.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
 
 VM_SECTION = "VM"
 # Sections handed to the generator untouched.

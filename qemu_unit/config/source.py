@@ -11,17 +11,13 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from qemu_unit.config.names import check_name, split_template
 from qemu_unit.errors import ConfigError
 from qemu_unit.paths import SEARCH_PATH
 
-# typing costs ~3 ms to import at every boot and is needed by type checkers only.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Literal
-
-    Kind = Literal["vm", "xml"]
+Kind = Literal["vm", "xml"]
 
 DEFAULT_PATH: tuple[Path, ...] = SEARCH_PATH
 PATH_ENV = "QEMU_RUN_PATH"
