@@ -28,6 +28,7 @@ from tests.support.vm import (
 pytestmark = pytest.mark.system
 
 BAD_XML = "<domain type='qemu'><name>x</name><memory>1024</memory>\n<devices>\n"
+BROKEN = vm_text("wait", vm="Memroy=1G")  # a typo of a key, not a value
 
 
 def prepare(upper: Path) -> None:
@@ -38,7 +39,7 @@ def prepare(upper: Path) -> None:
     write_vm(upper, "stubborn", vm_text("ignore", vm="ShutdownTimeout=3s"))
     write_vm(upper, "rb", vm_text("reboot", vm="ShutdownTimeout=5s"))
     write_vm(upper, "kvm", vm_text("wait", vm="Accel=kvm"))
-    write_vm(upper, "broken", vm_text("wait", vm="Memroy=1G"))
+    write_vm(upper, "broken", BROKEN)
     write_vm(upper, "nokernel", vm_text("wait").replace("/vmlinuz", "/no-such-kernel"))
     write_vm(upper, "badxml", BAD_XML, suffix=".xml")
 
@@ -202,10 +203,10 @@ def test_bad_input_exits_78_without_restart_loop(
 
 
 def test_bad_input_messages_name_file_line_and_key(ct: Container) -> None:
-    status = ""
+    line = BROKEN.splitlines().index("Memroy=1G") + 1
     ct.systemctl("start", "qemu-run@broken", check=False)
     status = prop(ct, "qemu-run@broken.service", "StatusText")
-    assert "/etc/qemu-run/broken.vm:" in status and "Memroy" in status, status
+    assert f"/etc/qemu-run/broken.vm:{line}: Memroy=: unknown key" in status, status
     ct.systemctl("reset-failed", "qemu-run@broken", check=False)
 
 
