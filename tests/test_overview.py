@@ -209,8 +209,14 @@ def test_status_file_roundtrip_and_refusals(tmp_path: Path) -> None:
     # The file format: the JSON other tools may read (docs/qemu-unit.schema.json is `list`'s).
     assert json.loads((tmp_path / status.FILENAME).read_text()) == {
         "version": 1, "name": "a", "pid": 3, "qemu_pid": None, "uuid": None,
-        "accelerator": None, "memory": None, "cpus": None, "started": None,
+        "accelerator": None, "memory": None, "cpus": None, "started": None, "health": None,
         "ports": [{"host_ip": "::1", "host_port": 80, "guest_port": 8, "protocol": "udp"}]}
+    # HealthCmd=: the check's state; a malformed one from the file is dropped.
+    checked = status.Status(name="a", health=status.Health("unhealthy", 3, "inactive", 3, 5.0, 9))
+    status.write(tmp_path, checked)
+    assert status.read(tmp_path) == checked
+    (tmp_path / status.FILENAME).write_text('{"version": 1, "health": {"status": "fine"}}')
+    assert status.read(tmp_path) == status.Status()
     # Written by an unprivileged runner: a field of the wrong type is dropped, not trusted.
     (tmp_path / status.FILENAME).write_text(
         '{"version": 1, "pid": "3", "uuid": 7, "cpus": true, "ports": [{"host_ip": 1}, 5]}')

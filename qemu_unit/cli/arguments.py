@@ -69,6 +69,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "exec",
+        help="run a command inside a running VM's guest (through its guest agent)",
+        description="Run CMD with its ARGs in the guest of the running VM NAME through the QEMU "
+        "guest agent (no network, no SSH): its stdout and stderr arrive here, each on ours, "
+        "as the guest produces them; our stdin is passed to it when it is not a terminal "
+        "(read whole first, at most 16 MiB; -n: none). The command runs as root from the "
+        "agent's environment (PATH included), through /bin/sh in a session of its own; its "
+        "output goes through two unlinked files in the guest's /tmp, so it is not a terminal "
+        "or a pipe. Needs a guest agent channel (ShutdownMode=agent, Ready=agent or "
+        "HealthCmd=) and qemu-guest-agent in the guest. Exits with CMD's exit status (a "
+        "signal N: 128+N); 69 when the VM is not running, 75 when its agent does not answer, "
+        "76 when an answer is malformed, 77 when permission is denied, 78 when the VM has no "
+        "agent channel, 124 when --timeout ran out (the command is killed), 125 on any other "
+        "failure of qemu-unit; 126/127 from the guest's shell when CMD cannot be run or is not "
+        "found.",
+    )
+    p.add_argument("name", metavar="NAME", help="the VM, as in qemu-run@NAME.service")
+    p.add_argument("argv", metavar="CMD", nargs=argparse.REMAINDER,
+                   help="the command and its arguments: everything after NAME (options of "
+                   "exec go before NAME, as with podman exec; a -- after NAME is dropped)")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="set an environment variable for CMD (repeatable)")
+    p.add_argument("-u", "--user", metavar="USER",
+                   help="run CMD as USER: qemu-ga 7.2's guest-exec has no user field, so this "
+                   "wraps CMD in 'runuser -u USER --' (util-linux, in the guest)")
+    p.add_argument("-t", "--timeout", type=float, metavar="SECONDS",
+                   help="kill CMD (its whole session) after SECONDS; exit 124")
+    p.add_argument("-n", "--no-stdin", action="store_true",
+                   help="do not pass our stdin even when it is not a terminal")
+
+    p = sub.add_parser(
+        "cp",
+        help="copy files between this host and a running VM's guest",
+        description="Copy SRC to DEST where exactly one of them is NAME:/PATH, a path in the "
+        "guest of the running VM NAME (absolute). Through the guest agent's guest-file-* "
+        "commands in 1 MiB pieces, any size; the permission bits are kept; a copy is written "
+        "under a temporary name next to its target and renamed at the end, so a partial copy "
+        "never has the final name. A DEST that is a directory receives SRC under its own "
+        "name. -r copies directories (regular files and directories; other entries are "
+        "skipped with a warning). Exits 0 on success, 1 when a path does not exist, 64 on "
+        "wrong use, otherwise as qemu-unit exec does (69, 75-78, 125).",
+    )
+    p.add_argument("src", metavar="SRC", help="a local path or NAME:/PATH")
+    p.add_argument("dest", metavar="DEST", help="a local path or NAME:/PATH")
+    p.add_argument("-r", "--recursive", action="store_true", help="copy directories")
+
+    p = sub.add_parser(
         "render",
         help="print the libvirt domain XML a VM produces",
         description="Print exactly the domain XML the runner would hand to libvirt for NAME, "

@@ -249,7 +249,25 @@ def write_config(path: Path, data: bytes) -> None:
             os.chmod(path, 0o600)  # no qemu-run group (yet): root's alone
 
 
+def cmd_exec(args: argparse.Namespace) -> int:
+    from qemu_unit.cli import guest
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise QemuUnitError("exec: no command given (qemu-unit exec NAME [--] CMD [ARG...])")
+    return guest.exec_(args.name, argv, env=args.env, user=args.user, timeout=args.timeout,
+                       stdin=None if args.no_stdin else 0)
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from qemu_unit.cli import guest
+
+    return guest.cp(args.src, args.dest, recursive=args.recursive)
+
+
 COMMANDS = {
+    "exec": cmd_exec,
+    "cp": cmd_cp,
     "run": cmd_run,
     "console": cmd_console,
     "render": cmd_render,

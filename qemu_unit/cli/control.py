@@ -33,6 +33,8 @@ EXIT_TIMEOUT = 124  # exec --timeout ran out (as timeout(1))
 EXIT_FAILED = 125  # anything else qemu-unit could not do (as podman exec)
 
 CODE_EXIT = {
+    "missing": 1,  # cp: no such path
+    "usage": 64,  # EX_USAGE
     "not-running": EXIT_NOT_RUNNING,
     "agent-silent": EXIT_AGENT_SILENT,
     "protocol": EXIT_PROTOCOL,
@@ -104,8 +106,17 @@ class Session:
         try:
             self.sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
         except OSError as e:
-            raise ControlFailed(f"VM {self.name}: the runner hung up ({e.strerror or e})",
-                                "not-running") from None
+            hung_up = ControlFailed(f"VM {self.name}: the runner hung up ({e.strerror or e})",
+                                    "not-running")
+        else:
+            return
+        # It may have answered (refused us, failed early) before reading all we sent.
+        try:
+            self.finish()
+        except ControlFailed as answer:
+            if answer.code != "not-running":
+                raise answer from None
+        raise hung_up
 
     def lines(self) -> Iterator[dict[str, Any]]:
         """Every line of the answer; the last one carries "ok"."""

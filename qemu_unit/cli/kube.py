@@ -81,6 +81,14 @@ UNSUPPORTED = {
     "ImageSignature": "CDI's http import checks no signature",
     "ImageKeyring": "CDI's http import checks no signature",
     "ImageVerify": "CDI's http import checks nothing",
+    # Health checks (issue 18): KubeVirt's counterpart is a probe with exec through the
+    # guest agent, with other timing fields; not converted.
+    "HealthCmd": "not converted: KubeVirt's livenessProbe.exec (guest agent) is the counterpart",
+    "HealthInterval": "not converted (see HealthCmd)",
+    "HealthTimeout": "not converted (see HealthCmd)",
+    "HealthRetries": "not converted (see HealthCmd)",
+    "HealthStartPeriod": "not converted (see HealthCmd)",
+    "HealthOnFailure": "not converted (see HealthCmd)",
 }
 # [VM] keys generate() converts (a value it cannot convert is named, as above).
 EXPRESSED = (
@@ -170,6 +178,8 @@ class _Generator:
             spec["readinessProbe"] = {"guestAgentPing": {}, "periodSeconds": 1}
         elif vm.ready.kind is ReadyKind.CONSOLE:
             self.note("Ready", "KubeVirt has no readiness from console output")
+        elif vm.ready.kind is ReadyKind.HEALTHY:
+            self.note("Ready", "healthy is not converted (see HealthCmd)")
         if vm.shutdown_mode != (ShutdownMethod.ACPI,):
             self.note("ShutdownMode", "KubeVirt shuts a VM down by ACPI only")
         if vm.accel is Accel.TCG:

@@ -74,6 +74,8 @@ class VMState:
     ports: list[dict[str, Any]] = field(default_factory=list)
     uuid: str | None = None
     qemu_pid: int | None = None
+    # HealthCmd=: status, failing_streak, last_output, ... (running VMs with a check only)
+    health: dict[str, Any] | None = None
 
 
 # -- systemd ----------------------------------------------------------------------------------
@@ -172,6 +174,7 @@ def apply_runtime(vm: VMState, root: Path) -> None:
     vm.memory = record.memory if record.memory is not None else vm.memory
     vm.cpus = record.cpus if record.cpus is not None else vm.cpus
     vm.ports = [asdict(p) for p in record.ports]
+    vm.health = asdict(record.health) if record.health is not None else None
 
 
 def _state(name: str, find: Any) -> VMState:
@@ -406,6 +409,10 @@ def status_text(vm: VMState, console: Sequence[str]) -> str:
         ("Ports", format_ports(vm.ports)),
         ("Status", vm.status_text or "-"),
     ]
+    if vm.health is not None:
+        h = vm.health
+        fields.append(("Health", f"{h.get('status')} (failing streak {h.get('failing_streak')}; "
+                                 f"last output: {h.get('last_output') or '-'})"))
     if vm.error:
         fields.append(("Error", vm.error))
     width = max(len(k) for k, _ in fields)

@@ -98,6 +98,16 @@ class ReadyKind(StrEnum):
     STARTED = "started"
     CONSOLE = "console"
     AGENT = "agent"
+    HEALTHY = "healthy"
+
+
+class HealthAction(StrEnum):
+    """HealthOnFailure=: what an unhealthy VM gets (Quadlet's names)."""
+
+    NONE = "none"
+    KILL = "kill"
+    RESTART = "restart"
+    STOP = "stop"
 
 
 @dataclass(frozen=True)
@@ -203,6 +213,12 @@ class VMConfig:
     shutdown_mode: tuple[ShutdownMethod, ...]
     shutdown_timeout: float  # seconds
     ready: Ready
+    health_cmd: str | None  # run in the guest by its agent; None: no health check
+    health_interval: float  # seconds
+    health_timeout: float  # seconds
+    health_retries: int
+    health_start_period: float  # seconds
+    health_on_failure: HealthAction
     image: Path | None  # a local base image; None for a URL (see image_source)
     image_source: ImageSource | None  # Image= as a URL, with what verifies it
     ephemeral: bool
@@ -518,11 +534,12 @@ def parse_count(value: str, entry: Entry) -> int:
 
 
 def parse_ready(value: str, entry: Entry) -> Ready:
-    if value in ("started", "agent"):
+    if value in ("started", "agent", "healthy"):
         return Ready(ReadyKind(value))
     kind, colon, regex = value.partition(":")
     if kind != "console" or not colon:
-        raise _fail(entry, f"invalid value {value!r}: expected started, agent or console:REGEX")
+        raise _fail(entry, f"invalid value {value!r}: expected started, agent, healthy or "
+                    "console:REGEX")
     if not regex:
         raise _fail(entry, "console: needs a regular expression")
     try:
@@ -687,7 +704,30 @@ def _check_cpu_model(model: str | None, settled: dict[str, Any]) -> str | None:
 def _check_ready(ready: Ready, settled: dict[str, Any]) -> str | None:
     if ready.kind is ReadyKind.CONSOLE and settled["Console"] is ConsoleMode.NONE:
         return "console:REGEX needs Console=journal"
+    if ready.kind is ReadyKind.HEALTHY and not settled.get("HealthCmd"):
+        return "healthy needs HealthCmd="
     return None
+
+
+def parse_health_cmd(value: str, entry: Entry) -> str | None:
+    """A shell command line for the guest; "none" (Quadlet's word) or empty: no check."""
+    if "\0" in value:
+        raise _fail(entry, "a command line cannot contain NUL")
+    return None if value in ("", "none") else value
+
+
+def parse_health_retries(value: str, entry: Entry) -> int:
+    retries = parse_count(value, entry)
+    if retries < 1:
+        raise _fail(entry, "expected at least 1")
+    return retries
+
+
+def parse_health_interval(value: str, entry: Entry) -> float:
+    seconds = parse_timespan(value, entry)
+    if seconds < 1:
+        raise _fail(entry, f"{value!r} is too short: at least 1s between two checks")
+    return seconds
 
 
 def _check_disk_bus(disk: Disk, settled: dict[str, Any]) -> str | None:
@@ -987,15 +1027,62 @@ SETTINGS: tuple[Setting, ...] = (
         with_domain_xml=True,
     ),
     Setting(
-        "Ready", "ready", parse_ready, "started", "started|agent|console:REGEX",
+        "Ready", "ready", parse_ready, "started", "started|agent|healthy|console:REGEX",
         "When the unit reports readiness to systemd (Type=notify): started as soon as QEMU "
         "runs the guest; agent once the QEMU guest agent in the guest answers (a booted "
-        "userspace; adds a guest agent channel, as ShutdownMode=agent does); console:REGEX "
+        "userspace; adds a guest agent channel, as ShutdownMode=agent does); healthy once "
+        "the first HealthCmd= check passes (as Quadlet's Notify=healthy); console:REGEX "
         "once a line the guest prints on its console matches the Python regular expression "
         "REGEX (searched anywhere in the line), which needs Console=journal. Units ordered "
         "After= this one wait for that.",
         with_domain_xml=True,
         check=lambda ready, settled: _check_ready(ready, settled),
+    ),
+    Setting(
+        "HealthCmd", "health_cmd", parse_health_cmd, None, "COMMAND",
+        "A health check, with Podman's (Quadlet's) meaning: COMMAND is run in the guest "
+        "through the QEMU guest agent (by /bin/sh -c, as root, in the agent's environment) "
+        "every HealthInterval=; exit status 0 is healthy. The VM's state (starting, healthy, "
+        "unhealthy), its failing streak and the check's last output are in qemu-unit "
+        "status/list --json and the unit's status text; each change of state is a journal "
+        "entry with the fields QEMU_UNIT_HEALTH=, QEMU_UNIT_HEALTH_STREAK= and "
+        "QEMU_UNIT_HEALTH_OUTPUT=. A check that cannot run (no agent answers, it outlives "
+        "HealthTimeout=) fails. Adds a guest agent channel (the guest needs "
+        "qemu-guest-agent). Checks run in a thread of the runner and never delay its main "
+        "loop or watchdog. none: no check.",
+    ),
+    Setting(
+        "HealthInterval", "health_interval", parse_health_interval, "30s", "TIMESPAN",
+        "Time between the end of one health check and the start of the next (the first "
+        "runs as soon as the VM runs), at least 1s.",
+        requires="HealthCmd",
+    ),
+    Setting(
+        "HealthTimeout", "health_timeout", parse_timespan, "30s", "TIMESPAN",
+        "How long a health check may run; it is killed and counts as failed after.",
+        requires="HealthCmd",
+    ),
+    Setting(
+        "HealthRetries", "health_retries", parse_health_retries, "3", "N",
+        "How many failed checks in a row make the VM unhealthy.",
+        requires="HealthCmd",
+    ),
+    Setting(
+        "HealthStartPeriod", "health_start_period", parse_timespan, "0", "TIMESPAN",
+        "A grace period from the VM's start (say, its boot time) during which failed checks "
+        "do not count (the state stays starting); the first check that passes ends it.",
+        requires="HealthCmd",
+    ),
+    Setting(
+        "HealthOnFailure", "health_on_failure", _enum_parser(HealthAction), "none",
+        "none|kill|restart|stop",
+        "What happens when the VM turns unhealthy, with Quadlet's meaning: none only "
+        "reports it; kill destroys the VM at once and the runner fails (exit 1), so the "
+        "unit's Restart=on-failure starts it again; restart reboots the guest in place (the "
+        "unit stays active; the state is starting again); stop shuts the guest down as "
+        "systemctl stop does and the unit ends (exit 0, no restart).",
+        choices=tuple(HealthAction),
+        requires="HealthCmd",
     ),
     Setting(
         "PublishPort", "publish_ports", parse_publish_port, None,

@@ -127,8 +127,10 @@ class Connection:
         """True once the client has hung up (it never writes while waiting for output)."""
         if self._eof:
             return True
+        # Non-blocking for real: with a timeout set, Python waits for data despite DONTWAIT.
+        self.sock.settimeout(0)
         try:
-            data = self.sock.recv(65536, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            data = self.sock.recv(65536, socket.MSG_PEEK)
         except BlockingIOError:
             return False
         except OSError:

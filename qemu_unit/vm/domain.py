@@ -302,7 +302,8 @@ def build(vm: VMConfig, plan: Plan) -> ET.Element:
 
     if vm.console is ConsoleMode.JOURNAL:
         _take_console(devices, plan)
-    if ShutdownMethod.AGENT in vm.shutdown_mode or vm.ready.kind is ReadyKind.AGENT:
+    if (ShutdownMethod.AGENT in vm.shutdown_mode or vm.ready.kind is ReadyKind.AGENT
+            or vm.health_cmd is not None):
         channel = _sub(devices, "channel", type="unix")
         _sub(channel, "source", mode="bind", path=str(plan.dirs.agent_socket))
         _sub(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qemu_unit.vm.status import Health
+
 
 @dataclass(frozen=True)
 class Lifecycle:
@@ -42,8 +44,24 @@ class Signalled:
 
 
 @dataclass(frozen=True)
+class HealthChecked:
+    """A HealthCmd= check ended (vm/health.py): the state now, and the one before."""
+
+    health: Health
+    before: str
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    """Stop as on SIGTERM, for REASON (HealthOnFailure=stop)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Tick:
     """Nothing arrived before the next deadline."""
 
 
-Event = Lifecycle | Rebooted | DiskError | GuestReady | Signalled | Tick
+Event = (Lifecycle | Rebooted | DiskError | GuestReady | Signalled | HealthChecked
+         | StopRequested | Tick)

@@ -12,7 +12,9 @@ queue, so the main loop is the only place that decides anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import logging
 import os
 import queue
 import re
@@ -30,15 +32,17 @@ from qemu_unit import log, paths
 from qemu_unit.config import domainxml, settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.paths import SERVICE_USER, Dirs
-from qemu_unit.vm import control, domain, host, status
+from qemu_unit.vm import control, domain, guest, health, host, status  # noqa: F401 (guest: ops)
 from qemu_unit.vm.console import Console, Policy
 from qemu_unit.vm.events import (
     DiskError,
     Event,
     GuestReady,
+    HealthChecked,
     Lifecycle,
     Rebooted,
     Signalled,
+    StopRequested,
     Tick,
 )
 from qemu_unit.vm.notify import Notifier
@@ -231,6 +235,9 @@ class Runner:
         # The guest agent took the shutdown command: asking it again would only find it gone
         # with the shutting-down guest; retries press the other buttons only.
         self.agent_accepted = False
+        self.checker: health.Checker | None = None
+        self.checker_killed = False  # HealthOnFailure=kill destroyed the VM
+        self.record: status.Status | None = None  # what status.json says
 
     # Everything that can fail on bad input, before anything is acquired.
     def check(self) -> tuple[settings.VMConfig, host.Plan, ET.Element]:
@@ -300,7 +307,7 @@ class Runner:
                 log.set_vm_fields(self.name, uuid)
                 logger.info("Started VM %s (%s, uuid %s)", self.name, accel.upper(), uuid)
                 memory, cpus = domainxml.resources(tree)
-                status.write(dirs.root, status.Status(
+                self.record = status.Status(
                     name=self.name,
                     pid=os.getpid(),
                     qemu_pid=status.qemu_pid(dirs.root, self.name),
@@ -311,9 +318,17 @@ class Runner:
                     ports=tuple(status.Port(p.host_ip, p.host_port, p.guest_port, p.protocol)
                                 for p in vm.publish_ports),
                     started=int(time.time()),
-                ))
+                )
+                if vm.health_cmd is not None:
+                    self.checker = health.Checker(vm, lambda: self.dom, self.events.put)
+                    self.record = dataclasses.replace(self.record, health=self.checker.health)
+                    self.checker.start()
+                    stack.callback(self.checker.stop)
+                status.write(dirs.root, self.record)
                 if vm.ready.kind is settings.ReadyKind.STARTED:
                     self.notify.ready(f"Running ({accel.upper()})")
+                elif vm.ready.kind is settings.ReadyKind.HEALTHY:
+                    self.notify.status("Waiting for the first health check to pass")
                 elif vm.ready.kind is settings.ReadyKind.AGENT:
                     self.notify.status("Waiting for the guest agent to answer")
                     self._watch_agent(stack)
@@ -463,18 +478,24 @@ class Runner:
                     else:
                         logger.info("Guest console matched %r: ready", self.vm.ready.regex)
                     self.notify.ready("Running")
-                case Signalled(signum=signum):
-                    signame = _signal_name(signum)
+                case HealthChecked(health=checked, before=before):
+                    if self._on_health(checked, before, dirs, ready):
+                        ready = True
+                    if self.checker_killed:
+                        return 1
+                case Signalled() | StopRequested():
+                    signame = _signal_name(item.signum) if isinstance(item, Signalled) else ""
+                    why = f"received {signame}" if signame else getattr(item, "reason", "")
                     if not self.stop_requested:
                         self.stop_requested = True
                         deadline = time.monotonic() + self.shutdown_timeout
-                        logger.info("Received %s: shutting the guest down (timeout %gs)",
-                                    signame, self.shutdown_timeout)
-                        self.notify.stopping(f"Shutting down (received {signame})")
+                        logger.info("%s: shutting the guest down (timeout %gs)",
+                                    why[:1].upper() + why[1:], self.shutdown_timeout)
+                        self.notify.stopping(f"Shutting down ({why})")
                         next_extend = 0.0
                         next_retry = time.monotonic() + SHUTDOWN_RETRY
                         self._request_shutdown()
-                    elif not self.destroy_started:
+                    elif not self.destroy_started and signame:
                         logger.warning("Received %s again: destroying the VM now", signame)
                         self._destroy()
             now = time.monotonic()
@@ -521,6 +542,50 @@ class Runner:
                      "(retried every %gs)", error.device, what, RESUME_RETRY)
         self.notify.status(f"Paused: disk {error.device}: {what}")
         return time.monotonic() + RESUME_RETRY
+
+    def _on_health(self, now: status.Health, before: str, dirs: Dirs, ready: bool) -> bool:
+        """A health check ended: the status file, and on a change of state the journal,
+        STATUS=, Ready=healthy and HealthOnFailure=. True when this made the unit ready."""
+        if self.record is not None:
+            self.record = dataclasses.replace(self.record, health=now)
+            with contextlib.suppress(OSError):
+                status.write(dirs.root, self.record)
+        if now.status == before:
+            return False
+        fields = {"QEMU_UNIT_HEALTH": now.status,
+                  "QEMU_UNIT_HEALTH_STREAK": str(now.failing_streak),
+                  "QEMU_UNIT_HEALTH_OUTPUT": now.last_output}
+        level = logging.WARNING if now.status == health.UNHEALTHY else logging.INFO
+        logger.log(level, "Health: %s -> %s (failing streak %d; last output: %s)", before,
+                   now.status, now.failing_streak, now.last_output or "-", extra=fields)
+        became_ready = False
+        if (now.status == health.HEALTHY and not ready
+                and self.vm.ready.kind is settings.ReadyKind.HEALTHY):
+            logger.info("The first health check passed: ready")
+            self.notify.ready(f"Running ({now.status})")
+            became_ready = True
+        elif not self.stop_requested:
+            self.notify.status(f"Running ({now.status})")
+        if now.status != health.UNHEALTHY or self.stop_requested:
+            return became_ready
+        action = self.vm.health_on_failure
+        if action is settings.HealthAction.KILL:
+            logger.error("Unhealthy with HealthOnFailure=kill: destroying the VM")
+            self._destroy()
+            self.notify.status("Failed: unhealthy (HealthOnFailure=kill)")
+            self.checker_killed = True
+        elif action is settings.HealthAction.STOP:
+            self.events.put(StopRequested("the VM is unhealthy (HealthOnFailure=stop)"))
+        elif action is settings.HealthAction.RESTART:
+            logger.warning("Unhealthy with HealthOnFailure=restart: resetting the guest")
+            assert self.dom is not None and self.checker is not None
+            try:
+                self.dom.reset()
+            except libvirt.libvirtError as e:
+                logger.error("Resetting the guest failed: %s", _libvirt_message(e))
+            else:
+                self.checker.restart()
+        return became_ready
 
     def _resume_after_io_error(self, now: float) -> float | None:
         """Resume a guest paused by a disk error; None once it keeps running."""

@@ -39,6 +39,36 @@ class Port:
 
 
 @dataclass(frozen=True)
+class Health:
+    """HealthCmd= as the runner last saw it (vm/health.py keeps it current)."""
+
+    status: str = "starting"  # starting, healthy, unhealthy
+    failing_streak: int = 0
+    last_output: str = ""  # one line, bounded
+    last_exit_code: int | None = None
+    last_check: float | None = None  # seconds since the epoch, when the last check ended
+    checks: int = 0
+
+    @classmethod
+    def from_json(cls, data: Any) -> Health | None:
+        if not isinstance(data, dict) or data.get("status") not in (
+                "starting", "healthy", "unhealthy"):
+            return None
+        streak, checks = data.get("failing_streak"), data.get("checks")
+        code, when, output = data.get("last_exit_code"), data.get("last_check"), \
+            data.get("last_output")
+        return cls(
+            status=data["status"],
+            failing_streak=streak if isinstance(streak, int) and streak >= 0 else 0,
+            last_output=output[:1000] if isinstance(output, str) else "",
+            last_exit_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
+            last_check=float(when) if isinstance(when, (int, float))
+            and not isinstance(when, bool) else None,
+            checks=checks if isinstance(checks, int) and checks >= 0 else 0,
+        )
+
+
+@dataclass(frozen=True)
 class Status:
     """The status file's content. Read back from a file the runner wrote: every field
     checked for its type, a field of the wrong type is None (never trusted further)."""
@@ -52,6 +82,7 @@ class Status:
     cpus: int | None = None
     ports: tuple[Port, ...] = ()
     started: int | None = None  # seconds since the epoch
+    health: Health | None = None  # HealthCmd= VMs only
 
     def to_json(self) -> dict[str, Any]:
         return {"version": VERSION, **dataclasses.asdict(self)}
@@ -74,6 +105,7 @@ class Status:
             uuid=typed("uuid", str), accelerator=typed("accelerator", str),
             memory=typed("memory", int), cpus=typed("cpus", int), started=typed("started", int),
             ports=tuple(p for p in checked if p is not None),
+            health=Health.from_json(data.get("health")),
         )
 
 
