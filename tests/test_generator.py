@@ -24,7 +24,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -267,8 +267,9 @@ def test_kmsg_records(tmp_path: Path) -> None:
     """Without SYSTEMD_LOG_TARGET, messages are /dev/kmsg records with level and PID."""
     src, out, kmsg = tmp_path / "src", tmp_path / "out", tmp_path / "kmsg"
     write_vm(src, "bad.vm", "[VM]\nMemroy=1G\n")
-    # More than the kernel lets through one descriptor (10 per 5 s).
-    for i in range(224):
+    # More than the kernel lets through one descriptor (10 per 5 s), from
+    # both worker processes.
+    for i in range(2 * generator.PARALLEL_MIN + 24):
         write_vm(src, f"vm{i:03d}.vm", "[VM]\nCPUs=0\n" if i % 10 == 0 else "[VM]\n")
     write_vm(src, "ok.vm", "[VM]\n")
     out.mkdir()
@@ -731,12 +732,12 @@ def test_corpus_has_generator_assertions() -> None:
 
 
 
-# Many VMs
+# Many VMs: the work is split across processes
 
 
-def test_many_vms_with_bad_ones_among_them(tmp_path: Path) -> None:
+def test_many_vms_with_bad_ones_in_every_share(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
-    count = 300
+    count = 3 * generator.PARALLEL_MIN
     for i in range(count):
         broken = i % 97 == 5
         text = "[VM]\nMemory=lots\n" if broken else "[VM]\n[Install]\nWantedBy=multi-user.target\n"
@@ -753,9 +754,26 @@ def test_many_vms_with_bad_ones_among_them(tmp_path: Path) -> None:
     assert len(list((out / "multi-user.target.wants").iterdir())) == count - len(bad)
 
 
-def test_dryrun_prints_in_name_order(tmp_path: Path) -> None:
+def test_in_parallel_runs_every_share_once_and_counts_failures(tmp_path: Path) -> None:
+    """Real forks: each child writes its share's marker files; a failing share fails the run."""
+    log = generator.Log(to_stderr=True)
+    items = [f"item{i}" for i in range(10)]
+
+    def work(part: Sequence[str]) -> None:
+        for item in part:
+            (tmp_path / item).touch()
+            if item == "item7":
+                log.error("item7 failed")
+
+    generator._in_parallel(items, 3, work, log)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(items)
+    # item7 is in the share of a child (7 % 3 == 1): its failure reaches the parent.
+    assert log.errors == 1
+
+
+def test_dryrun_is_not_split(tmp_path: Path) -> None:
     src = tmp_path / "src"
-    names = [f"vm{i:04d}" for i in range(201)]
+    names = [f"vm{i:04d}" for i in range(2 * generator.PARALLEL_MIN + 1)]
     for name in names:
         write_vm(src, f"{name}.vm", "[VM]\n")
     result = run_generator(src, "--dryrun")

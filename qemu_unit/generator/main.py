@@ -26,6 +26,7 @@ that are not mounted yet).
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -52,6 +53,11 @@ UNIT_DIRS = (
     "/usr/local/lib/systemd/system",
     "/usr/lib/systemd/system",
 )
+# Below this many VMs per process a fork costs more than it saves (measured: 100
+# to 150 VMs break even at ~0.08 ms per VM).
+PARALLEL_MIN = 100
+MAX_WORKERS = 8
+
 # A /dev/kmsg record is at most ~1 KiB; a longer write fails with EINVAL.
 _KMSG_MAX = 1000
 # The kernel's default ratelimit for /dev/kmsg writers: 10 records per open file.
@@ -127,6 +133,14 @@ class Log:
         if self._kmsg is not None:
             os.close(self._kmsg)
             self._kmsg = None
+
+    def after_fork(self) -> None:
+        """In a forked worker: a descriptor of its own, so the kernel's per-file
+        ratelimit is not shared with the parent."""
+        if self._kmsg is not None:
+            self.close()
+            self._kmsg = self._open_kmsg()
+            self._on_fd = 0
 
     def error(self, message: str) -> None:
         self.errors += 1
@@ -299,6 +313,47 @@ def _generate(
             log.error(f"{src.path}: cannot write the generated files: {e}")
 
 
+def _workers(count: int) -> int:
+    """How many processes share COUNT VMs: one per usable CPU, each with enough to do."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS, count // PARALLEL_MIN))
+
+
+def _in_parallel(
+    names: Sequence[str], workers: int, work: Callable[[Sequence[str]], None], log: Log
+) -> None:
+    """WORK over NAMES split across WORKERS processes (forked: imports are already paid).
+
+    The generator delays the boot: with a thousand VMs, parsing dominates and
+    the other cores would idle. Each child logs its own errors; its exit status
+    says whether there were any.
+    """
+    children = []
+    for index in range(1, workers):
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                log.after_fork()
+                errors = log.errors
+                work(names[index::workers])
+                status = 1 if log.errors > errors else 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                # Skip atexit handlers and buffered output inherited from the parent.
+                os._exit(status)
+        children.append(pid)
+    try:
+        work(names[0::workers])
+    finally:
+        for pid in children:
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                log.errors += 1
+
+
 def run(outdir: Path | None, log: Log, out: TextIO) -> int:
     """Generate for every VM in the search path into OUTDIR (None: print to OUT).
 
@@ -311,11 +366,18 @@ def run(outdir: Path | None, log: Log, out: TextIO) -> int:
     unit_files = UnitFiles(unit_search_path())
     writer = Writer(outdir) if outdir is not None else None
 
-    missing: list[ConfigError] = []
-    sources = listing.sources(listing.names, errors=missing)
-    for problem in missing:
-        log.error(f"{problem} (skipped)")
-    _generate(sources, unit_files, writer, log, out)
+    def work(names: Sequence[str]) -> None:
+        # Each process finds its own share's files: the same messages, in the
+        # same order as list_sources() gives them, and less to do before forking.
+        missing: list[ConfigError] = []
+        sources = listing.sources(names, errors=missing)
+        for problem in missing:
+            log.error(f"{problem} (skipped)")
+        _generate(sources, unit_files, writer, log, out)
+
+    # --dryrun prints in order: one process.
+    workers = _workers(len(listing.names)) if writer is not None else 1
+    _in_parallel(listing.names, workers, work, log)
     return 1 if log.errors else 0
 
 
@@ -330,6 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROGRAM}: {e}\n{USAGE}", file=sys.stderr)
         return 2
     log = Log(to_stderr=dryrun)
+    # One run and the process exits. Reference counting frees what it drops
+    # (no cycles to speak of): collections would only cost time, and dirty
+    # pages that forked workers share.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         return run(outdir, log, sys.stdout)
     except QemuUnitError as e:
@@ -337,6 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         log.close()
+        # All that is alive now lives until exit: frozen, it is left alone by
+        # the collection at interpreter exit (~4 ms at every boot).
+        gc.freeze()
+        if collecting:
+            gc.enable()
 
 
 if __name__ == "__main__":
