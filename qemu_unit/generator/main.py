@@ -186,53 +186,25 @@ class Writer:
     """Creates generated files under OUTDIR.
 
     systemd hands generators empty directories, so files are written in place;
-    a rerun by hand into a used directory replaces what is there. Plain os
-    calls on str paths: this runs a thousand times per boot on a big host.
+    a rerun by hand into a used directory replaces what is there.
     """
 
     def __init__(self, outdir: Path) -> None:
-        self.outdir = os.fspath(outdir)
-        # os.path.join(OUTDIR, REL) for every relative REL is this plus REL.
-        self._prefix = os.path.join(self.outdir, "")
-        # A thousand VMs share one multi-user.target.wants/: make it once. By
-        # the directory part of REL, which names the parent as well as its path.
-        self._made: set[str] = set()
+        self.outdir = Path(outdir)
 
-    def _parent(self, rel: str) -> str:
+    def _path(self, rel: str) -> Path:
         """OUTDIR/REL, once the directory it goes in exists."""
-        path = self._prefix + rel
-        folder = rel.rpartition("/")[0]
-        if folder not in self._made:
-            parent = os.path.dirname(path)
-            try:
-                # OUTDIR exists (systemd made it): one mkdir() instead of makedirs()'s
-                # stat() and mkdir(), with the same outcome.
-                os.mkdir(parent)
-            except FileNotFoundError:
-                os.makedirs(parent, exist_ok=True)
-            except OSError:
-                if not os.path.isdir(parent):
-                    raise
-            self._made.add(folder)
+        path = self.outdir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     def write(self, generated: Generated) -> None:
         for rel, text in generated.files:
-            fd = os.open(self._parent(rel), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                         0o644)
-            try:
-                data = text.encode()
-                while data:
-                    data = data[os.write(fd, data):]
-            finally:
-                os.close(fd)
+            self._path(rel).write_text(text, encoding="utf-8")
         for rel, target in generated.symlinks:
-            link = self._parent(rel)
-            try:
-                os.symlink(target, link)
-            except FileExistsError:
-                os.unlink(link)
-                os.symlink(target, link)
+            link = self._path(rel)
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
 
 
 def render_dryrun(generated: Generated, out: TextIO) -> None:
