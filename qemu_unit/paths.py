@@ -65,6 +65,31 @@ SEARCH_PATH: tuple[Path, ...] = (
     Path("/usr/local/lib") / PROJECT_DIR,
     Path("/usr/lib") / PROJECT_DIR,
 )
+# Rootless VMs (config/rootless.py): what an administrator gives one user (users/UID) or
+# every user, after the user's own $XDG_CONFIG_HOME/qemu-run; the user manager's template.
+USERS_CONFIG_DIR = CONFIG_DIR / "users"
+VENDOR_USER_UNIT_DIR = Path("/usr/lib/systemd/user")
+
+
+def user_config_home() -> Path:
+    """$XDG_CONFIG_HOME, else ~/.config (HOME from the environment, else the passwd entry)."""
+    env = os.environ.get("XDG_CONFIG_HOME")
+    if env and env.startswith("/"):
+        return Path(env)
+    home = os.environ.get("HOME")
+    if not home:
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    return Path(home) / ".config"
+
+
+def user_search_path() -> tuple[Path, ...]:
+    """A user's .vm directories, the first wins."""
+    return (user_config_home() / PROJECT_DIR, USERS_CONFIG_DIR / str(os.getuid()),
+            USERS_CONFIG_DIR)
+
+
 SYSTEM_STATE = Path("/var/lib") / PROJECT_DIR
 SYSTEM_CACHE = Path("/var/cache") / PROJECT_DIR
 SYSTEM_LOGS = Path("/var/log") / PROJECT_DIR

@@ -79,7 +79,7 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "run" / "off").mkdir()
     status.write(tmp_path / "run" / "off", status.Status(name="off", pid=77, accelerator="kvm"))
 
-    def show(units: list[str]) -> dict[str, dict[str, str]]:
+    def show(units: list[str], user: bool = False) -> dict[str, dict[str, str]]:
         props = {b["Id"]: b for b in overview.parse_show(SHOW)}
         out = {}
         for unit in units:

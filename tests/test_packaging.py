@@ -35,6 +35,9 @@ INSTALLED = (
     "usr/bin/qemu-unit",
     "usr/lib/systemd/system/qemu-run@.service",
     "usr/lib/systemd/system-generators/qemu-unit-generator",
+    # Rootless VMs: the template and generator of users' managers (systemctl --user).
+    "usr/lib/systemd/user/qemu-run@.service",
+    "usr/lib/systemd/user-generators/qemu-unit-user-generator",
     "usr/lib/sysusers.d/qemu-unit.conf",
     "usr/lib/tmpfiles.d/qemu-unit.conf",
     "usr/share/doc/qemu-unit/examples/tiny.vm",

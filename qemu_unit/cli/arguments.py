@@ -21,6 +21,14 @@ DESCRIPTION = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--user",
+        action="store_true",
+        help="the calling user's own VMs (qemu-run@NAME.service of systemctl --user; .vm "
+        "files in $XDG_CONFIG_HOME/qemu-run, /etc/qemu-run/users/UID and /etc/qemu-run/users; "
+        "state, logs and cache in the user's XDG directories), as systemctl --user; without "
+        "it, the system's VMs (/etc/qemu-run), for every caller",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def config_dir(p: argparse.ArgumentParser) -> None:

@@ -30,10 +30,11 @@ from qemu_unit.errors import QemuUnitError
 ESCAPE = b"\x1d"  # Ctrl-]
 
 
-def find_socket(name: str) -> Path:
-    """The attach socket of VM NAME: the system unit's, else the caller's own runner's."""
+def find_socket(name: str, user: bool = False) -> Path:
+    """The attach socket of VM NAME: the system unit's, else the caller's own runner's
+    (USER: only the caller's own, the runner of its qemu-run@NAME.service --user)."""
     try:
-        return control.find_socket(name, "attach_socket")
+        return control.find_socket(name, "attach_socket", user=user)
     except control.ControlFailed as e:
         if e.code == "denied":
             raise QemuUnitError(
@@ -68,10 +69,11 @@ def _exit_on(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def attach(name: str, read_only: bool = False, stdin: int = 0, stdout: int = 1) -> int:
+def attach(name: str, read_only: bool = False, stdin: int = 0, stdout: int = 1,
+           user: bool = False) -> int:
     """Copy between the terminal and the console until Ctrl-] or the console closes."""
     check_name(name)
-    path = find_socket(name)
+    path = find_socket(name, user)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect(os.fspath(path))

@@ -17,6 +17,10 @@ from qemu_unit.errors import ConfigError, QemuUnitError
 def _search_path(args: argparse.Namespace) -> list[Path] | None:
     if getattr(args, "config_dir", None):
         return [Path(d) for d in args.config_dir]
+    if args.user:
+        from qemu_unit.config import source
+
+        return list(source.search_path(user=True))
     return None
 
 
@@ -24,14 +28,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qemu_unit.vm import runner
 
     return runner.run(
-        args.name, shutdown_timeout=args.shutdown_timeout, search_path=_search_path(args)
+        args.name, shutdown_timeout=args.shutdown_timeout, search_path=_search_path(args),
+        user=args.user,
     )
 
 
 def cmd_console(args: argparse.Namespace) -> int:
     from qemu_unit.cli import attach
 
-    return attach.attach(args.name, read_only=args.read_only)
+    return attach.attach(args.name, read_only=args.read_only, user=args.user)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -49,12 +54,14 @@ def _is_file(target: str) -> bool:
     return "/" in target or (path.suffix in (".vm", ".xml") and path.exists())
 
 
-def validate(targets: Sequence[str], search_path: Sequence[Path] | None = None) -> list[str]:
+def validate(targets: Sequence[str], search_path: Sequence[Path] | None = None,
+             user: bool = False) -> list[str]:
     """Check each target; one message per invalid one. No target: everything visible.
+    USER: as a user's VM (what needs root is refused).
 
     Nothing here depends on this host's KVM: a VM is checked as its configuration says.
     """
-    from qemu_unit.config import settings, source
+    from qemu_unit.config import rootless, settings, source
     from qemu_unit.vm import host
 
     problems: list[str] = []
@@ -72,14 +79,17 @@ def validate(targets: Sequence[str], search_path: Sequence[Path] | None = None) 
                 src = source.from_file(Path(target))
             else:
                 src = source.find_source(target, search_path)
-            host.plan(settings.load_vm(src), probe=False)
+            vm = settings.load_vm(src)
+            if user and (refused := rootless.refusals(vm)):
+                raise refused[0]
+            host.plan(vm, probe=False)
         except QemuUnitError as e:
             problems.append(str(e))
     return problems
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    problems = validate(args.targets, _search_path(args))
+    problems = validate(args.targets, _search_path(args), args.user)
     for problem in problems:
         log.log.error("%s", problem)
     return os.EX_CONFIG if problems else 0
@@ -93,7 +103,7 @@ def _systemd_problem(problem: str | None) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     from qemu_unit.cli import overview
 
-    vms, problem = overview.collect(search_path=_search_path(args))
+    vms, problem = overview.collect(search_path=_search_path(args), user=args.user)
     _systemd_problem(problem)
     sys.stdout.write(overview.list_json(vms) + "\n" if args.json else overview.list_text(vms))
     return 0
@@ -102,9 +112,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from qemu_unit.cli import overview
 
-    vm, problem = overview.find_one(args.name, _search_path(args))
+    vm, problem = overview.find_one(args.name, _search_path(args), user=args.user)
     _systemd_problem(problem)
-    console = overview.console_lines(vm, args.lines) if args.lines > 0 else []
+    console = overview.console_lines(vm, args.lines, args.user) if args.lines > 0 else []
     if args.json:
         sys.stdout.write(overview.status_json(vm, console) + "\n")
     else:
@@ -186,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not (args.run or args.run_for):
         return 0
     run_args = argparse.Namespace(
-        name="demo", shutdown_timeout=None, config_dir=[args.config_dir]
+        name="demo", shutdown_timeout=None, config_dir=[args.config_dir], user=args.user
     )
     return cmd_run(run_args)
 
@@ -201,7 +211,7 @@ def cmd_kube(args: argparse.Namespace) -> int:
         vm = settings.load_vm(source.find_source(args.name, _search_path(args)))
         result = kube.generate(vm, image_ref=args.image_ref)
     else:
-        directory = Path(args.dir) if args.dir else source.search_path()[0]
+        directory = Path(args.dir) if args.dir else source.search_path(user=args.user)[0]
         try:
             text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
             documents = list(yaml.safe_load_all(text))
@@ -287,6 +297,9 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log.setup(verbose=args.verbose)
+    if args.user and os.geteuid() == 0:
+        return _fail(args, "--user: root's VMs are the system's (/etc/qemu-run); run "
+                           "qemu-unit --user as the user whose VMs they are", 2)
     try:
         return COMMANDS[args.command](args)
     except QemuUnitError as e:

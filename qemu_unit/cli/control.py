@@ -55,12 +55,13 @@ class ControlFailed(QemuUnitError):
         self.exit_status = CODE_EXIT.get(code, EXIT_FAILED)
 
 
-def find_socket(name: str, which: str = "control_socket") -> Path:
+def find_socket(name: str, which: str = "control_socket", user: bool = False) -> Path:
     """The socket WHICH (a host.Dirs property) of VM NAME: the system unit's runtime
-    directory first, else the caller's own runner's. Raises QemuUnitError when it is
-    not there (code not-running) or may not be opened (denied)."""
+    directory first, else the caller's own runner's (USER: only the caller's own, the
+    runner of its qemu-run@NAME.service --user). Raises QemuUnitError when it is not
+    there (code not-running) or may not be opened (denied)."""
     own: Path = getattr(paths.finalize_dirs(name), which)
-    candidates = [paths.SYSTEM_RUNTIME / name / own.name, own]
+    candidates = [own] if user else [paths.SYSTEM_RUNTIME / name / own.name, own]
     denied = None
     for path in candidates:
         try:

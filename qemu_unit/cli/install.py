@@ -1,6 +1,7 @@
 """`qemu-unit install`: what a distribution package installs, for a pip installation.
 
-The template unit (ExecStart resolved to this installation), the generator, the
+The template unit (ExecStart resolved to this installation), the generator (each
+also for users' managers: lib/systemd/user, lib/systemd/user-generators), the
 qemu-run user (sysusers.d), tmpfiles.d and man pages, below PREFIX (default
 /usr/local, which systemd searches too).
 """
@@ -23,6 +24,7 @@ from qemu_unit.paths import CONFIG_DIR, SERVICE_USER
 UNIT = paths.TEMPLATE_UNIT
 PULL_UNIT = paths.PULL_TEMPLATE_UNIT
 GENERATOR = "qemu-unit-generator"
+USER_GENERATOR = "qemu-unit-user-generator"
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class Layout:
     unit: Path
     pull_unit: Path
     generator: Path
+    user_unit: Path  # the rootless template, for systemctl --user
+    user_generator: Path
     sysusers: Path
     tmpfiles: Path
     mandir: Path
@@ -41,6 +45,8 @@ def layout(root: Path, prefix: Path) -> Layout:
         unit=base / "lib/systemd/system" / UNIT,
         pull_unit=base / "lib/systemd/system" / PULL_UNIT,
         generator=base / "lib/systemd/system-generators" / GENERATOR,
+        user_unit=base / "lib/systemd/user" / UNIT,
+        user_generator=base / "lib/systemd/user-generators" / USER_GENERATOR,
         sysusers=base / "lib/sysusers.d/qemu-unit.conf",
         tmpfiles=base / "lib/tmpfiles.d/qemu-unit.conf",
         mandir=base / "share/man",
@@ -144,6 +150,8 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
     _write(lay.unit, render_unit((units / UNIT).read_text(), command))
     _write(lay.pull_unit, render_unit((units / PULL_UNIT).read_text(), command))
     _write(lay.generator, render_generator((units / GENERATOR).read_text()), 0o755)
+    _write(lay.user_unit, render_unit((units / "user" / UNIT).read_text(), command))
+    _write(lay.user_generator, render_generator((units / USER_GENERATOR).read_text()), 0o755)
     _write(lay.sysusers, (units / "qemu-unit.sysusers").read_text())
     _write(lay.tmpfiles, (units / "qemu-unit.tmpfiles").read_text())
     from qemu_unit.cli import manpages
@@ -172,7 +180,8 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
 
 def uninstall(root: Path, prefix: Path, reload: bool = True) -> None:
     lay = layout(root, prefix)
-    paths = [lay.unit, lay.pull_unit, lay.generator, lay.sysusers, lay.tmpfiles]
+    paths = [lay.unit, lay.pull_unit, lay.generator, lay.user_unit, lay.user_generator,
+             lay.sysusers, lay.tmpfiles]
     paths += [lay.mandir / f"man{p[-1]}" / p for p in _manpage_names()]
     for path in paths:
         try:

@@ -702,6 +702,80 @@ WantedBy=multi\-user.target
 makes
 .B qemu\-run@web.service
 start at boot.
+.SH "ROOTLESS VIRTUAL MACHINES"
+A user without root runs VMs under the user's own systemd manager, as rootless
+Podman Quadlet does for containers. The
+.I .vm
+files live in
+.IR $XDG_CONFIG_HOME/qemu\-run/
+(default
+.IR ~/.config/qemu\-run/ ),
+then
+.IR /etc/qemu\-run/users/ UID /
+and
+.I /etc/qemu\-run/users/
+(what an administrator gives one user or every user); the first file found wins.
+.B qemu\-unit\-user\-generator
+(in
+.IR /usr/lib/systemd/user\-generators/ ,
+or under
+.I /usr/local
+after
+.BR "qemu\-unit install" )
+turns them into drop-ins for the user template
+.I qemu\-run@.service
+of the user manager
+.RI ( /usr/lib/systemd/user/ ),
+which runs
+.BR "qemu\-unit \-\-user run %i" :
+.PP
+.EX
+systemctl \-\-user daemon\-reload
+systemctl \-\-user start qemu\-run@web
+journalctl \-\-user \-u qemu\-run@web
+qemu\-unit \-\-user list
+qemu\-unit \-\-user console web
+systemctl \-\-user stop qemu\-run@web
+loginctl enable\-linger    # start the user's enabled VMs at boot, without a login
+.EE
+.PP
+The same
+.I .vm
+means the same VM.
+.B WantedBy=multi\-user.target
+is read as the user manager's
+.BR default.target .
+What needs root is refused with one line naming file, line and reason (by the
+generator, which skips the file, and by
+.BR "qemu\-unit \-\-user validate|run" ,
+exit status 78): tap and bridge networks, disks that are host devices
+.RI ( /dev/ ...),
+.BR DomainXML= .
+KVM is used when the user may open
+.I /dev/kvm
+(e.g. as a member of group kvm); otherwise
+.B Accel=auto
+falls back to TCG with one warning line. The embed root is
+.IR $XDG_RUNTIME_DIR/qemu\-run/ NAME ,
+state and
+.I console.log
+are in
+.IR $XDG_STATE_HOME/qemu\-run/ NAME
+(default
+.IR ~/.local/state ),
+the capability cache in
+.IR ~/.cache/qemu\-run .
+The user template has the system unit's seccomp and no-new-privileges hardening,
+but no
+.BR User= ,
+no machine.slice and no machined registration (root steps), and none of the
+namespace options (they would need unprivileged user namespaces).
+Without
+.BR \-\-user ,
+.B qemu\-unit
+acts on the system's VMs for every caller, as
+.B systemctl
+does.
 """.strip("\n").split("\n")
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu_unit import command
+from qemu_unit import command, paths
 from qemu_unit.config import domainxml, settings, source
 from qemu_unit.config.names import check_name
 from qemu_unit.errors import ConfigError, QemuUnitError
@@ -98,13 +98,17 @@ def parse_show(text: str) -> list[dict[str, str]]:
     return blocks
 
 
-def unit_properties(units: Sequence[str]) -> dict[str, dict[str, str]] | str:
-    """PROPERTIES of each of UNITS by unit name, or why systemd could not be asked."""
+def unit_properties(
+    units: Sequence[str], user: bool = False
+) -> dict[str, dict[str, str]] | str:
+    """PROPERTIES of each of UNITS by unit name (USER: of the caller's user manager), or
+    why systemd could not be asked."""
     if not units:
         return {}
+    scope = ["--user"] if user else []
     try:
-        out = command.run(["systemctl", "show", "--timestamp=unix", "-p", ",".join(PROPERTIES),
-                           "--", *units], "systemctl show")
+        out = command.run(["systemctl", *scope, "show", "--timestamp=unix",
+                           "-p", ",".join(PROPERTIES), "--", *units], "systemctl show")
     except command.CommandError as e:
         return e.detail.splitlines()[-1] if e.detail else str(e)
     return {block.get("Id", ""): block for block in parse_show(out)}
@@ -197,16 +201,19 @@ def _state(name: str, find: Any) -> VMState:
 def collect(
     names: Sequence[str] | None = None,
     search_path: Sequence[str | os.PathLike[str]] | None = None,
-    roots: Path = SYSTEM_RUNTIME,  # where each VM's embed root is, by name
+    roots: Path | None = None,  # where each VM's embed root is, by name
+    user: bool = False,
 ) -> tuple[list[VMState], str | None]:
     """The VMs NAMES (default: every VM on the search path) and, when systemd could
-    not be asked, why not."""
+    not be asked, why not. USER: the caller's own VMs, under its user manager."""
+    if roots is None:
+        roots = _runtime_root(user)
     if names is None:
         listing = source.Listing(search_path)
         vms = [_state(n, listing.find) for n in listing.names]
     else:
         vms = [_state(n, lambda n: source.find_source(n, search_path)) for n in names]
-    props = unit_properties([vm.unit for vm in vms])
+    props = unit_properties([vm.unit for vm in vms], user)
     problem = props if isinstance(props, str) else None
     for vm in vms:
         if not isinstance(props, str) and vm.unit in props:
@@ -215,22 +222,28 @@ def collect(
     return vms, problem
 
 
+def _runtime_root(user: bool) -> Path:
+    """Where the runners' embed roots are: the system's, or the caller's own runners'."""
+    return paths.finalize_dirs("_").root.parent if user else SYSTEM_RUNTIME
+
+
 def find_one(
     name: str,
     search_path: Sequence[str | os.PathLike[str]] | None = None,
-    roots: Path = SYSTEM_RUNTIME,
+    roots: Path | None = None,
+    user: bool = False,
 ) -> tuple[VMState, str | None]:
     """One VM, which must exist: on the search path (perhaps broken or masked) or as a
     loaded unit."""
     check_name(name)
-    [vm], problem = collect([name], search_path, roots)
+    [vm], problem = collect([name], search_path, roots, user)
     known = vm.source is not None or vm.active_state not in (None, "inactive")
     if not known:
         raise ConfigError(vm.error or f"no VM {name!r}")
     return vm, problem
 
 
-def console_lines(vm: VMState, count: int = CONSOLE_LINES) -> list[str]:
+def console_lines(vm: VMState, count: int = CONSOLE_LINES, user: bool = False) -> list[str]:
     """The last COUNT lines the guest printed, from the journal (as far as we may read it)."""
     from systemd import journal
 
@@ -238,8 +251,12 @@ def console_lines(vm: VMState, count: int = CONSOLE_LINES) -> list[str]:
     try:
         reader.add_match(QEMU_UNIT_VM=vm.name)
         reader.add_match(SYSLOG_IDENTIFIER=CONSOLE_IDENTIFIER)
-        # A trusted field: only the unit's own processes can log under it.
-        reader.add_match(_SYSTEMD_UNIT=vm.unit)
+        # A trusted field: only the unit's own processes can log under it (a user
+        # manager's units: _SYSTEMD_USER_UNIT, with the user's own uid).
+        if user:
+            reader.add_match(_SYSTEMD_USER_UNIT=vm.unit, _UID=str(os.getuid()))
+        else:
+            reader.add_match(_SYSTEMD_UNIT=vm.unit)
         reader.seek_tail()
         lines: list[str] = []
         while len(lines) < count:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from qemu_unit import paths
 from qemu_unit.config.names import check_name, split_template
 from qemu_unit.errors import ConfigError
 from qemu_unit.paths import SEARCH_PATH
@@ -48,13 +49,18 @@ class MaskedError(ConfigError):
     """The VM is masked (a /dev/null link): an error to run, silently absent from lists."""
 
 
-def search_path(path: Sequence[str | os.PathLike[str]] | None = None) -> tuple[Path, ...]:
-    """PATH if given, else $QEMU_RUN_PATH (colon-separated), else DEFAULT_PATH."""
+def search_path(
+    path: Sequence[str | os.PathLike[str]] | None = None, *, user: bool = False
+) -> tuple[Path, ...]:
+    """PATH if given, else $QEMU_RUN_PATH (colon-separated), else DEFAULT_PATH (USER:
+    the user's own directories, see rootless.py)."""
     if path is not None:
         return tuple(Path(p) for p in path)
     env = os.environ.get(PATH_ENV)
     if env:
         return tuple(Path(p) for p in env.split(":") if p)
+    if user:
+        return paths.user_search_path()
     return DEFAULT_PATH
 
 

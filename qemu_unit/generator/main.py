@@ -40,6 +40,7 @@ from qemu_unit.generator.convert import (
     FALLBACK_TEMPLATE,
     PROGRAM,
     TEMPLATE,
+    USER_FALLBACK_TEMPLATE,
     Generated,
     convert,
     instance_unit,
@@ -53,6 +54,14 @@ UNIT_DIRS = (
     "/usr/local/lib/systemd/system",
     "/usr/lib/systemd/system",
 )
+# The user manager's (systemd 252, without the generator and transient directories);
+# ~/.config/systemd/user comes first (unit_search_path()).
+USER_UNIT_DIRS = (
+    "/etc/systemd/user",
+    "/run/systemd/user",
+    "/usr/local/lib/systemd/user",
+    "/usr/lib/systemd/user",
+)
 # Below this many VMs per process a fork costs more than it saves (measured: 100
 # to 150 VMs break even at ~0.08 ms per VM).
 PARALLEL_MIN = 100
@@ -65,15 +74,17 @@ _KMSG_BURST = 10
 _KMSG_MAX_RECORDS = 200
 
 
-def unit_search_path() -> list[str]:
+def unit_search_path(user: bool = False) -> list[str]:
     """The directories systemd loads units from; $SYSTEMD_UNIT_PATH as systemd reads it."""
+    defaults = [str(paths.user_config_home() / "systemd/user"), *USER_UNIT_DIRS] if user \
+        else list(UNIT_DIRS)
     env = os.environ.get("SYSTEMD_UNIT_PATH")
     if env is None:
-        return list(UNIT_DIRS)
+        return defaults
     dirs = [d for d in env.split(":") if d]
     # A trailing ":" means "and then the defaults".
     if env.endswith(":"):
-        dirs += UNIT_DIRS
+        dirs += defaults
     return dirs
 
 
@@ -99,9 +110,9 @@ class UnitFiles:
         """The first DIR/NAME in the search path (a link to /dev/null, a mask, counts)."""
         return self._first.get(name)
 
-    def link_target(self, unit: str) -> str:
+    def link_target(self, unit: str, fallback: str = FALLBACK_TEMPLATE) -> str:
         """What `systemctl enable` would link to: the instance's own file, else the template."""
-        return self.find(unit) or self.find(TEMPLATE) or FALLBACK_TEMPLATE
+        return self.find(unit) or self.find(TEMPLATE) or fallback
 
 
 class Log:
@@ -257,14 +268,16 @@ def _step(sources: Sequence[source.Source], results: list[Any], step: Callable[.
 
 def _generate(
     sources: Sequence[source.Source], unit_files: UnitFiles, writer: Writer | None, log: Log,
-    out: TextIO,
+    out: TextIO, user: bool = False,
 ) -> None:
     # Each step over every VM before the next one, not one VM at a time: the same
     # work, but ~25% faster for a thousand VMs (measured), since the system calls
     # and each stretch of Python code then run together. Messages still come in
     # the end, VM by VM, in the same order as one VM at a time would give them.
     def converted(_: source.Source, vm: settings.VMConfig) -> Generated:
-        return convert(vm, template=unit_files.link_target(instance_unit(vm.name)))
+        fallback = USER_FALLBACK_TEMPLATE if user else FALLBACK_TEMPLATE
+        return convert(vm, template=unit_files.link_target(instance_unit(vm.name), fallback),
+                       user=user)
 
     results: list[Any] = [None] * len(sources)
     _step(sources, results, lambda src, _: settings.read_source(src))
@@ -326,16 +339,17 @@ def _in_parallel(
                 log.errors += 1
 
 
-def run(outdir: Path | None, log: Log, out: TextIO) -> int:
+def run(outdir: Path | None, log: Log, out: TextIO, user: bool = False) -> int:
     """Generate for every VM in the search path into OUTDIR (None: print to OUT).
+    USER: a user's VMs for the user's manager (config/rootless.py).
 
     Returns 1 if any file failed, else 0.
     """
     problems: list[ConfigError] = []
-    listing = source.Listing(errors=problems)
+    listing = source.Listing(source.search_path(user=user), errors=problems)
     for problem in problems:
         log.error(f"{problem} (skipped)")
-    unit_files = UnitFiles(unit_search_path())
+    unit_files = UnitFiles(unit_search_path(user))
     writer = Writer(outdir) if outdir is not None else None
 
     def work(names: Sequence[str]) -> None:
@@ -345,7 +359,7 @@ def run(outdir: Path | None, log: Log, out: TextIO) -> int:
         sources = listing.sources(names, errors=missing)
         for problem in missing:
             log.error(f"{problem} (skipped)")
-        _generate(sources, unit_files, writer, log, out)
+        _generate(sources, unit_files, writer, log, out, user)
 
     # --dryrun prints in order: one process.
     workers = _workers(len(listing.names)) if writer is not None else 1
@@ -353,7 +367,10 @@ def run(outdir: Path | None, log: Log, out: TextIO) -> int:
     return 1 if log.errors else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, user: bool | None = None) -> int:
+    """USER: a user manager's generator; None: as $SYSTEMD_SCOPE says (systemd sets it)."""
+    if user is None:
+        user = os.environ.get("SYSTEMD_SCOPE") == "user"
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
         print(USAGE)
@@ -370,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return run(outdir, log, sys.stdout)
+        return run(outdir, log, sys.stdout, user)
     except QemuUnitError as e:
         log.error(str(e))
         return 1

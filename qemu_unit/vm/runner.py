@@ -29,7 +29,7 @@ from typing import Any
 import libvirt
 
 from qemu_unit import log, paths
-from qemu_unit.config import domainxml, settings, source
+from qemu_unit.config import domainxml, rootless, settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.paths import SERVICE_USER, Dirs
 from qemu_unit.vm import control, domain, guest, health, host, status  # noqa: F401 (guest: ops)
@@ -223,8 +223,10 @@ _STOPPED_REASONS = {
 
 
 class Runner:
-    def __init__(self, src: source.Source, *, shutdown_timeout: float | None = None) -> None:
+    def __init__(self, src: source.Source, *, shutdown_timeout: float | None = None,
+                 user: bool = False) -> None:
         self.src = src
+        self.user = user  # a user's VM (qemu-unit --user run): refuse what needs root
         self.name = src.name
         self.shutdown_timeout_override = shutdown_timeout
         self.notify = Notifier()
@@ -242,6 +244,8 @@ class Runner:
     # Everything that can fail on bad input, before anything is acquired.
     def check(self) -> tuple[settings.VMConfig, host.Plan, ET.Element]:
         vm = settings.load_vm(self.src)
+        if self.user and (problems := rootless.refusals(vm)):
+            raise problems[0]
         if vm.image_source is not None:
             from qemu_unit.vm.image import wait_for_pull
 
@@ -746,9 +750,9 @@ def become_service_user(name: str, user: str = SERVICE_USER) -> None:
 
 
 def run(name: str, *, shutdown_timeout: float | None = None,
-        search_path: list[Path] | None = None) -> int:
+        search_path: list[Path] | None = None, user: bool = False) -> int:
     """`qemu-unit run NAME`: find the VM (the one check of NAME), then run it."""
     src = source.find_source(name, search_path)
     if os.geteuid() == 0 and not os.environ.get("INVOCATION_ID"):
         become_service_user(src.name)
-    return Runner(src, shutdown_timeout=shutdown_timeout).run()
+    return Runner(src, shutdown_timeout=shutdown_timeout, user=user).run()

@@ -202,6 +202,19 @@ class Container:
             raise ContainerError(f"container {self.name} still up {timeout} s after "
                                  f"poweroff:\n{self._log_tail()}") from e
 
+    def reboot(self, timeout: float = 60) -> None:
+        """Power the container off from inside and boot it again on the same file system
+        (the overlay's upper layer keeps everything written so far)."""
+        status = self.poweroff(timeout)
+        if status != 0:
+            raise ContainerError(f"container {self.name}: poweroff exited {status}:\n"
+                                 f"{self._log_tail()}")
+        if self._ns_fd is not None:
+            os.close(self._ns_fd)
+            self._ns_fd = None
+        self.leader, self._ns = 0, None
+        self._boot()
+
     def _teardown(self) -> None:
         LIVE.discard(self)
         if self._nspawn is not None and self._nspawn.poll() is None:

@@ -7,11 +7,9 @@ does the same on demand).
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import termios
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.container import INSIDE_ENV, Container
+from tests.support.terminal import Attached
 from tests.support.vm import (
     console,
     install_qemu_unit,
@@ -135,65 +134,6 @@ def test_rate_limited_flood_is_counted_and_complete_in_console_log(ct: Container
 
 
 # -- qemu-unit console ---------------------------------------------------------------------
-
-
-class Attached:
-    """`qemu-unit console VM ARGS` inside the container, on a pseudo-terminal of its own."""
-
-    def __init__(self, ct: Container, qemu_unit_bin: Path, vm: str, *args: str) -> None:
-        self.master, self.slave = os.openpty()
-        self.saved = termios.tcgetattr(self.slave)
-        self.output = b""
-        self._cond = threading.Condition()
-        env = [f"{k}={v}" for k, v in INSIDE_ENV.items()] + ["TERM=dumb"]
-        self.proc = subprocess.Popen(
-            ["nsenter", "-t", str(ct.leader), "-a", "env", "-i", *env,
-             str(qemu_unit_bin), "console", vm, *args],
-            stdin=self.slave, stdout=self.slave, stderr=self.slave, start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:
-                data = b""
-            with self._cond:
-                if not data:
-                    self._cond.notify_all()
-                    return
-                self.output += data
-                self._cond.notify_all()
-
-    def expect(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while text.encode() not in self.output:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    shows = self.output[-2000:].decode(errors="replace")
-                    raise AssertionError(f"{text!r} not on the terminal after {timeout} s; "
-                                         f"it shows:\n{shows}")
-                self._cond.wait(left)
-
-    def type(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def detach(self) -> int:
-        self.type(b"\x1d")
-        status = self.proc.wait(30)
-        self.expect("detached from the console")
-        return status
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.slave)
-        os.close(self.master)
-        self._reader.join(5)
 
 
 def test_attach_type_a_command_two_terminals_detach(ct: Container, qemu_unit_bin: Path) -> None:
