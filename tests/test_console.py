@@ -1,23 +1,44 @@
-"""console.py with real UNIX sockets: lines, the file copy, the rate limit, attached clients."""
+"""console.py with real UNIX sockets: lines, the file copy, the rate limit, attached clients.
+
+No sleeps: tests wait for what the console says (its log messages, the lines its
+watchers see) or for a socket.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 from qemu_unit import log
-from qemu_unit.vm.console import MAX_LINE, Console, LineSplitter, Policy
+from qemu_unit.vm.console import (
+    LINE_OVERHEAD,
+    MAX_LINE,
+    MAX_PENDING_BYTES,
+    Console,
+    LineSplitter,
+    Policy,
+    decode,
+)
+
+# Besides the queue, the reader holds one read (64 KiB) and a partial line at a time.
+READER_BUFFERS = 256 * 1024
+DROPPED = re.compile(r"(\d+) console lines were not sent to the journal "
+                     r"\((\d+) while the journal did not keep up\)")
 
 
 def test_lines_split_across_chunks_and_crlf_stripped() -> None:
     s = LineSplitter()
     assert s.feed(b"hel") == []
-    assert s.feed(b"lo\r\nwor") == ["hello"]
-    assert s.feed(b"ld\n\n") == ["world", ""]
+    assert s.feed(b"lo\r\nwor") == [b"hello"]
+    assert s.feed(b"ld\n\n") == [b"world", b""]
     assert s.flush() == []
 
 
@@ -25,14 +46,14 @@ def test_partial_last_line_is_flushed_and_bad_utf8_replaced() -> None:
     s = LineSplitter()
     assert s.feed(b"caf\xc3") == []
     assert s.feed(b"\xa9 \xff") == []
-    assert s.flush() == ["café \ufffd"]
+    assert [decode(line) for line in s.flush()] == ["café \ufffd"]
 
 
 def test_endless_line_is_cut_not_buffered_forever() -> None:
     s = LineSplitter()
     out = s.feed(b"x" * (MAX_LINE * 2 + 5))
-    assert out == ["x" * MAX_LINE, "x" * MAX_LINE]
-    assert s.flush() == ["xxxxx"]
+    assert out == [b"x" * MAX_LINE, b"x" * MAX_LINE]
+    assert s.flush() == [b"xxxxx"]
 
 
 def test_console_reads_every_line_from_the_connecting_peer(tmp_path: Path) -> None:
@@ -149,32 +170,119 @@ def test_console_log_rotates_and_stays_bounded(tmp_path: Path) -> None:
     assert numbers == list(range(numbers[0], 30000))
 
 
-def test_a_stalled_journal_never_stalls_the_reader(tmp_path: Path) -> None:
-    release = threading.Event()
-    got: list[str] = []
+class _Gate:
+    """A journal that takes one line whenever the test lets it (and says when it waits)."""
 
-    def stuck_sink(line: str) -> None:
-        release.wait()
-        got.append(line)
+    def __init__(self) -> None:
+        self.got: list[str] = []
+        self.waiting = threading.Semaphore(0)  # released each time a line comes in
+        self._permits = threading.Semaphore(0)
+        self._open = threading.Event()
 
+    def sink(self, line: str) -> None:
+        self.waiting.release()
+        if not self._open.is_set():
+            self._permits.acquire()
+        self.got.append(line)
+
+    def let_one_through(self) -> None:
+        self._permits.release()
+
+    def open(self) -> None:
+        self._open.set()
+        self._permits.release()  # the one line it may be waiting on
+
+
+class _Seen:
+    """A console watcher: counts the lines the reader has handled (queued or dropped)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.cond = threading.Condition()
+
+    def __call__(self, _line: str) -> None:
+        with self.cond:
+            self.count += 1
+            self.cond.notify_all()
+
+    def wait(self, count: int, timeout: float = 60) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.count >= count, timeout), self.count
+
+
+@pytest.mark.parametrize("line", [b"", b"ab", b"y" * 16000], ids=["empty", "two", "long"])
+def test_a_stalled_journal_holds_no_more_than_the_cap(tmp_path: Path, line: bytes) -> None:
+    """The queue toward the journal is capped in memory (a line costs its bytes plus
+    LINE_OVERHEAD), the sender's batch included, whatever the guest prints; the rest is
+    counted, console.log has all of it, and the reader never waits for the journal."""
+    cost = len(line) + LINE_OVERHEAD
+    fits = MAX_PENDING_BYTES // cost
+    first, second = fits + 500, fits
+    journal, seen = _Gate(), _Seen()
+    console = Console(tmp_path / "c.sock", journal.sink,
+                      Policy(log_path=tmp_path / "console.log", log_size=1024**3))
+    console.watchers.append(seen)
+    notes: list[str] = []
+    with _captured(notes):
+        console.listen()
+        peer = _qemu(tmp_path / "c.sock")
+        tracemalloc.start()
+        try:
+            baseline = tracemalloc.get_traced_memory()[0]
+            # The journal takes nothing: the reader reads all of it anyway.
+            peer.sendall((line + b"\r\n") * first)
+            seen.wait(first)
+            held_first = tracemalloc.get_traced_memory()[0] - baseline
+            assert console.held == fits * cost <= MAX_PENDING_BYTES
+            assert console.dropped == first - fits
+            # One line goes out and the sender waits in the next one: whatever batch it
+            # took, exactly one line's room is free again.
+            assert journal.waiting.acquire(timeout=10)
+            journal.let_one_through()
+            assert journal.waiting.acquire(timeout=10)
+            peer.sendall((line + b"\r\n") * second)
+            seen.wait(first + second)
+            held_second = tracemalloc.get_traced_memory()[0] - baseline
+            assert console.held == fits * cost
+            assert console.dropped == first - fits + second - 1
+            # Measured, not only counted: what Python holds (the lines, the queue), plus
+            # the reader's own buffers (a read, a partial line).
+            assert max(held_first, held_second) <= MAX_PENDING_BYTES + READER_BUFFERS, (
+                held_first, held_second)
+        finally:
+            tracemalloc.stop()
+            journal.open()
+            peer.close()
+        assert console.closed.wait(10)
+        console.close(send_timeout=30)
+    sent = fits + 1
+    assert journal.got == [decode(line)] * sent and console.sent == sent
+    assert console.dropped + sent == first + second
+    assert console.held == 0
+    # Said in runner messages (one every 10 s at most, the last at exit): all of them.
+    reports = [m for m in map(DROPPED.match, notes) if m]
+    assert sum(int(m.group(1)) for m in reports) == console.dropped
+    assert all(m.group(1) == m.group(2) for m in reports), notes  # all for the journal
+    # console.log has every line, the journal or not.
+    assert (tmp_path / "console.log").read_bytes() == (line + b"\r\n") * (first + second)
+
+
+def test_a_stalled_journal_keeps_order_and_counts(tmp_path: Path) -> None:
+    journal = _Gate()
     lines = [f"{i:06d}" + "y" * 200 for i in range(60000)]  # 12 MB, more than the queue holds
     policy = Policy(log_path=tmp_path / "console.log", log_size=64 * 1024**2)
-    console = Console(tmp_path / "c.sock", stuck_sink, policy)
+    console = Console(tmp_path / "c.sock", journal.sink, policy)
     console.listen()
     peer = _qemu(tmp_path / "c.sock")
     peer.sendall("".join(f"{line}\n" for line in lines).encode())  # returns: nobody blocks
     peer.close()
     assert console.closed.wait(10)
-    notes: list[str] = []
-    with _captured(notes):
-        release.set()
-        console.close(send_timeout=30)
+    journal.open()
+    console.close(send_timeout=30)
     assert (tmp_path / "console.log").read_text().splitlines() == lines
-    assert console.dropped > 0
-    assert got == sorted(got)  # in order (the numbers are zero-padded)
-    assert len(got) + console.dropped == len(lines)
-    assert any(f"{console.dropped} console lines were not sent" in n and "did not keep up" in n
-               for n in notes)
+    fits = MAX_PENDING_BYTES // (206 + LINE_OVERHEAD)
+    assert journal.got == lines[:fits]  # the first ones, in order
+    assert console.dropped == len(lines) - fits
 
 
 def _attach(path: Path) -> socket.socket:

@@ -8,11 +8,14 @@ whoever reads that socket must never wait for anything slow. Three threads,
 each blocked without a timeout while the guest is quiet (no idle wake-ups):
 
 - the reader reads QEMU's socket, appends the bytes to the console log file
-  (page-cache writes), queues complete lines for the sender (bounded; counted
-  when full or over the rate limit) and copies the bytes to attached clients
-  without blocking (a client that cannot take them is disconnected);
+  (page-cache writes), queues complete lines for the sender (bounded in memory,
+  whatever the guest prints; counted when full or over the rate limit) and copies
+  the bytes to attached clients without blocking (a client that cannot take them
+  is disconnected);
 - the sender writes queued lines to the journal (or stderr) and says, in one
-  line, how many it could not send and where the complete copy is;
+  line, how many it could not send and where the complete copy is. While it
+  waits for journald the queue fills up and the reader counts what no longer
+  fits;
 - the attach thread accepts `qemu-unit console` clients (root and the runner's
   own user only, by SO_PEERCRED) and passes their keystrokes to the guest.
   Clients only ever reach the guest's input: the journal gets what the guest prints.
@@ -40,8 +43,17 @@ logger = log.log
 
 # A guest that never prints a newline still gets its output recorded.
 MAX_LINE = 16 * 1024
-# Lines waiting for the journal: beyond this they are counted, not kept.
+# Memory held for lines waiting for the journal (queued or in the sender's hands):
+# beyond this they are counted, not kept.
 MAX_PENDING_BYTES = 8 * 1024**2
+# What a queued line costs besides its bytes: the bytes object's header (33 bytes;
+# b"" is shared) and the queue's pointer (8), with room for the allocator's rounding.
+# Without it, 40 Mi empty lines would be "nothing" and hold 340 MiB.
+LINE_OVERHEAD = 64
+# Lines the sender takes from the queue at a time (they stay counted until sent).
+BATCH_LINES = 256
+# Runner messages from the console threads waiting for the sender; more are counted.
+MAX_NOTES = 100
 # How often at most a line reports console lines the journal did not get.
 REPORT_EVERY = 10.0
 # What QEMU may write before the reader comes back (the kernel caps it at rmem_max).
@@ -51,26 +63,26 @@ CLIENT_SNDBUF = 1024**2
 
 
 class LineSplitter:
-    """Bytes in, complete text lines out; a trailing partial line is kept."""
+    """Bytes in, complete lines out (without CR LF, still bytes); a partial line is kept."""
 
     def __init__(self) -> None:
         self._buf = b""
 
-    def feed(self, data: bytes) -> list[str]:
+    def feed(self, data: bytes) -> list[bytes]:
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
         while len(self._buf) >= MAX_LINE:
             lines.append(self._buf[:MAX_LINE])
             self._buf = self._buf[MAX_LINE:]
-        return [_decode(line) for line in lines]
+        return [line.rstrip(b"\r") for line in lines]
 
-    def flush(self) -> list[str]:
+    def flush(self) -> list[bytes]:
         rest, self._buf = self._buf, b""
-        return [_decode(rest)] if rest else []
+        return [rest.rstrip(b"\r")] if rest else []
 
 
-def _decode(raw: bytes) -> str:
-    return raw.decode("utf-8", errors="replace").rstrip("\r")
+def decode(line: bytes) -> str:
+    return line.decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True)
@@ -179,9 +191,10 @@ class Console:
         self._threads: list[threading.Thread] = []
         # Reader -> sender: lines, messages for the runner's log, counters.
         self._cond = threading.Condition()
-        self._pending: collections.deque[str] = collections.deque()
-        self._pending_bytes = 0
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._held = 0  # memory for lines not yet sent (queued and in the sender's batch)
         self._notes: list[tuple[int, str]] = []
+        self._notes_dropped = 0
         self._eof = False
         self._dropped_rate = 0
         self._dropped_full = 0
@@ -280,7 +293,7 @@ class Console:
         self._take(b"", splitter.flush())
         self._finish()
 
-    def _take(self, data: bytes, lines: list[str]) -> None:
+    def _take(self, data: bytes, lines: list[bytes]) -> None:
         if self.file is not None and data:
             problem = self.file.write(data)
             if problem:
@@ -289,11 +302,16 @@ class Console:
             self._to_clients(data)
         if lines:
             self._queue(lines)
-            for line in lines:
-                for watch in self.watchers:
-                    watch(line)
+            for watch in self.watchers:
+                for line in lines:
+                    watch(decode(line))
 
-    def _queue(self, lines: list[str]) -> None:
+    @property
+    def held(self) -> int:
+        """Bytes held for lines the journal has not got yet, as counted against the cap."""
+        return self._held
+
+    def _queue(self, lines: list[bytes]) -> None:
         p = self.policy
         now = time.monotonic()
         with self._cond:
@@ -306,12 +324,13 @@ class Console:
                         self._dropped_rate += 1
                         self._drop(now)
                         continue
-                if self._pending_bytes + len(line) > MAX_PENDING_BYTES:
+                cost = len(line) + LINE_OVERHEAD
+                if self._held + cost > MAX_PENDING_BYTES:
                     self._dropped_full += 1
                     self._drop(now)
                     continue
                 self._pending.append(line)
-                self._pending_bytes += len(line)
+                self._held += cost
             self._cond.notify()
 
     def _drop(self, now: float) -> None:
@@ -322,6 +341,9 @@ class Console:
     def _note(self, message: str, level: int = logging.WARNING) -> None:
         """A message for the runner's log, written by the sender (never blocks the reader)."""
         with self._cond:
+            if len(self._notes) >= MAX_NOTES:
+                self._notes_dropped += 1
+                return
             self._notes.append((level, message))
             self._cond.notify()
 
@@ -341,22 +363,28 @@ class Console:
                     if self._pending or self._notes or self._eof or due is not None and due <= 0:
                         break
                     self._cond.wait(due)
-                batch = list(self._pending)
-                self._pending.clear()
-                self._pending_bytes = 0
+                # Bounded, and counted against the cap until sent: a journal that
+                # blocks on the first line of a batch holds no more than the cap.
+                pending = self._pending
+                batch = [pending.popleft() for _ in range(min(len(pending), BATCH_LINES))]
                 notes, self._notes = self._notes, []
+                notes_dropped, self._notes_dropped = self._notes_dropped, 0
                 eof = self._eof
             for line in batch:
                 try:
-                    self.sink(line)
+                    self.sink(decode(line))
                 except OSError:
                     with self._cond:
                         self._dropped_full += 1
                         self._drop(time.monotonic())
                 else:
                     self.sent += 1
+                with self._cond:
+                    self._held -= len(line) + LINE_OVERHEAD
             for level, note in notes:
                 logger.log(level, "%s", note)
+            if notes_dropped:
+                logger.warning("%d more console messages were left out", notes_dropped)
             report = None
             with self._cond:
                 due = self._report_due()
