@@ -685,7 +685,9 @@ def test_an_image_url_wants_one_pull_unit_that_names_the_source() -> None:
     assert rel == f"qemu-run-pull@{key}.service.d/{DROPIN}"
     entries = unitfile.parse(pull, rel)
     (env,) = [e.value for e in entries if e.key == "Environment"]
-    name, _, args = env.partition("=")
+    # One assignment, quoted as Environment= wants it (it splits on white space).
+    assert env.startswith('"') and env.endswith('"')
+    name, _, args = env[1:-1].partition("=")
     assert name == convert.PULL_ARGS_ENV
     assert args.split() == vm.image_source.pull_arguments()
     # Another VM on the same source writes the same file: one unit, one pull job.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class ImageServer:
         self.drop_after: dict[str, int] = {}
         self.fail: dict[str, int] = {}
         self.ranges = True
+        self.chunk_delay = 0.0  # seconds between 1 MiB chunks: a slow line, a pull in flight
         self.requests: collections.Counter[str] = collections.Counter()
         self.range_requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -104,6 +106,8 @@ class ImageServer:
         try:
             for chunk in _chunks(content, start, limit):
                 h.wfile.write(chunk)
+                if self.chunk_delay:
+                    time.sleep(self.chunk_delay)
         except (BrokenPipeError, ConnectionResetError):
             return
         if drop is not None:
