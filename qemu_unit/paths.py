@@ -43,6 +43,11 @@ IMAGES_DIR = "images"
 IMAGE_CACHE_ENV = "QEMU_UNIT_IMAGES"
 
 
+# qemu-unit auto-update, run daily by its timer (qemu-unit install enables it).
+AUTO_UPDATE_SERVICE = "qemu-unit-auto-update.service"
+AUTO_UPDATE_TIMER = "qemu-unit-auto-update.timer"
+
+
 def pull_unit_name(key: str) -> str:
     """`qemu-run-pull@KEY.service`: the pull of the image source KEY (ImageSource.key())."""
     return f"{PULL_UNIT_PREFIX}{key}{UNIT_SUFFIX}"

@@ -291,6 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="remove images VMs use too")
     config_dir(q)
 
+    p = sub.add_parser(
+        "auto-update",
+        help="move AutoUpdate= VMs to the image their sums name now, roll back on failure",
+        description="For each image source that VMs with AutoUpdate=yes|reset use: re-read "
+        "ImageChecksums= (and check its signature); if it names another image, pull it as "
+        "the pull user and restart the source's running VMs on it (reset: discard the "
+        "overlay first). A VM that does not become ready within its start timeout sends the "
+        "source back to its previous image, and its VMs are restarted on that. "
+        "qemu-unit-auto-update.timer runs this daily. Exits 1 when a source was rolled back "
+        "or could not be checked.",
+    )
+    p.add_argument("--dry-run", action="store_true",
+                   help="only say which VMs would move to which image (reads the sums)")
+    config_dir(p)
+
     for verb, what in (("install", "install"), ("uninstall", "remove")):
         p = sub.add_parser(
             verb,

@@ -166,6 +166,12 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_auto_update(args: argparse.Namespace) -> int:
+    from qemu_unit.cli import autoupdate
+
+    return autoupdate.run(dry_run=args.dry_run, search_path=_search_path(args))
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from qemu_unit.cli import install
 
@@ -287,6 +293,7 @@ COMMANDS = {
     "register-machine": cmd_register_machine,
     "reset": cmd_reset,
     "image": cmd_image,
+    "auto-update": cmd_auto_update,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
     "demo": cmd_demo,

@@ -31,6 +31,7 @@ USER_GENERATOR = "qemu-unit-user-generator"
 class Layout:
     unit: Path
     pull_unit: Path
+    auto_update: Path  # the service; the timer is next to it
     generator: Path
     user_unit: Path  # the rootless template, for systemctl --user
     user_generator: Path
@@ -44,6 +45,7 @@ def layout(root: Path, prefix: Path) -> Layout:
     return Layout(
         unit=base / "lib/systemd/system" / UNIT,
         pull_unit=base / "lib/systemd/system" / PULL_UNIT,
+        auto_update=base / "lib/systemd/system" / paths.AUTO_UPDATE_SERVICE,
         generator=base / "lib/systemd/system-generators" / GENERATOR,
         user_unit=base / "lib/systemd/user" / UNIT,
         user_generator=base / "lib/systemd/user-generators" / USER_GENERATOR,
@@ -149,6 +151,14 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
         )
     _write(lay.unit, render_unit((units / UNIT).read_text(), command))
     _write(lay.pull_unit, render_unit((units / PULL_UNIT).read_text(), command))
+    _write(lay.auto_update, render_unit((units / paths.AUTO_UPDATE_SERVICE).read_text(), command))
+    timer = lay.auto_update.with_name(paths.AUTO_UPDATE_TIMER)
+    _write(timer, (units / paths.AUTO_UPDATE_TIMER).read_text())
+    # Enabled as a vendor preset would: a .wants/ link next to the unit.
+    link = timer.parent / "timers.target.wants" / timer.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(f"../{timer.name}")
     _write(lay.generator, render_generator((units / GENERATOR).read_text()), 0o755)
     _write(lay.user_unit, render_unit((units / "user" / UNIT).read_text(), command))
     _write(lay.user_generator, render_generator((units / USER_GENERATOR).read_text()), 0o755)
@@ -180,10 +190,12 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
 
 def uninstall(root: Path, prefix: Path, reload: bool = True) -> None:
     lay = layout(root, prefix)
-    paths = [lay.unit, lay.pull_unit, lay.generator, lay.user_unit, lay.user_generator,
-             lay.sysusers, lay.tmpfiles]
-    paths += [lay.mandir / f"man{p[-1]}" / p for p in _manpage_names()]
-    for path in paths:
+    timer = lay.auto_update.with_name(paths.AUTO_UPDATE_TIMER)
+    files = [lay.unit, lay.pull_unit, lay.auto_update, timer,
+             timer.parent / "timers.target.wants" / timer.name, lay.generator, lay.user_unit,
+             lay.user_generator, lay.sysusers, lay.tmpfiles]
+    files += [lay.mandir / f"man{p[-1]}" / p for p in _manpage_names()]
+    for path in files:
         try:
             path.unlink()
             log.info("removed %s", path)

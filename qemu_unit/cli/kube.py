@@ -89,6 +89,7 @@ UNSUPPORTED = {
     "HealthRetries": "not converted (see HealthCmd)",
     "HealthStartPeriod": "not converted (see HealthCmd)",
     "HealthOnFailure": "not converted (see HealthCmd)",
+    "AutoUpdate": "KubeVirt updates no VM's image by itself",
 }
 # [VM] keys generate() converts (a value it cannot convert is named, as above).
 EXPRESSED = (

@@ -94,6 +94,12 @@ _INTERFACE_TYPES = {NetworkKind.USER: "user", NetworkKind.TAP: "ethernet",
 _INTERFACE_KINDS = {t: k for k, t in _INTERFACE_TYPES.items()}
 
 
+class AutoUpdate(StrEnum):
+    NO = "no"
+    YES = "yes"
+    RESET = "reset"
+
+
 class ReadyKind(StrEnum):
     STARTED = "started"
     CONSOLE = "console"
@@ -221,6 +227,7 @@ class VMConfig:
     health_on_failure: HealthAction
     image: Path | None  # a local base image; None for a URL (see image_source)
     image_source: ImageSource | None  # Image= as a URL, with what verifies it
+    auto_update: AutoUpdate
     ephemeral: bool
     disk_size: int | None  # bytes; None: the base image's size
     user_data: Path | None
@@ -744,6 +751,16 @@ def _disk_path(disk: Disk) -> Path:
     return disk.path
 
 
+def _check_auto_update(value: AutoUpdate, settled: dict[str, Any]) -> str | None:
+    if value is AutoUpdate.NO:
+        return None
+    if not isinstance(settled["Image"], str) or settled["ImageChecksums"] is None:
+        return "needs an Image= URL with ImageChecksums= (the sums say when a new image is out)"
+    if value is AutoUpdate.YES and not settled["Ephemeral"]:
+        return "yes needs Ephemeral=yes (a disk that is kept: AutoUpdate=reset discards it)"
+    return None
+
+
 def _local_path(image: Path | str) -> Path | None:
     return image if isinstance(image, Path) else None
 
@@ -898,6 +915,19 @@ SETTINGS: tuple[Setting, ...] = (
         "With no, an Image= URL without ImageChecksum=/ImageChecksums= is pulled and booted "
         "unverified; without it such a URL is refused. Defaults to yes.",
         requires="Image",
+    ),
+    Setting(
+        "AutoUpdate", "auto_update", _enum_parser(AutoUpdate), "no", "no|yes|reset",
+        "Move the VM to a new image when ImageChecksums= names one: qemu-unit auto-update "
+        "(run daily by qemu-unit-auto-update.timer, which qemu-unit install enables) re-reads "
+        "the sums, pulls the new image, restarts the VM on it and, when the VM does not "
+        "become ready within its start timeout, goes back to the previous image and restarts "
+        "it again; the journal says what changed. yes is for Ephemeral=yes VMs (every start "
+        "is a first boot anyway); reset discards a kept overlay (as qemu-unit reset) to boot "
+        "the new image. Needs an Image= URL with ImageChecksums=. Defaults to no.",
+        choices=tuple(AutoUpdate),
+        requires="Image",
+        check=lambda value, settled: _check_auto_update(value, settled),
     ),
     Setting(
         "Ephemeral", "ephemeral", parse_bool, "no", "yes|no",

@@ -81,10 +81,18 @@ class _Sink:
         return self.decompressor.kind is not None
 
     def restart(self) -> None:
-        algorithm = self.expected.algorithm if self.expected else "sha256"
-        self.raw_hash = hashlib.new(algorithm)
+        # Each byte is hashed once per digest needed: the content's sha256 (its name in
+        # the cache) always; the download's only when it is compressed and may be what
+        # the sums cover; the content's in another algorithm only when it may be checked.
+        exp = self.expected
         self.content_hash = hashlib.sha256()
-        self.content_check = hashlib.new(algorithm)
+        self.raw_hash: Any = None
+        self.content_check: Any = self.content_hash
+        if exp is not None:
+            if self.compressed and exp.decompressed is not True:
+                self.raw_hash = hashlib.new(exp.algorithm)
+            if exp.algorithm != "sha256" and (not self.compressed or exp.decompressed is not False):
+                self.content_check = hashlib.new(exp.algorithm)
         self.head = b""
         self.decompressor.restart()
         if self.compressed:
@@ -93,12 +101,14 @@ class _Sink:
             self.out = open(self.content, "wb")  # noqa: SIM115 (closed by close())
 
     def feed(self, data: bytes) -> None:
-        self.raw_hash.update(data)
+        if self.raw_hash is not None:
+            self.raw_hash.update(data)
         content = self.decompressor.decompress(data) if self.compressed else data
         if len(self.head) < 512:
             self.head += content[: 512 - len(self.head)]
         self.content_hash.update(content)
-        self.content_check.update(content)
+        if self.content_check is not self.content_hash:
+            self.content_check.update(content)
         if self.out is not None:
             self.out.write(content)
 
@@ -121,7 +131,7 @@ class _Sink:
         if exp is None:
             return ""
         candidates = []
-        if exp.decompressed is not True:
+        if self.raw_hash is not None:
             candidates.append(self.raw_hash.hexdigest())
         if exp.decompressed is not False or not self.compressed:
             candidates.append(self.content_check.hexdigest())
@@ -146,7 +156,7 @@ def image_format(head: bytes) -> str:
     return "qcow2"
 
 
-def _expected(src: ImageSource, cache: Cache, retry: fetch.Retry) -> Expected | None:
+def expected(src: ImageSource, cache: Cache, retry: fetch.Retry) -> Expected | None:
     """What the image must hash to, from ImageChecksum= or the (signed) sums file."""
     if src.checksum:
         return verify.expected_from_checksum(src.checksum)
@@ -211,13 +221,13 @@ def _no_progress(done: int, total: int | None) -> None:
 
 def _pull_locked(src: ImageSource, cache: Cache, key: str, old: Ref | None,
                  progress: Progress, retry: fetch.Retry) -> Ref:
-    expected = _expected(src, cache, retry)
-    if old is not None and expected is not None and old.verified.startswith(f"{expected} ") \
+    want = expected(src, cache, retry)
+    if old is not None and want is not None and old.verified.startswith(f"{want} ") \
             and cache.blob(old.digest).exists():
         return old  # the sums still vouch for what we have
     part = cache.tmp / f"{key}.part"
     content = cache.tmp / f"{key}.content"
-    sink = _Sink(src.file_name, expected, content)
+    sink = _Sink(src.file_name, want, content)
     keep_part = False
     try:
         if part.exists():

@@ -22,7 +22,7 @@ import zstandard
 
 from tests.support.container import Container
 from tests.support.debian import build_debian_image
-from tests.support.imageserver import ImageServer
+from tests.support.imageserver import ImageServer, sums_line
 from tests.support.vm import (
     install_qemu_unit,
     prop,
@@ -186,4 +186,49 @@ TimeoutStartSec={BOOT_TIMEOUT}
     assert ct.run("sha256sum", blob).stdout.split()[0] == raw_sum
     assert server.requests["/debian/debian.qcow2.zst"] == 1
     ct.systemctl("stop", unit, timeout=400)
+    assert qemu_pids(ct) == []
+
+
+def overlay_base(ct: Container, name: str) -> str:
+    info = ct.run("qemu-img", "info", "--output=json", "-U",
+                  f"/run/qemu-run/{name}/image.qcow2").stdout
+    return str(json.loads(info)["backing-filename"])
+
+
+def test_auto_update_moves_an_ephemeral_vm_and_rolls_back_a_bad_image(
+        ct: Container, server: ImageServer, qemu_unit_bin: Path, tmp_path: Path) -> None:
+    v1, v2 = small_qcow2(tmp_path, "v1.qcow2"), small_qcow2(tmp_path, "v2.qcow2")
+    # v3 passes every check of the pull but QEMU cannot open it (cluster_bits 99).
+    v3 = v2[:20] + (99).to_bytes(4, "big") + v2[24:]
+
+    def publish(data: bytes) -> None:
+        server.files |= {"/au/disk.qcow2": data,
+                         "/au/SHA256SUMS": sums_line(data, "disk.qcow2").encode()}
+
+    publish(v1)
+    write(ct, "au", vm_text("wait", vm=f"Image={server.url('/au/disk.qcow2')}\n"
+                                       f"ImageChecksums={server.url('/au/SHA256SUMS')}\n"
+                                       "Ephemeral=yes\nAutoUpdate=yes"))
+    ct.systemctl("daemon-reload")
+    unit = "qemu-run@au.service"
+    ct.systemctl("start", unit)
+    assert overlay_base(ct, "au") == f"{CACHE}/blobs/sha256-{hashlib.sha256(v1).hexdigest()}"
+
+    publish(v2)
+    dry = ct.run(str(qemu_unit_bin), "auto-update", "--dry-run").stdout
+    assert f"would update au: {server.url('/au/disk.qcow2')} -> {sha256(v2)}" in dry
+    first = prop(ct, unit, "InvocationID")
+    ct.run(str(qemu_unit_bin), "auto-update")
+    assert prop(ct, unit, "ActiveState") == "active" and prop(ct, unit, "InvocationID") != first
+    assert overlay_base(ct, "au") == f"{CACHE}/blobs/sha256-{hashlib.sha256(v2).hexdigest()}"
+
+    publish(v3)
+    bad = ct.run(str(qemu_unit_bin), "auto-update", check=False)
+    assert bad.returncode == 1
+    assert f"au did not become ready on {sha256(v3)}: rolling back to {sha256(v2)}" in bad.stderr
+    assert prop(ct, unit, "ActiveState") == "active"
+    assert overlay_base(ct, "au") == f"{CACHE}/blobs/sha256-{hashlib.sha256(v2).hexdigest()}"
+    ref = ct.run("sh", "-c", f"cat {CACHE}/refs/*.json").stdout
+    assert f'"digest": "{sha256(v2)}"' in ref
+    ct.systemctl("stop", unit)
     assert qemu_pids(ct) == []
