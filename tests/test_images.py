@@ -179,11 +179,16 @@ def test_a_wrong_sums_entry_leaves_nothing(server: ImageServer, cache: Cache):
     assert cache_files(cache) == []
 
 
-def test_a_truncated_xz_stream_is_refused(server: ImageServer, cache: Cache):
-    packed = lzma.compress(qcow2_like(seed=6))[:-100]
-    server.files["/img.raw.xz"] = packed
-    with pytest.raises(VerificationError):
-        pull(ImageSource(server.url("/img.raw.xz"), checksum=sha256(packed)), cache, retry=FAST)
+@pytest.mark.parametrize("suffix,compress", [
+    (".xz", lzma.compress), (".gz", gzip.compress),
+    (".zst", lambda d: zstandard.ZstdCompressor().compress(d)),
+])
+def test_a_truncated_stream_is_refused(server: ImageServer, cache: Cache, suffix, compress):
+    packed = compress(qcow2_like(seed=6))[:-100]
+    server.files[f"/img.raw{suffix}"] = packed
+    with pytest.raises(VerificationError, match="ends early"):
+        pull(ImageSource(server.url(f"/img.raw{suffix}"), checksum=sha256(packed)), cache,
+             retry=FAST)
     assert cache_files(cache) == []
 
 

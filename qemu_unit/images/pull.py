@@ -61,7 +61,7 @@ class _Decompressor:
             raise VerificationError(f"not valid {self.kind} data: {e}") from None
 
     def check_end(self) -> None:
-        if self.kind == ".xz" and not self.obj.eof or self.kind == ".gz" and not self.obj.eof:
+        if self.kind is not None and not self.obj.eof:
             raise VerificationError(f"the {self.kind} stream ends early")
 
 

@@ -232,3 +232,29 @@ def test_auto_update_moves_an_ephemeral_vm_and_rolls_back_a_bad_image(
     assert f'"digest": "{sha256(v2)}"' in ref
     ct.systemctl("stop", unit)
     assert qemu_pids(ct) == []
+
+
+def test_a_full_disk_leaves_nothing_but_one_line(server: ImageServer, tmp_path: Path) -> None:
+    """A cache on a 4 MiB tmpfs, an 8 MiB image: the pull fails with one line, keeps nothing."""
+    from qemu_unit.config.imagesource import ImageSource
+    from qemu_unit.errors import QemuUnitError
+    from qemu_unit.images import fetch
+    from qemu_unit.images.cache import Cache
+    from qemu_unit.images.pull import pull
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        data = os.urandom(8 << 20)
+        server.files["/big.raw"] = data
+        cache = Cache(mnt / "images")
+        with pytest.raises(QemuUnitError) as e:
+            pull(ImageSource(server.url("/big.raw"), checksum=sha256(data)), cache,
+                 retry=fetch.Retry(attempts=2, backoff=0.01, timeout=10))
+        assert str(e.value) == (f"no space left in {cache.root} while pulling "
+                                f"{server.url('/big.raw')}: nothing kept")
+        assert list(cache.blobs.iterdir()) == [] and list(cache.tmp.iterdir()) == []
+        assert server.requests["/big.raw"] == 1  # a full disk is not retried
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
