@@ -391,3 +391,35 @@ def test_pull_errors_reach_waiting_units(server: ImageServer, cache: Cache):
     with pytest.raises(QemuUnitError):
         pull(src, cache, retry=FAST)
     assert "404" in cache.read_progress(src.key())["error"]
+
+
+# -- image list / prune / rm ----------------------------------------------------------------
+
+
+def test_list_prune_and_rm_know_which_vms_use_an_image(server: ImageServer, cache: Cache,
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    from qemu_unit.cli import images
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # no overlays here
+    used, unused = qcow2_like(seed=20), qcow2_like(seed=21)
+    server.files |= {"/used.qcow2": used, "/unused.qcow2": unused}
+    src = ImageSource(server.url("/used.qcow2"), checksum=sha256(used))
+    pull(src, cache, retry=FAST)
+    pull(ImageSource(server.url("/unused.qcow2"), checksum=sha256(unused)), cache, retry=FAST)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "web.vm").write_text(f"[VM]\nImage={src.url}\nImageChecksum={src.checksum}\n")
+    listed = {e.digest: e for e in images.entries(cache, [conf])}
+    assert listed[sha256(used)].vms == ["web"]
+    assert listed[sha256(used)].sources == [src.url]
+    assert listed[sha256(unused)].vms == []
+    assert '"vms": [\n    "web"\n   ]' in images.list_json(list(listed.values()))
+    with pytest.raises(QemuUnitError, match="used by web"):
+        images.remove(cache, [src.url], [conf])
+    assert [e.digest for e in images.prune(cache, [conf], dry_run=True)] == [sha256(unused)]
+    assert cache.blob(sha256(unused)).exists()
+    images.prune(cache, [conf])
+    assert [p.name for p in cache.list_blobs()] == [cache.blob(sha256(used)).name]
+    assert images.remove(cache, [sha256(used)[:15]], [conf], force=True) == [sha256(used)]
+    assert cache.list_blobs() == [] and cache.all_refs() == {}
