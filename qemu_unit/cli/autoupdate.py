@@ -11,14 +11,12 @@ back to the previous image and its VMs are restarted on that. Every step is a jo
 from __future__ import annotations
 
 import os
-import pwd
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qemu_unit import paths
+from qemu_unit import command, paths
 from qemu_unit.config import settings, source
 from qemu_unit.config.imagesource import ImageSource
 from qemu_unit.errors import QemuUnitError
@@ -47,30 +45,32 @@ def candidates(search_path: Sequence[Path] | None = None) -> dict[str, Source]:
     return found
 
 
-def _systemctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["systemctl", "--no-pager", *args], capture_output=True, text=True,
-                          check=False, stdin=subprocess.DEVNULL)
+def _systemctl(*args: str) -> bool:
+    """Whether `systemctl ARGS` succeeded (restart/start: the unit became ready)."""
+    try:
+        command.run(["systemctl", *args], f"systemctl {args[0]}")
+    except command.CommandError:
+        return False
+    return True
 
 
 def _active(unit: str) -> bool:
-    return _systemctl("is-active", "--quiet", unit).returncode == 0
+    return _systemctl("is-active", "--quiet", unit)
 
 
 def _pull_update(src: ImageSource, cache: Cache) -> None:
     """`qemu-unit image pull --update` as the pull user (root only hands the job over)."""
-    cmd = [sys.executable, "-m", "qemu_unit", "image", "pull", "--update",
-           *src.pull_arguments()]
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", paths.IMAGE_CACHE_ENV: str(cache.root)}
-    user: dict[str, object] = {}
+    cmd = ["env", f"{paths.IMAGE_CACHE_ENV}={cache.root}", sys.executable, "-m", "qemu_unit",
+           "image", "pull", "--update", *src.pull_arguments()]
     if os.geteuid() == 0:
-        pw = pwd.getpwnam(paths.PULL_USER)
-        user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-        env["HOME"] = pw.pw_dir
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
-                          stdin=subprocess.DEVNULL, **user)  # type: ignore[call-overload]
-    if proc.returncode != 0:
+        # setpriv (util-linux): no PAM session, no groups, a clean environment.
+        cmd = ["setpriv", f"--reuid={paths.PULL_USER}", f"--regid={paths.PULL_USER}",
+               "--clear-groups", "--reset-env", *cmd]
+    try:
+        command.run(cmd, f"pulling {src.url}")
+    except command.CommandError as e:
         raise QemuUnitError(f"pulling {src.url} failed: "
-                            f"{proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+                            f"{(e.detail.splitlines() or [str(e)])[-1]}") from None
 
 
 def _restart(vm: settings.VMConfig) -> bool:
@@ -82,10 +82,10 @@ def _restart(vm: settings.VMConfig) -> bool:
         _systemctl("stop", unit)
         dirs = paths.finalize_dirs(vm.name)
         image.reset(vm.name, dirs.state, dirs.root)
-        result = _systemctl("start", unit)
+        started = _systemctl("start", unit)
     else:
-        result = _systemctl("restart", unit)
-    return result.returncode == 0 and _active(unit)
+        started = _systemctl("restart", unit)
+    return started and _active(unit)
 
 
 def run(*, dry_run: bool = False, search_path: Sequence[Path] | None = None,

@@ -913,7 +913,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "ImageVerify", "image_source", parse_bool, None, "yes|no",
         "With no, an Image= URL without ImageChecksum=/ImageChecksums= is pulled and booted "
-        "unverified; without it such a URL is refused. Defaults to yes.",
+        "unverified; without it such a URL is refused.",
         requires="Image",
     ),
     Setting(
@@ -924,7 +924,7 @@ SETTINGS: tuple[Setting, ...] = (
         "become ready within its start timeout, goes back to the previous image and restarts "
         "it again; the journal says what changed. yes is for Ephemeral=yes VMs (every start "
         "is a first boot anyway); reset discards a kept overlay (as qemu-unit reset) to boot "
-        "the new image. Needs an Image= URL with ImageChecksums=. Defaults to no.",
+        "the new image. Needs an Image= URL with ImageChecksums=.",
         choices=tuple(AutoUpdate),
         requires="Image",
         check=lambda value, settled: _check_auto_update(value, settled),
