@@ -133,3 +133,22 @@ def test_not_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_op_is_registered_once() -> None:
     with pytest.raises(ValueError):
         control.handler("ping")(lambda *_: None)
+
+
+def test_a_user_without_a_runtime_directory_still_finds_the_system_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `qemu-unit console NAME` as another user (no $XDG_RUNTIME_DIR, e.g. under setpriv):
+    # the system VM's socket is looked for first; no private runtime directory is no error.
+    from qemu_unit import paths
+
+    monkeypatch.setattr(paths, "SYSTEM_RUNTIME", tmp_path)
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 65534)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / paths.ATTACH_SOCKET).touch()
+    assert client.find_socket("web", "attach_socket") == tmp_path / "web" / paths.ATTACH_SOCKET
+    with pytest.raises(client.ControlFailed, match="not running") as info:
+        client.find_socket("other", "attach_socket")
+    assert info.value.code == "not-running"

@@ -60,8 +60,17 @@ def find_socket(name: str, which: str = "control_socket", user: bool = False) ->
     directory first, else the caller's own runner's (USER: only the caller's own, the
     runner of its qemu-run@NAME.service --user). Raises QemuUnitError when it is not
     there (code not-running) or may not be opened (denied)."""
-    own: Path = getattr(paths.finalize_dirs(name), which)
-    candidates = [own] if user else [paths.SYSTEM_RUNTIME / name / own.name, own]
+    system: Path = getattr(paths.Dirs(state=paths.SYSTEM_STATE / name,
+                                      root=paths.SYSTEM_RUNTIME / name,
+                                      cache=paths.SYSTEM_CACHE, logs=paths.SYSTEM_LOGS / name),
+                           which)
+    try:
+        own: Path | None = getattr(paths.finalize_dirs(name), which)
+    except QemuUnitError:
+        if user:
+            raise
+        own = None  # no private runtime directory, so no runner of the caller's own
+    candidates = [p for p in ([own] if user else [system, own]) if p is not None]
     denied = None
     for path in candidates:
         try:
