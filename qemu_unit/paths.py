@@ -124,6 +124,17 @@ CONSOLE_LOG = "console.log"
 PROBE_LOCK = "probe.lock"  # serialises QEMU's capability probe on a cold cache
 
 
+# TPM=: swtpm's state, kept by libvirt's embed driver in ROOT/lib/swtpm/UUID/ (ROOT/lib
+# links to STATE/lib). Snapshots and backups of a VM's TPM take this directory; reset
+# removes it.
+TPM_STATE = "lib/swtpm"
+
+
+def tpm_state_dir(state: Path) -> Path:
+    """Where swtpm keeps the TPM of the VM whose state directory is STATE."""
+    return state / TPM_STATE
+
+
 def nvram_file(name: str) -> str:
     """A UEFI VM's variable store in its state directory."""
     return f"{name}_VARS.fd"
@@ -219,6 +230,32 @@ def private_runtime_dir() -> Path:
             f"$XDG_RUNTIME_DIR {value} is not a private directory of this user (it must be "
             f"a directory owned by uid {os.geteuid()} with mode 0700, not a link)")
     return Path(value)
+
+
+# -- Share= (issue 19): a virtiofsd companion unit per share -------------------------------
+
+# Debian 12's virtiofsd (QEMU's C daemon, package qemu-system-common); it needs root.
+VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
+VIRTIOFSD_UNIT_PREFIX = "qemu-run-virtiofsd@"
+# Below /run: a directory per VM, one per share in it, holding the socket.
+VIRTIOFSD_RUNTIME = "qemu-run-virtiofsd"
+# The group that may reach a share's socket: the VM's user's (the unit's User=).
+SHARE_SOCKET_GROUP = SERVICE_USER
+
+
+def virtiofsd_unit_name(name: str, tag: str) -> str:
+    """The companion unit of share TAG of VM NAME (a tag has no ':': the split is clear)."""
+    return f"{VIRTIOFSD_UNIT_PREFIX}{name}:{tag}{UNIT_SUFFIX}"
+
+
+def virtiofsd_runtime_dir(name: str, tag: str) -> str:
+    """The share's RuntimeDirectory= (relative to /run)."""
+    return f"{VIRTIOFSD_RUNTIME}/{name}/{tag}"
+
+
+def virtiofsd_socket(name: str, tag: str) -> Path:
+    """virtiofsd's vhost-user socket (at most 106 bytes: names are at most 40, tags 36)."""
+    return Path("/run") / virtiofsd_runtime_dir(name, tag) / "sock"
 
 
 # -- what libvirt's embed driver keeps in the root -------------------------------------------

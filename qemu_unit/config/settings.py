@@ -172,6 +172,21 @@ class Disk:
     entry: Entry | None = field(default=None, compare=False, repr=False)
 
 
+# virtio-fs tags are at most 36 bytes (the device's config space).
+SHARE_TAG_MAX = 36
+_SHARE_TAG = r"[A-Za-z0-9_.-]+"
+
+
+@dataclass(frozen=True)
+class Share:
+    """A Share= assignment: host directory PATH as virtio-fs TAG in the guest."""
+
+    path: Path
+    tag: str
+    readonly: bool = False
+    entry: Entry | None = field(default=None, compare=False, repr=False)
+
+
 @dataclass(frozen=True)
 class Network:
     """One network interface: a Network= assignment and its MAC address."""
@@ -237,6 +252,9 @@ class VMConfig:
     credentials: tuple[Credential, ...]
     publish_ports: tuple[PublishedPort, ...]
     restrict_network: bool
+    secure_boot: bool
+    tpm: bool
+    shares: tuple[Share, ...]
     domain_xml: Path | None
     dropins: tuple[Path, ...] = ()
     unit: tuple[Entry, ...] = ()
@@ -747,6 +765,43 @@ def _same_path(path: Path) -> Path:
     return path
 
 
+def _check_secure_boot(on: bool, settled: dict[str, Any]) -> str | None:
+    if on and settled["Firmware"] is not Firmware.UEFI:
+        return "needs Firmware=uefi"
+    if on and not is_q35(settled["Machine"]):
+        return f"needs a q35 machine (SMM), not Machine={settled['Machine']}"
+    return None
+
+
+def parse_share(value: str, entry: Entry) -> Share:
+    """HOSTDIR:TAG[:ro]."""
+    path, colon, rest = value.partition(":")
+    tag, _, option = rest.partition(":")
+    if not colon or not tag:
+        raise _fail(entry, f"invalid share {value!r}: expected HOSTDIR:TAG[:ro]")
+    if "," in path:
+        # virtiofsd's -o source= ends at a comma.
+        raise _fail(entry, f"share directory {path!r} contains ','")
+    if option not in ("", "ro", "rw"):
+        raise _fail(entry, f"unknown share option {option!r}: expected ro or rw")
+    if not re.fullmatch(_SHARE_TAG, tag) or tag in (".", ".."):
+        raise _fail(entry, f"invalid share tag {tag!r}: expected A-Z a-z 0-9 _ . -")
+    if len(tag) > SHARE_TAG_MAX:
+        raise _fail(entry, f"share tag {tag!r} is longer than {SHARE_TAG_MAX} characters")
+    return Share(parse_path(path, entry), tag, option == "ro", entry)
+
+
+def _shares(a: _Assignments) -> tuple[Share, ...]:
+    """Share=, each tag once."""
+    seen: dict[str, Entry] = {}
+    for share, entry in a.lists.get("Share", []):
+        if share.tag in seen:
+            raise _fail(entry, f"share tag {share.tag} is already used (line "
+                               f"{seen[share.tag].line})")
+        seen[share.tag] = entry
+    return tuple(a.values("Share"))
+
+
 def _disk_path(disk: Disk) -> Path:
     return disk.path
 
@@ -833,6 +888,25 @@ SETTINGS: tuple[Setting, ...] = (
         "variables in NAME_VARS.fd in the VM's state directory, created from the firmware's "
         "template on first start.",
         choices=tuple(Firmware),
+    ),
+    Setting(
+        "SecureBoot", "secure_boot", parse_bool, "no", "yes|no",
+        "With yes, UEFI Secure Boot: OVMF built with Secure Boot and SMM, its variable "
+        "store holding Microsoft's keys (which sign Debian's shim), so a guest whose boot "
+        "chain is signed (shim, GRUB and kernel) boots and an unsigned boot loader is "
+        "refused by the firmware. Needs Firmware=uefi and a q35 machine. The variables "
+        "are created from that store on the first start (qemu-unit reset NAME starts "
+        "afresh).",
+        check=lambda on, settled: _check_secure_boot(on, settled),
+    ),
+    Setting(
+        "TPM", "tpm", parse_bool, "no", "yes|no",
+        "With yes, a TPM 2.0 (CRB interface) emulated by swtpm (package swtpm-tools), "
+        "started by libvirt as the VM's user. Its state (keys, NV indexes, PCR policy "
+        "secrets) lives in lib/swtpm/ in the VM's state directory: it is kept across "
+        "restarts, so secrets the guest seals to the TPM (systemd-creds "
+        "--with-key=tpm2, BitLocker, LUKS) stay usable, and removed by qemu-unit reset "
+        "NAME.",
     ),
     Setting(
         "Kernel", "kernel", parse_path, None, "PATH",
@@ -1132,6 +1206,23 @@ SETTINGS: tuple[Setting, ...] = (
         "still names 10.0.2.3 as DNS server, but no query gets out); PublishPort= forwards "
         "still reach it. Together with published ports bound to 127.0.0.1 the unit's sandbox "
         "then only allows loopback traffic.",
+    ),
+    Setting(
+        "Share", "shares", parse_share, None, "HOSTDIR:TAG[:ro]",
+        "Share the host directory HOSTDIR (absolute path, without ':' or ',') with "
+        "the guest through virtio-fs under the tag TAG (up to 36 of A-Z a-z 0-9 _ . -). "
+        "For each share a virtiofsd companion unit, "
+        "qemu-run-virtiofsd@NAME:TAG.service, runs as root (Debian's virtiofsd needs it), "
+        "confined to HOSTDIR without network; it starts before the VM and never outlives "
+        "it, and its socket is reachable by the VM's user only. With :ro the directory is "
+        "mounted read-only for the daemon, so no guest write reaches it. The VM gets "
+        "shared memory (memfd). A guest with a cloud-init seed mounts each share at "
+        "/mnt/TAG; any other Linux guest mounts it with mount -t virtiofs TAG /mnt/TAG "
+        "(module virtiofs). HOSTDIR must exist when the VM starts. May be repeated, each "
+        "tag once.",
+        repeatable=True,
+        specifiers=True,
+        collect=lambda a: _shares(a),
     ),
     Setting(
         "UserData", "user_data", parse_path, None, "PATH",

@@ -18,6 +18,7 @@ from qemu_unit import paths
 from qemu_unit.config import rootless, settings
 from qemu_unit.config.unitfile import Entry, escape_specifiers, format_line
 from qemu_unit.errors import ConfigError
+from qemu_unit.generator import shares
 
 PROGRAM = "qemu-unit-generator"
 TEMPLATE = paths.TEMPLATE_UNIT
@@ -294,6 +295,7 @@ def convert(vm: settings.VMConfig, *, template: str = FALLBACK_TEMPLATE,
     runs = _runs_in_file_order(vm)
     # SourcePath= is one literal path (no quotes), but it does expand specifiers.
     unit_lines: list[tuple[str, str] | Entry] = [("SourcePath", escape_specifiers(path))]
+    unit_lines += shares.unit_dependencies(vm)
     if runs and runs[0][0] == "Unit":
         unit_lines += runs.pop(0)[1]
     pull = pull_unit(vm)
@@ -312,9 +314,10 @@ def convert(vm: settings.VMConfig, *, template: str = FALLBACK_TEMPLATE,
     if user:
         links = [(_user_link(link), target) for link, target in links]
     return Generated(
-        files=((f"{unit}.d/{DROPIN}", text), *(pull[1:] if pull else ())),
+        files=((f"{unit}.d/{DROPIN}", text), *(pull[1:] if pull else ()),
+               *shares.files(vm, header, quote)),
         symlinks=tuple(links),
-        warnings=needs.warnings,
+        warnings=needs.warnings + shares.warnings(vm),
     )
 
 

@@ -22,6 +22,7 @@ from qemu_unit.config.settings import (
     Firmware,
     NetworkKind,
     ReadyKind,
+    Share,
     ShutdownMethod,
     VMConfig,
     is_q35,
@@ -103,6 +104,15 @@ def _seed_disk(devices: ET.Element, path: Path, targets: _Targets) -> None:
     _sub(element, "target", dev=targets.next("virtio"), bus="virtio")
     _sub(element, "readonly")
     _sub(element, "serial", "cidata")
+
+
+def _share(devices: ET.Element, vm_name: str, share: Share) -> None:
+    """A virtio-fs device served by the share's companion virtiofsd (not started by
+    libvirt: it needs root, see generator/shares.py), through its socket."""
+    element = _sub(devices, "filesystem", type="mount")
+    _sub(element, "driver", type="virtiofs", queue="1024")
+    _sub(element, "source", socket=str(paths.virtiofsd_socket(vm_name, share.tag)))
+    _sub(element, "target", dir=share.tag)
 
 
 def _fw_cfg(domain: ET.Element, files: tuple[tuple[str, Path], ...]) -> None:
@@ -242,6 +252,11 @@ def build(vm: VMConfig, plan: Plan) -> ET.Element:
     # libvirt counts in KiB; round up so that the guest gets at least Memory=.
     _sub(domain, "memory", str(-(-vm.memory // 1024)), unit="KiB")
     _sub(domain, "vcpu", str(vm.cpus))
+    if vm.shares:
+        # virtiofsd maps the guest's memory: it must be a shared file, not private RAM.
+        backing = _sub(domain, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
     if plan.credentials:
         _fw_cfg(domain, plan.credentials)
 
@@ -249,9 +264,15 @@ def build(vm: VMConfig, plan: Plan) -> ET.Element:
     _sub(os_, "type", "hvm", arch="x86_64", machine=vm.machine)
     if vm.firmware is Firmware.UEFI:
         os_.set("firmware", "efi")
-        # Secure Boot firmware needs SMM and enrolled keys; this picks plain OVMF.
+        # libvirt picks OVMF from the firmware descriptors by these features: with
+        # Secure Boot, the build with SMM and the variable store holding Microsoft's keys.
         firmware = _sub(os_, "firmware")
-        _sub(firmware, "feature", enabled="no", name="secure-boot")
+        if vm.secure_boot:
+            _sub(firmware, "feature", enabled="yes", name="enrolled-keys")
+            _sub(firmware, "feature", enabled="yes", name="secure-boot")
+            _sub(os_, "loader", secure="yes")
+        else:
+            _sub(firmware, "feature", enabled="no", name="secure-boot")
         _sub(os_, "nvram", str(_nvram(vm, plan)))
     if vm.kernel is not None:
         _sub(os_, "kernel", str(vm.kernel))
@@ -267,6 +288,9 @@ def build(vm: VMConfig, plan: Plan) -> ET.Element:
     features = _sub(domain, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
+    if vm.secure_boot:
+        # Secure Boot's variables are only safe from the guest's OS with SMM.
+        _sub(features, "smm", state="on")
     _cpu(domain, vm, plan.accel)
     _sub(domain, "on_poweroff", "destroy")
     _sub(domain, "on_reboot", "restart")
@@ -307,6 +331,13 @@ def build(vm: VMConfig, plan: Plan) -> ET.Element:
         channel = _sub(devices, "channel", type="unix")
         _sub(channel, "source", mode="bind", path=str(plan.dirs.agent_socket))
         _sub(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
+    for share in vm.shares:
+        _share(devices, vm.name, share)
+    if vm.tpm:
+        # libvirt runs swtpm as the VM's user; its state: paths.tpm_state_dir.
+        tpm = _sub(devices, "tpm", model="tpm-crb")
+        # persistent_state: libvirt would delete the state with the transient domain.
+        _sub(tpm, "backend", type="emulator", version="2.0", persistent_state="yes")
     # Guests starve for entropy under TCG without it; /dev/urandom never blocks.
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")

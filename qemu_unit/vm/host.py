@@ -16,6 +16,7 @@ No libvirt here: `qemu-unit render`/`validate` use this as the runner does.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import xml.etree.ElementTree as ET
@@ -26,7 +27,16 @@ from typing import Any
 from qemu_unit.config.domainxml import read_domain_xml, xml_paths
 from qemu_unit.config.settings import Accel, Disk, VMConfig
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.paths import OVERLAY, SEED, Dirs, finalize_dirs
+from qemu_unit.paths import (
+    OVERLAY,
+    SEED,
+    VIRTIOFSD,
+    Dirs,
+    finalize_dirs,
+    unit_name,
+    virtiofsd_socket,
+    virtiofsd_unit_name,
+)
 from qemu_unit.vm.qcow2 import read_header
 
 # The sun_path limit; the deepest socket libvirt makes in the root is QEMU's monitor.
@@ -197,6 +207,51 @@ def check_xml_paths(root: ET.Element, path: Path | str) -> None:
             raise ConfigError(f"<{p.tag}> names {p.path}, which is {problem}", path=path)
 
 
+# SecureBoot=: the OVMF build libvirt picks for secure-boot + enrolled-keys (package ovmf).
+SECURE_BOOT_FIRMWARE = (Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd"),
+                        Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd"))
+
+
+def check_devices(vm: VMConfig) -> None:
+    """What TPM=, SecureBoot= and Share= need from the host is there; one line if not."""
+    if vm.tpm:
+        missing = [t for t in ("swtpm", "swtpm_setup") if shutil.which(t) is None]
+        if missing:
+            raise key_error(vm, "TPM", f"{' and '.join(missing)} not found: install the "
+                                       "Debian packages swtpm and swtpm-tools")
+    if vm.secure_boot:
+        for path in SECURE_BOOT_FIRMWARE:
+            if not path.is_file():
+                raise key_error(vm, "SecureBoot",
+                                f"{path} not found: install the Debian package ovmf")
+    for share in vm.shares:
+        if not os.access(VIRTIOFSD, os.X_OK):
+            raise ConfigError(f"{VIRTIOFSD} not found: install the Debian package "
+                              "qemu-system-common", entry=share.entry)
+        if not share.path.is_dir():
+            problem = "is not a directory" if share.path.exists() else "does not exist"
+            raise ConfigError(f"{share.path} {problem}", entry=share.entry)
+
+
+def check_share_daemons(vm: VMConfig) -> None:
+    """Each Share='s virtiofsd listens now (its companion unit started it first).
+
+    Not part of plan(): `qemu-unit validate`/`render` need no running daemon.
+    """
+    for share in vm.shares:
+        sock = virtiofsd_socket(vm.name, share.tag)
+        try:
+            listening = stat.S_ISSOCK(os.stat(sock).st_mode)
+        except OSError:
+            listening = False
+        if not listening:
+            unit = virtiofsd_unit_name(vm.name, share.tag)
+            raise QemuUnitError(
+                f"Share= {share.tag}: no virtiofsd listens at {sock}: the VM's unit starts it "
+                f"(systemctl start {unit_name(vm.name)} starts {unit} first)"
+            )
+
+
 # -- the plan -------------------------------------------------------------------------------
 
 
@@ -211,6 +266,7 @@ def plan(
     (validate).
     """
     check_files(vm)
+    check_devices(vm)
     result = plan_vm(vm, dirs or finalize_dirs(vm.name), accel=accel, probe=probe)
     check_plan(vm, result)
     return result

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from qemu_unit.paths import (
     OVERLAY,
     nvram_file,
     pull_unit_name,
+    tpm_state_dir,
     unit_name,
 )
 from qemu_unit.vm.host import ImagePlan, pulled_base
@@ -176,7 +178,8 @@ def is_running(root: Path) -> bool:
 
 
 def reset(name: str, state: Path, root: Path) -> list[Path]:
-    """Discard NAME's overlay and NVRAM, so the next start is a first boot; what was removed."""
+    """Discard NAME's overlay, NVRAM and TPM, so the next start is a first boot; what was
+    removed."""
     if is_running(root):
         raise QemuUnitError(f"VM {name} is running: stop it first "
                             f"(systemctl stop {unit_name(name)})")
@@ -185,4 +188,8 @@ def reset(name: str, state: Path, root: Path) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(path)
+    tpm = tpm_state_dir(state)
+    if tpm.is_dir():
+        shutil.rmtree(tpm)
+        removed.append(tpm)
     return removed

@@ -252,6 +252,7 @@ class Runner:
             wait_for_pull(vm, self.notify)
         plan = host.plan(vm)
         host.check_ports(vm)
+        host.check_share_daemons(vm)
         return vm, plan, domain.build(vm, plan)
 
     def run(self) -> int:

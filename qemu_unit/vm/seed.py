@@ -2,7 +2,8 @@
 
 It holds `meta-data` (a stable instance-id, the hostname, the SSH keys as
 `public-keys`), `user-data` (the UserData= file as is, else an empty
-cloud-config) and, with NetworkConfig=, `network-config`. The keys go into
+cloud-config), with NetworkConfig= `network-config`, and with Share= `vendor-data`
+that mounts each share at /mnt/TAG. The keys go into
 meta-data, not user-data, so that a user's own cloud-config needs no merging:
 cloud-init installs a NoCloud source's public-keys for the default user.
 
@@ -36,6 +37,7 @@ class Seed:
     ssh_keys: tuple[str, ...] = ()
     user_data: bytes | None = None  # None: an empty cloud-config
     network_config: bytes | None = None
+    shares: tuple[str, ...] = ()  # virtio-fs tags, mounted at /mnt/TAG
 
     def files(self) -> dict[str, bytes]:
         """The seed's files by name (meta-data is JSON, which YAML reads)."""
@@ -51,7 +53,24 @@ class Seed:
         }
         if self.network_config is not None:
             files["network-config"] = self.network_config
+        if self.shares:
+            files["vendor-data"] = _mount_shares(self.shares)
         return files
+
+
+def _mount_shares(tags: tuple[str, ...]) -> bytes:
+    """vendor-data (so the user's own user-data needs no merging) mounting each share.
+
+    Not cloud-init's `mounts`: its 22.4 takes a bare TAG for a device name (/dev/TAG) and
+    skips it. bootcmd runs at every boot: an fstab line once, then the mount.
+    """
+    commands = []
+    for tag in tags:  # A-Z a-z 0-9 _ . - only: nothing to quote
+        line = f"{tag} /mnt/{tag} virtiofs defaults,nofail 0 0"
+        commands.append(f"mkdir -p /mnt/{tag} && (grep -q '^{tag} /mnt/{tag} ' /etc/fstab "
+                        f"|| echo '{line}' >>/etc/fstab) && (mountpoint -q /mnt/{tag} "
+                        f"|| mount /mnt/{tag})")
+    return b"#cloud-config\n" + json.dumps({"bootcmd": commands}, indent=1).encode() + b"\n"
 
 
 def _read(path: Path, vm: VMConfig, key: str) -> bytes:
@@ -81,12 +100,13 @@ def from_vm(vm: VMConfig) -> Seed:
         user_data=_read(vm.user_data, vm, "UserData") if vm.user_data else None,
         network_config=(_read(vm.network_config, vm, "NetworkConfig")
                         if vm.network_config else None),
+        shares=tuple(s.tag for s in vm.shares),
     )
 
 
 # ISO 9660 level-1 names; Rock Ridge and Joliet carry the real ones.
 _ISO_NAMES = {"meta-data": "METADATA.;1", "user-data": "USERDATA.;1",
-              "network-config": "NETWORK.;1"}
+              "network-config": "NETWORK.;1", "vendor-data": "VENDORDA.;1"}
 
 
 def write_iso(seed: Seed, path: Path) -> None:

@@ -1,7 +1,8 @@
 """The test guest: one initramfs whose /init does what `qemu_unit.mode=` says.
 
 Every console line a test looks for starts with `qemu-unit-guest:`. Modes:
-poweroff, wait, ignore, reboot, ready, net, efivar, fill, flood, shell (see TEST_INIT).
+poweroff, wait, ignore, reboot, ready, net, efivar, devices, secureboot, fill, flood,
+shell (see TEST_INIT).
 `flood` prints `qemu_unit.lines=` (default 100000) lines `flood N` as fast as
 it can, then `FLOOD-END`, then waits for the power button; `shell` runs an
 interactive shell on the console (where `flood [N]` does the same) and powers
@@ -10,7 +11,10 @@ guest has printed `qemu-unit-guest: booted`, an ACPI power button press is
 never lost: the button is opened before that line, and evdev queues presses.
 Extra kernel arguments: `qemu_unit.url=URL` (net: fetch URL and print
 `fetched BODY`), `qemu_unit.ip=dhcp` (net: DHCP instead of 10.0.2.15/24),
-`qemu_unit.efivar=VALUE` (efivar: the value to create, default `hello`).
+`qemu_unit.efivar=VALUE` (efivar: the value to create, default `hello`),
+`qemu_unit.shares=TAG,...` (devices: the virtio-fs tags to mount at /mnt/TAG, read
+`hello` from and write `from-guest` to; `devices` also prints the TPM's endorsement key
+digest).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ CACHE_DIR = Path("/var/tmp/qemu-unit-tests/guest")
 PREFIX = "qemu-unit-guest:"
 # virtio_pci/virtio_net for `net`, efivarfs for `efivar` (all modules in Debian's cloud kernel).
 # virtio_blk for `fill`.
-MODULES = ("button", "evdev", "virtio_pci", "virtio_net", "virtio_blk", "efivarfs")
+# virtiofs (and fuse, its dependency) for `devices`.
+MODULES = ("button", "evdev", "virtio_pci", "virtio_net", "virtio_blk", "efivarfs", "virtiofs")
 EFIVAR_GUID = "5d1b7a0e-4c1f-4e0b-9a53-7c2f3e8d9b10"
 EFIVAR_NAME = f"QemuUnitTest-{EFIVAR_GUID}"
 
@@ -102,6 +107,43 @@ fill() {
     say "fill ended"
 }
 
+# secureboot: the firmware's SecureBoot variable (1: enabled), as the guest's kernel sees it
+secureboot() {
+    dir=/sys/firmware/efi/efivars
+    if [ ! -d /sys/firmware/efi ]; then say "secureboot: not booted with UEFI"; return; fi
+    mount -t efivarfs efivarfs "$dir" 2>/dev/null
+    var="$dir/SecureBoot-8be4df61-93ca-11d0-aa0d-00e098032b8c"
+    # the first 4 bytes are the attributes
+    say "secureboot: $(od -An -tu1 -j4 -N1 "$var" 2>/dev/null | tr -d ' ' || echo unknown)"
+}
+
+# devices: the TPM (its persistent endorsement key) and the shares of qemu_unit.shares=
+devices() {
+    if [ -c /dev/tpm0 ]; then
+        say "tpm: /dev/tpm0"
+        # TPM2_ReadPublic of the endorsement key swtpm_setup made persistent at
+        # 0x81010001 (no authorization): it changes only with the TPM's state.
+        exec 9<>/dev/tpm0
+        printf '\200\001\000\000\000\016\000\000\001\163\201\001\000\001' >&9
+        dd bs=4096 count=1 <&9 >/tmp/ek 2>/dev/null
+        exec 9<&-
+        say "tpm: rc $(od -An -tx1 -j6 -N4 /tmp/ek | tr -d ' ')"
+        say "tpm: ek $(md5sum </tmp/ek | cut -d' ' -f1)"
+    else
+        say "tpm: none"
+    fi
+    for tag in $(cmdline_arg qemu_unit.shares | tr , ' '); do
+        mkdir -p "/mnt/$tag"
+        if ! mount -t virtiofs "$tag" "/mnt/$tag"; then say "share $tag: mount failed"; continue; fi
+        say "share $tag: read $(cat "/mnt/$tag/hello" 2>&1)"
+        if echo "from guest" >"/mnt/$tag/from-guest" 2>/dev/null; then
+            say "share $tag: write ok"
+        else
+            say "share $tag: write failed"
+        fi
+    done
+}
+
 # flood [N]: N lines (default 100000) as fast as the shell prints, then FLOOD-END
 cat >/bin/flood <<'EOF'
 #!/bin/sh
@@ -153,6 +195,14 @@ net)
     ;;
 efivar)
     efivar
+    wait_then_off
+    ;;
+devices)
+    devices
+    wait_then_off
+    ;;
+secureboot)
+    secureboot
     wait_then_off
     ;;
 fill)
