@@ -44,6 +44,9 @@ def refusals(vm: VMConfig) -> list[ConfigError]:
         problems.append(_refuse(vm.origin("Image"), vm, "Image", "a URL is pulled by the "
                                 "system's qemu-run-pull@ unit into the shared cache; a user's VM "
                                 "names a local image (qemu-unit image pull, then its path)"))
+    for share in vm.shares:
+        problems.append(_refuse(share.entry, vm, "Share", "virtiofsd runs as root in a system "
+                                "unit (qemu-run-virtiofsd@); a user's VM has no shares"))
     if vm.domain_xml is not None:
         problems.append(_refuse(vm.origin("DomainXML"), vm, "DomainXML",
                                 "a user's VM is described by .vm keys (the domain XML can "
