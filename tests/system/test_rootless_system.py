@@ -132,8 +132,8 @@ def test_a_user_runs_its_own_vm_and_a_second_user_sees_none_of_it(
                 refused.stderr
 
         # Bob: none of alice's VMs, in qemu-unit or in his manager; her console is closed.
+        linger(ct, bob)  # his manager and his private runtime directory
         assert json.loads(bob.run(qu, "--user", "list", "--json"))["vms"] == []
-        linger(ct, bob)
         assert bob.state() == "inactive"
         assert bob.systemctl("list-units", "--all", "--plain", "--no-legend",
                              "qemu-run@*").strip() == ""
