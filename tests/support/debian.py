@@ -33,6 +33,8 @@ SUITE = "bookworm"
 PACKAGES = (
     "systemd-sysv", "udev", "dbus", "cloud-init", "qemu-guest-agent", "openssh-server",
     "sudo", "linux-image-cloud-amd64", "ifupdown", "isc-dhcp-client", "iproute2",
+    # systemd-creds --with-key=tpm2 (systemd only suggests them).
+    "libtss2-esys-3.0.2-0", "libtss2-mu0", "libtss2-rc0",
 )
 ESP_KIB = 131072
 ROOT_MIB = 2048

@@ -1,5 +1,6 @@
 """A real Debian 12 cloud image as qemu-run@NAME.service: Image=, cloud-init, credentials,
-PublishPort=, Ready=agent, ShutdownMode=agent, reset, Ephemeral=.
+PublishPort=, Ready=agent, ShutdownMode=agent, reset, Ephemeral=, TPM=, Share= (cloud-init
+mounts it; a secret sealed to the TPM is kept on it, outside the overlay reset removes).
 
 One VM (`cloud`) boots through its own boot loader (GPT, ESP, systemd-boot, OVMF) and is
 shared by the tests in order: first boot, restart, reset. Under TCG each boot takes from
@@ -37,6 +38,8 @@ BOOT_TIMEOUT = 900  # seconds: a first boot with cloud-init under TCG on a loade
 SET_SECRET = "set-secret-6b1f0c9e"
 LOAD_SECRET = "load-secret-93d2a7c4"
 HOSTNAME = "cloudy"
+TPM_SECRET = "tpm-secret-5e0d2c71"
+SHARE = DATA / "share"
 
 
 def _free_port() -> int:
@@ -75,6 +78,8 @@ ShutdownMode=agent acpi
 ShutdownTimeout=300s
 SetCredential=test.set:{SET_SECRET}
 LoadCredential=test.load
+TPM=yes
+Share={SHARE}:data
 
 [Service]
 LoadCredential=test.load:{DATA}/load-secret
@@ -98,6 +103,9 @@ def prepare(upper: Path) -> None:
     (data / "load-secret").chmod(0o600)
     shutil.copyfile(data / "id_ed25519.pub", data / "root-only.pub")
     (data / "root-only.pub").chmod(0o600)
+    share = upper / SHARE.relative_to("/")
+    share.mkdir()
+    (share / "hello").write_text("hello from the host\n")
     base = f"Image={DATA}/base.qcow2\nAccel=tcg\nRestrictNetwork=yes\n"
     write_vm(upper, "cloud", cloud_vm(image))
     write_vm(upper, "eph", f"[VM]\n{base}Ephemeral=yes\nShutdownTimeout=1s\n")
@@ -178,6 +186,14 @@ def test_first_boot_cloud_init_ssh_credentials(ct: Container) -> None:
     assert ssh(ct, "sudo cat /run/credentials/@system/test.load").stdout == LOAD_SECRET
     ssh(ct, "echo kept > marker && sync")
     SEEN["host key"] = host_key(ct)
+    # Share=: cloud-init mounted it at /mnt/data; a file from the host reads in the guest.
+    assert ssh(ct, "cat /mnt/data/hello").stdout == "hello from the host\n"
+    # TPM=: a secret sealed to the guest's TPM, kept on the share (reset removes the overlay).
+    assert ssh(ct, "test -c /dev/tpmrm0 && echo tpm").stdout == "tpm\n"
+    ssh(ct, f"printf {TPM_SECRET} | sudo systemd-creds encrypt --with-key=tpm2 "
+            "--name=qemu-unit-test - /mnt/data/secret.cred")
+    ct.run("test", "-s", f"{SHARE}/secret.cred")
+    ct.run("sh", "-c", "test -s /var/lib/qemu-run/cloud/lib/swtpm/*/tpm2/tpm2-00.permall")
     # restrict=on: the guest reaches nothing, not even a server on the host's loopback
     # through slirp's gateway 10.0.2.2 (reached without restrict=on). Nothing is sent to
     # any other address: a test probes only this machine.
@@ -224,6 +240,9 @@ def test_restart_keeps_guest_state_and_stops_via_agent(ct: Container) -> None:
     wait_ssh(ct)
     assert ssh(ct, "cat marker").stdout.strip() == "kept"
     assert host_key(ct) == SEEN["host key"]  # the same instance: no first boot
+    # The same TPM: the sealed secret decrypts.
+    assert ssh(ct, "sudo systemd-creds decrypt --name=qemu-unit-test /mnt/data/secret.cred -"
+               ).stdout == TPM_SECRET
 
 
 def test_reset_gives_first_boot_again(ct: Container) -> None:
@@ -233,11 +252,17 @@ def test_reset_gives_first_boot_again(ct: Container) -> None:
     assert qemu_pids(ct, "cloud") == []
     proc = reset(ct, "cloud")
     assert "image.qcow2" in proc.stderr and "cloud_VARS.fd" in proc.stderr
+    assert "/var/lib/qemu-run/cloud/lib/swtpm" in proc.stderr
     start_and_wait_ready(ct, "cloud")
     wait_ssh(ct)
     assert ssh(ct, "test -e marker", check=False).returncode == 1
     # cloud-init treated it as a first boot: new SSH host keys.
     assert host_key(ct) != SEEN["host key"]
+    # A new TPM: the secret sealed to the old one, still on the share, no longer decrypts.
+    assert ssh(ct, "cat /mnt/data/hello").stdout == "hello from the host\n"
+    unsealed = ssh(ct, "sudo systemd-creds decrypt --name=qemu-unit-test "
+                       "/mnt/data/secret.cred - 2>&1", check=False)
+    assert unsealed.returncode != 0 and TPM_SECRET not in unsealed.stdout, unsealed.stdout
     ct.systemctl("stop", unit, timeout=400)
 
 
