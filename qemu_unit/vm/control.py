@@ -44,6 +44,8 @@ MAX_LINE = 2 * 1024 * 1024
 MAX_CLIENTS = 8
 # A client that sends nothing for this long is dropped (reads of its request and data).
 CLIENT_TIMEOUT = 60.0
+# How long a refused client may take to finish sending before its socket is closed.
+REFUSE_DRAIN_SECONDS = 1.0
 
 
 class ControlError(Exception):
@@ -220,19 +222,32 @@ class Server:
                 self._slots.release()
                 return  # closed: the runner is stopping
             pid, uid, _gid = peer_credentials(sock)
-            if uid not in self.allowed_uids:
+            allowed = uid in self.allowed_uids
+            if not allowed:
                 logger.warning("Refused a control client (pid %d, uid %d): only root and "
                                "uid %d may control this VM", pid, uid, os.getuid())
-                with contextlib.suppress(OSError):
-                    Connection(sock)._write({"ok": False, "code": "denied", "error":
-                                             "only root and the VM's user may control it"})
-                sock.close()
-                self._slots.release()
-                continue
             with self._lock:
                 self._clients.add(sock)
-            threading.Thread(target=self._serve, args=(sock, pid, uid), name="control-client",
-                             daemon=True).start()
+            threading.Thread(target=self._serve if allowed else self._refuse,
+                             args=(sock, pid, uid), name="control-client", daemon=True).start()
+
+    def _refuse(self, sock: socket.socket, pid: int, uid: int) -> None:
+        """Say no, then read what the client sent before closing: closing a UNIX socket
+        with unread data resets the peer (ECONNRESET), which would hide the answer."""
+        try:
+            with contextlib.suppress(OSError):
+                Connection(sock)._write({"ok": False, "code": "denied", "error":
+                                         "only root and the VM's user may control it"})
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(REFUSE_DRAIN_SECONDS)
+                for _ in range(MAX_LINE // 65536 + 1):  # bounded: never more than a request
+                    if not sock.recv(65536):
+                        break
+        finally:
+            with self._lock:
+                self._clients.discard(sock)
+            sock.close()
+            self._slots.release()
 
     def _serve(self, sock: socket.socket, pid: int, uid: int) -> None:
         try:
