@@ -1,15 +1,36 @@
-"""Where messages go: the journal under systemd, stderr everywhere else."""
+"""Where messages go: the journal under systemd, stderr everywhere else.
+
+Nothing here may hold up the runner when journald does not read (stopped, hung,
+swamped): systemd-python's `journal.send` keeps Python's GIL while sendmsg() waits
+for a full journal socket, so one blocked message froze every thread of the runner
+(console reader, main loop, watchdog) until systemd killed it. Entries go out through
+`JournalSocket` instead (journald's native protocol on a socket of our own, which
+waits without the GIL), the runner's own records from a thread of their own behind a
+bounded queue (`Background`), and the console's from its sender thread.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import re
+import socket
+import struct
 import sys
+import threading
 from collections.abc import Callable
 
 LOGGER = "qemu_unit"
 RUNNER_IDENTIFIER = "qemu-unit"
 CONSOLE_IDENTIFIER = "qemu-unit-console"
+# journald's native protocol socket (systemd.journal-fields(7), JOURNAL_NATIVE_PROTOCOL).
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# Runner records waiting for the journal; beyond this they are counted, not kept.
+MAX_QUEUED_RECORDS = 1000
+# How long the last records may hold up the exit of a runner whose journal is stuck.
+EXIT_FLUSH_SECONDS = 5.0
+_FIELD_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]*")
 
 log = logging.getLogger(LOGGER)
 
@@ -43,12 +64,109 @@ class VMFields(logging.Filter):
 FIELDS = VMFields()
 
 
+class JournalSocket:
+    """Entries to journald by its native protocol; a full socket blocks only the caller.
+
+    A datagram per entry to JOURNAL_SOCKET (by path, so a restarted journald is found
+    again), as sd_journal_sendv() does, but sent by Python's socket module, which
+    releases the GIL while the kernel waits for journald to read.
+    """
+
+    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            # As libsystemd does: room for large entries (the kernel caps it at wmem_max).
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * 1024**2)
+        except OSError:
+            pass
+
+    def send(self, message: str | bytes, **fields: object) -> None:
+        """One entry: MESSAGE and FIELDS (names as journald takes them; others are left out).
+        Raises OSError when journald cannot be reached."""
+        self._sock.sendto(encode_entry(message, fields), self.path)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def encode_entry(message: str | bytes, fields: dict[str, object]) -> bytes:
+    """journald's native serialisation: `NAME=value\n`, or for values with a newline
+    `NAME\n` + 64-bit little-endian length + value + `\n`."""
+    parts = []
+    for name, value in (("MESSAGE", message), *fields.items()):
+        if not _FIELD_NAME.fullmatch(name):
+            continue  # journald would drop it (JournalHandler passes LogRecord attributes)
+        data = value if isinstance(value, bytes) else str(value).encode(errors="replace")
+        if b"\n" in data:
+            parts.append(name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
+        else:
+            parts.append(name.encode() + b"=" + data + b"\n")
+    return b"".join(parts)
+
+
+class Background(logging.Handler):
+    """Hands records to TARGET from a thread of its own: logging never waits for TARGET.
+
+    At most MAX_QUEUED_RECORDS wait; more are counted, and once TARGET takes records
+    again one warning says how many were lost.
+    """
+
+    def __init__(self, target: logging.Handler, limit: int = MAX_QUEUED_RECORDS) -> None:
+        super().__init__()
+        self.target = target
+        self.limit = limit
+        self.dropped = 0
+        self._cond = threading.Condition()
+        self._queue: collections.deque[logging.LogRecord] = collections.deque()
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="log-journal", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Formatted now: its arguments may change (or go) before the thread gets to it.
+        record.msg, record.args = record.getMessage(), None
+        with self._cond:
+            if len(self._queue) >= self.limit:
+                self.dropped += 1
+                return
+            self._queue.append(record)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._busy = False
+                    self._cond.notify_all()
+                    self._cond.wait()
+                self._busy = True
+                record = self._queue.popleft()
+                dropped, self.dropped = self.dropped, 0
+            if dropped:
+                lost = logging.LogRecord(record.name, logging.WARNING, __file__, 0,
+                                         f"{dropped} runner messages were lost: the journal "
+                                         f"did not take them", None, None)
+                lost.__dict__.update(FIELDS.fields)
+                self.target.handle(lost)
+            self.target.handle(record)
+
+    def flush(self, timeout: float = EXIT_FLUSH_SECONDS) -> bool:
+        """Wait until every queued record went out, at most TIMEOUT seconds (logging
+        calls this at exit: a stuck journal delays the exit that long, no longer)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+
 def setup(verbose: bool = False) -> None:
     handler: logging.Handler
     if journal_connected():
         from systemd.journal import JournalHandler
 
-        handler = JournalHandler(SYSLOG_IDENTIFIER=RUNNER_IDENTIFIER)
+        # systemd-python maps the record to journal fields; JournalSocket sends them.
+        journal = JournalHandler(sender_function=JournalSocket().send,
+                                 SYSLOG_IDENTIFIER=RUNNER_IDENTIFIER)
+        handler = Background(journal)
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("qemu-unit: %(message)s"))
@@ -67,15 +185,11 @@ def set_vm_fields(name: str, uuid: str | None = None) -> None:
 def console_sink(name: str) -> Callable[[str], None]:
     """A function that records one line of the guest's console."""
     if journal_connected():
-        from systemd import journal
+        journal = JournalSocket()
 
         def to_journal(line: str) -> None:
-            journal.send(
-                line,
-                PRIORITY=str(6),
-                SYSLOG_IDENTIFIER=CONSOLE_IDENTIFIER,
-                **FIELDS.fields,
-            )
+            journal.send(line, PRIORITY="6", SYSLOG_IDENTIFIER=CONSOLE_IDENTIFIER,
+                         **FIELDS.fields)
 
         return to_journal
 

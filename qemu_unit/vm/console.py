@@ -13,9 +13,10 @@ each blocked without a timeout while the guest is quiet (no idle wake-ups):
   the bytes to attached clients without blocking (a client that cannot take them
   is disconnected);
 - the sender writes queued lines to the journal (or stderr) and says, in one
-  line, how many it could not send and where the complete copy is. While it
-  waits for journald the queue fills up and the reader counts what no longer
-  fits;
+  line, how many it could not send and where the complete copy is. It may wait
+  for journald as long as journald likes (log.JournalSocket waits without
+  holding the GIL): meanwhile the queue fills up and the reader counts what no
+  longer fits;
 - the attach thread accepts `qemu-unit console` clients (root and the runner's
   own user only, by SO_PEERCRED) and passes their keystrokes to the guest.
   Clients only ever reach the guest's input: the journal gets what the guest prints.

@@ -3,7 +3,8 @@
 Every console line a test looks for starts with `qemu-unit-guest:`. Modes:
 poweroff, wait, ignore, reboot, ready, net, efivar, devices, secureboot, fill, flood,
 shell (see TEST_INIT).
-`flood` prints `qemu_unit.lines=` (default 100000) lines `flood N` as fast as
+`flood` prints `qemu_unit.lines=` (default 100000) lines `flood N` (or, with
+`qemu_unit.text=empty` or `short`, empty or two-character lines) as fast as
 it can, then `FLOOD-END`, then waits for the power button; `shell` runs an
 interactive shell on the console (where `flood [N]` does the same) and powers
 off on the power button or when the shell exits. Once the
@@ -144,16 +145,23 @@ devices() {
     done
 }
 
-# flood [N]: N lines (default 100000) as fast as the shell prints, then FLOOD-END
+# flood [N [TEXT]]: N lines (default 100000) as fast as the guest prints, then FLOOD-END;
+# TEXT: `flood I` (numbered, the default), `empty` or `short` (two characters each)
 cat >/bin/flood <<'EOF'
 #!/bin/sh
 n=${1:-100000}
 read start _ </proc/uptime
-i=0
-while [ $i -lt $n ]; do
-    echo "flood $i"
-    i=$((i + 1))
-done
+case "$2" in
+empty) yes "" | head -n "$n" ;;
+short) yes ab | head -n "$n" ;;
+*)
+    i=0
+    while [ $i -lt $n ]; do
+        echo "flood $i"
+        i=$((i + 1))
+    done
+    ;;
+esac
 echo FLOOD-END
 read end _ </proc/uptime
 # the guest's own view: how long printing took (longer than bare QEMU: something held it up)
@@ -210,7 +218,7 @@ fill)
     wait_then_off
     ;;
 flood)
-    flood "$(cmdline_arg qemu_unit.lines)"
+    flood "$(cmdline_arg qemu_unit.lines)" "$(cmdline_arg qemu_unit.text)"
     wait_then_off
     ;;
 shell)

@@ -1,8 +1,9 @@
-"""The guest console under the real unit: a flood loses nothing silently; `qemu-unit console`.
+"""The guest console under the real unit: a flood loses nothing silently; `qemu-unit console`;
+a stopped journald holds up neither the console nor the guest, and costs bounded memory.
 
-The test guest's `flood` mode prints 100,000 lines `flood N` as fast as it can,
-then `FLOOD-END`; its `shell` mode runs a shell on the console (where `flood`
-does the same on demand).
+The test guest's `flood` mode prints 100,000 lines `flood N` as fast as it can
+(or empty or two-character lines, `qemu_unit.text=`), then `FLOOD-END`; its `shell`
+mode runs a shell on the console (where `flood` does the same on demand).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu_unit.vm.console import MAX_PENDING_BYTES
 from tests.support.container import INSIDE_ENV, Container
 from tests.support.terminal import Attached
 from tests.support.vm import (
@@ -39,6 +41,11 @@ LIMITED = 20_000
 FLOOD_DEADLINE = 400
 LOGS = Path("/var/log/qemu-run")
 DROPPED = re.compile(r"(\d+) console lines were not sent to the journal")
+# Two-character lines while journald is stopped: about 4 MB of console, ~50 s under TCG.
+STALLED = 1_000_000
+# What the runner may grow by besides the queue's cap: the allocator, libvirt, the lines
+# in flight when the baseline is read. The uncapped queue grew by ~70 bytes a line.
+RSS_SLACK = 8 * 1024**2
 
 
 def prepare(upper: Path) -> None:
@@ -49,6 +56,12 @@ def prepare(upper: Path) -> None:
     write_vm(upper, "limited", vm_text("flood", vm="ConsoleRateLimitBurst=2000",
                                        cmdline_extra=f"qemu_unit.lines={LIMITED}"))
     write_vm(upper, "shell", vm_text("shell", vm="ConsoleRateLimitIntervalSec=0"))
+    # Every line meant for the journal; a short watchdog shows that the runner's main loop
+    # stays alive while journald is stopped.
+    write_vm(upper, "stalled", vm_text("flood", vm="ConsoleRateLimitIntervalSec=0",
+                                       service="WatchdogSec=10s",
+                                       cmdline_extra=f"qemu_unit.lines={STALLED} "
+                                                     "qemu_unit.text=short"))
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +254,67 @@ def test_a_stuck_client_is_cut_off_and_the_journal_still_gets_everything(
     assert "FLOOD-END" in journal
     took = next(line for line in journal if "qemu-unit-guest: flood of" in line)
     print(f"\nstuck client: the guest printed {FLOOD} lines in {seconds:.0f} s; {took}")
+
+
+# -- a stopped journald ----------------------------------------------------------------------
+
+
+def rss_bytes(ct: Container, pid: str) -> int:
+    found = re.search(r"^VmRSS:\s+(\d+) kB", ct.run("cat", f"/proc/{pid}/status").stdout, re.M)
+    assert found, f"no VmRSS for pid {pid}"
+    return int(found.group(1)) * 1024
+
+
+def test_a_stopped_journald_holds_up_neither_the_console_nor_the_guest(ct: Container) -> None:
+    """journald SIGSTOPped before the VM starts, the guest printing a million two-character
+    lines: console.log gets all of them, the guest boots and finishes, the runner's main loop
+    pings the watchdog, and its memory stays within the console queue's cap."""
+    unit = "qemu-run@stalled.service"
+    console_log = str(LOGS / "stalled" / "console.log")
+    journald = prop(ct, "systemd-journald.service", "MainPID")
+    invocation = ""
+    ct.run("kill", "-STOP", journald)
+    try:
+        ct.systemctl("start", "--no-block", unit)
+        wait_for("the guest's boot in console.log",
+                 lambda: "qemu-unit-guest: booted" in ct.run("cat", console_log,
+                                                             check=False).stdout,
+                 timeout=120)
+        pid = prop(ct, unit, "MainPID")
+        invocation = prop(ct, unit, "InvocationID")
+        baseline = peak = rss_bytes(ct, pid)
+        pinged = int(prop(ct, unit, "WatchdogTimestampMonotonic"))
+        start = time.monotonic()
+
+        def flood_ended() -> bool:
+            nonlocal peak
+            peak = max(peak, rss_bytes(ct, pid))
+            return "FLOOD-END" in ct.run("tail", "-c", "200", console_log).stdout
+
+        wait_for("FLOOD-END in console.log", flood_ended, timeout=FLOOD_DEADLINE)
+        seconds = time.monotonic() - start
+        # The same runner all along, and its watchdog pings went on (every 5 s).
+        assert prop(ct, unit, "MainPID") == pid
+        assert prop(ct, unit, "NRestarts") == "0"
+        assert int(prop(ct, unit, "WatchdogTimestampMonotonic")) > pinged
+        size = int(ct.run("stat", "-c", "%s", console_log).stdout)
+    finally:
+        ct.run("kill", "-CONT", journald)
+    copy = ct.run("grep", "-c", "^ab", console_log).stdout.strip()
+    assert copy == str(STALLED)
+    grew = peak - baseline
+    print(f"\nstopped journald: {STALLED} lines in console.log in {seconds:.0f} s "
+          f"({size / seconds / 1000:.0f} kB/s); runner VmRSS {baseline / 2**20:.1f} MiB at "
+          f"boot, at most {peak / 2**20:.1f} MiB during the flood (+{grew / 2**20:.1f} MiB)")
+    assert grew <= MAX_PENDING_BYTES + RSS_SLACK
+    # journald back: the runner says how many lines the journal did not get.
+    ct.wait_journal("while the journal did not keep up", "-u", unit, "-t", "qemu-unit",
+                    f"_SYSTEMD_INVOCATION_ID={invocation}", "-o", "cat", timeout=60)
+    ct.systemctl("stop", unit)
+    assert prop(ct, unit, "Result") == "success"
+    assert qemu_pids(ct, "stalled") == []
+    reports = DROPPED.findall(ct.journal("-u", unit, "-t", "qemu-unit",
+                                         f"_SYSTEMD_INVOCATION_ID={invocation}", "-o", "cat"))
+    journal = ct.journal("-u", unit, "-t", "qemu-unit-console",
+                         f"_SYSTEMD_INVOCATION_ID={invocation}", "-o", "cat").splitlines()
+    assert len(journal) + sum(map(int, reports)) == len(file_lines(ct, "stalled"))
