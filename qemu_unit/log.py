@@ -151,11 +151,14 @@ class Background(logging.Handler):
                 self.target.handle(lost)
             self.target.handle(record)
 
-    def flush(self, timeout: float = EXIT_FLUSH_SECONDS) -> bool:
-        """Wait until every queued record went out, at most TIMEOUT seconds (logging
-        calls this at exit: a stuck journal delays the exit that long, no longer)."""
+    def wait_sent(self, timeout: float) -> bool:
+        """Wait until every queued record went out, at most TIMEOUT seconds."""
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def flush(self) -> None:
+        # logging calls this at exit: a stuck journal delays the exit that long, no longer.
+        self.wait_sent(EXIT_FLUSH_SECONDS)
 
 
 def setup(verbose: bool = False) -> None:

@@ -116,7 +116,7 @@ def test_runner_logging_never_waits_for_the_journal_and_counts_what_it_lost() ->
             logger.info("record %d", i)
         assert background.dropped == 5
         stuck.go.set()
-        assert background.flush(timeout=10)
+        assert background.wait_sent(timeout=10)
     finally:
         logger.removeHandler(background)
     messages = [r.getMessage() for r in stuck.got]

@@ -649,6 +649,13 @@ The unit sets journald's own rate limit out of reach
 the runner limits console lines itself
 .RB ( ConsoleRateLimitBurst= )
 and says in the journal how many it did not send.
+Lines waiting for a journal that does not keep up hold at most 8\ MiB of the
+runner's memory, whatever the guest prints (an empty line counts too); the rest
+are counted in that line.
+The console never waits for the journal: with journald stopped, the guest
+goes on printing into
+.I console.log
+and the runner goes on pinging its watchdog.
 .SH GENERATOR
 .B qemu\-unit\-generator
 runs at boot and on
