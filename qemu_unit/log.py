@@ -30,7 +30,7 @@ JOURNAL_SOCKET = "/run/systemd/journal/socket"
 MAX_QUEUED_RECORDS = 1000
 # How long the last records may hold up the exit of a runner whose journal is stuck.
 EXIT_FLUSH_SECONDS = 5.0
-_FIELD_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]*")
+_FIELD_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 log = logging.getLogger(LOGGER)
 
