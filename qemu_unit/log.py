@@ -81,7 +81,7 @@ class JournalSocket:
         except OSError:
             pass
 
-    def send(self, message: str | bytes, **fields: object) -> None:
+    def send(self, message: str | bytes, /, **fields: object) -> None:
         """One entry: MESSAGE and FIELDS (names as journald takes them; others are left out).
         Raises OSError when journald cannot be reached."""
         self._sock.sendto(encode_entry(message, fields), self.path)
@@ -161,15 +161,19 @@ class Background(logging.Handler):
         self.wait_sent(EXIT_FLUSH_SECONDS)
 
 
+def journal_handler(path: str = JOURNAL_SOCKET) -> logging.Handler:
+    """systemd-python maps a record to journal fields; JournalSocket sends them."""
+    from systemd.journal import JournalHandler
+
+    handler: logging.Handler = JournalHandler(sender_function=JournalSocket(path).send,
+                                              SYSLOG_IDENTIFIER=RUNNER_IDENTIFIER)
+    return handler
+
+
 def setup(verbose: bool = False) -> None:
     handler: logging.Handler
     if journal_connected():
-        from systemd.journal import JournalHandler
-
-        # systemd-python maps the record to journal fields; JournalSocket sends them.
-        journal = JournalHandler(sender_function=JournalSocket().send,
-                                 SYSLOG_IDENTIFIER=RUNNER_IDENTIFIER)
-        handler = Background(journal)
+        handler = Background(journal_handler())
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("qemu-unit: %(message)s"))

@@ -40,6 +40,29 @@ def test_entries_are_journald_native_datagrams(tmp_path: Path) -> None:
     journald.close()
 
 
+def test_runner_records_reach_the_journal_with_their_fields(tmp_path: Path) -> None:
+    """The handler setup() installs under systemd (Background aside), on a real socket."""
+    journald = _journald(tmp_path / "socket")
+    handler = log.journal_handler(str(tmp_path / "socket"))
+    handler.addFilter(log.FIELDS)
+    logger = logging.getLogger("qemu_unit.test_journal_handler")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    log.set_vm_fields("web", "0f1e")
+    try:
+        logger.warning("Started VM %s", "web")
+    finally:
+        logger.removeHandler(handler)
+        log.FIELDS.fields.clear()
+    fields = dict(line.split("=", 1) for line in journald.recv(65536).decode().splitlines())
+    assert fields["MESSAGE"] == "Started VM web"
+    assert fields["PRIORITY"] == "4"
+    assert fields["SYSLOG_IDENTIFIER"] == "qemu-unit"
+    assert fields["QEMU_UNIT_VM"] == "web" and fields["QEMU_UNIT_UUID"] == "0f1e"
+    journald.close()
+
+
 def test_a_missing_journal_is_an_oserror(tmp_path: Path) -> None:
     journal = log.JournalSocket(str(tmp_path / "nothing"))
     try:
