@@ -5,7 +5,8 @@ they name another image, pull it (as the pull user, as the pull unit would) and 
 the source's running VMs on it (AutoUpdate=reset: stop, discard the overlay, start).
 `systemctl restart` returns once the unit is ready (READY=1 after Ready=) or failed, so a
 VM that does not become ready within its start timeout fails it; the source then goes
-back to the previous image and its VMs are restarted on that. Every step is a journal line.
+back to the previous image and its VMs are restarted on that; the failed image is remembered
+and not tried again while the sums keep naming it. Every step is a journal line.
 """
 
 from __future__ import annotations
@@ -117,6 +118,14 @@ def run(*, dry_run: bool = False, search_path: Sequence[Path] | None = None,
         if new is None or (old is not None and new.digest == old.digest):
             log.info("auto-update: %s is up to date (%s)", names, new.digest if new else "-")
             continue
+        if old is not None and new.digest == old.rejected:
+            # The pull moved the source's ref: put it back, or the next start would boot
+            # the image that failed before.
+            _write_ref_as_owner(cache, key, old)
+            log.warning("auto-update: %s stays on %s: %s still names %s, which did not become "
+                        "ready before; the next image the sums name is tried",
+                        names, old.digest, src.url, new.digest)
+            continue
         log.info("auto-update: %s: %s -> %s (%s)", names, old.digest if old else "nothing",
                  new.digest, src.url)
         running = [vm for vm in item.vms if _active(paths.unit_name(vm.name))
@@ -131,7 +140,7 @@ def run(*, dry_run: bool = False, search_path: Sequence[Path] | None = None,
             continue
         log.error("auto-update: %s did not become ready on %s: rolling back to %s",
                   ", ".join(failed), new.digest, old.digest)
-        _write_ref_as_owner(cache, key, replace(old, previous=new.digest))
+        _write_ref_as_owner(cache, key, replace(old, previous=new.digest, rejected=new.digest))
         for vm in running:
             if not _restart(vm):
                 log.error("auto-update: %s did not become ready on the previous image %s "

@@ -57,17 +57,19 @@ class Ref:
     verified: str  # what vouched for it, e.g. "sha512:HEX from URL (NAME)"; "" if nothing
     pulled: float  # time.time()
     previous: str | None = None  # the digest before the last change: auto-update's rollback
+    # A digest auto-update rolled back from: never moved to again (the sums may keep naming it).
+    rejected: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source.as_dict(), "digest": self.digest, "format": self.format,
                 "size": self.size, "verified": self.verified, "pulled": self.pulled,
-                "previous": self.previous}
+                "previous": self.previous, "rejected": self.rejected}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Ref:
         return cls(ImageSource.from_dict(d["source"]), str(d["digest"]), str(d["format"]),
                    int(d["size"]), str(d.get("verified", "")), float(d.get("pulled", 0)),
-                   d.get("previous"))
+                   d.get("previous"), d.get("rejected"))
 
 
 def digest_hex(digest: str) -> str:
