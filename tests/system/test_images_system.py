@@ -230,6 +230,14 @@ def test_auto_update_moves_an_ephemeral_vm_and_rolls_back_a_bad_image(
     assert overlay_base(ct, "au") == f"{CACHE}/blobs/sha256-{hashlib.sha256(v2).hexdigest()}"
     ref = ct.run("sh", "-c", f"cat {CACHE}/refs/*.json").stdout
     assert f'"digest": "{sha256(v2)}"' in ref
+    # The next timer run: the sums still name v3, which failed; the VM is left alone.
+    before = prop(ct, unit, "InvocationID")
+    again = ct.run(str(qemu_unit_bin), "auto-update", check=False)
+    assert again.returncode == 0, again.stderr
+    assert f"au stays on {sha256(v2)}" in again.stderr
+    assert prop(ct, unit, "InvocationID") == before
+    ref = ct.run("sh", "-c", f"cat {CACHE}/refs/*.json").stdout
+    assert f'"digest": "{sha256(v2)}"' in ref and f'"rejected": "{sha256(v3)}"' in ref
     ct.systemctl("stop", unit)
     assert qemu_pids(ct) == []
 
