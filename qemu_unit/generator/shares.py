@@ -63,6 +63,9 @@ def companion_unit(vm: settings.VMConfig, share: settings.Share, header: str,
         f"ExecStartPost=/bin/sh -c 'until [ -S {sock} ]; do sleep 0.05; done'",
         f"TimeoutStartSec={START_TIMEOUT_SEC}",
         "TimeoutStopSec=10",
+        # virtiofsd holds a descriptor per file the guest looked up and raises its limit to
+        # 1000000 only with CAP_SYS_RESOURCE: at systemd's 1024 a share ended near 1000 files.
+        "LimitNOFILE=1000000",
         # The runtime directory gets this group: QEMU, as the VM's user, reaches the socket.
         f"Group={paths.SHARE_SOCKET_GROUP}",
         f"RuntimeDirectory={runtime}",

@@ -137,6 +137,7 @@ devices() {
         mkdir -p "/mnt/$tag"
         if ! mount -t virtiofs "$tag" "/mnt/$tag"; then say "share $tag: mount failed"; continue; fi
         say "share $tag: read $(cat "/mnt/$tag/hello" 2>&1)"
+        say "share $tag: files $(find "/mnt/$tag" -type f 2>/dev/null | wc -l)"
         if echo "from guest" >"/mnt/$tag/from-guest" 2>/dev/null; then
             say "share $tag: write ok"
         else

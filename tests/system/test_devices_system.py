@@ -31,6 +31,7 @@ from tests.support.vm import (
 pytestmark = pytest.mark.system
 
 SHARES = Path("/srv/qemu-unit-shares")
+MANY_FILES = 3000
 UNIT = "qemu-run@dev.service"
 COMPANIONS = ("qemu-run-virtiofsd@dev:rw.service", "qemu-run-virtiofsd@dev:ro.service")
 TPM_STATE = Path("/var/lib/qemu-run/dev/lib/swtpm")
@@ -44,6 +45,11 @@ def prepare(upper: Path) -> None:
         d = upper / SHARES.relative_to("/") / tag
         d.mkdir(parents=True)
         (d / "hello").write_text(f"hello {tag}\n")
+    # More files than systemd's default descriptor limit (1024): virtiofsd keeps one each.
+    many = upper / SHARES.relative_to("/") / "rw" / "many"
+    many.mkdir()
+    for i in range(MANY_FILES):
+        (many / str(i)).touch()
     write_vm(upper, "dev", vm_text(
         "devices", cmdline_extra="qemu_unit.shares=rw,ro",
         vm=f"TPM=yes\nShare={SHARES}/rw:rw\nShare={SHARES}/ro:ro:ro",
@@ -96,6 +102,8 @@ def test_guest_sees_the_tpm_and_reads_and_writes_the_shares(ct: Container) -> No
     assert report["tpm rc"] == "00000000", report  # TPM_RC_SUCCESS: the EK is there
     SEEN["ek"] = report["tpm ek"]
     assert report["share rw read"] == "hello rw"
+    assert report["share rw files"] == str(MANY_FILES + 1)  # and hello
+    assert report["share ro files"] == "1"
     assert report["share rw write"] == "ok"
     assert ct.run("cat", str(SHARES / "rw/from-guest")).stdout == "from guest\n"
     # :ro is enforced on the host: the guest reads, its write fails, nothing arrives.
