@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "exec go before NAME, as with podman exec; a -- after NAME is dropped)")
     p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
                    help="set an environment variable for CMD (repeatable)")
-    p.add_argument("-u", "--user", metavar="USER",
+    # dest apart from the top-level --user (user mode), which it would overwrite.
+    p.add_argument("-u", "--user", metavar="USER", dest="guest_user",
                    help="run CMD as USER: qemu-ga 7.2's guest-exec has no user field, so this "
                    "wraps CMD in 'runuser -u USER --' (util-linux, in the guest)")
     p.add_argument("-t", "--timeout", type=float, metavar="SECONDS",

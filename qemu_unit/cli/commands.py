@@ -271,7 +271,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise QemuUnitError("exec: no command given (qemu-unit exec NAME [--] CMD [ARG...])")
-    return guest.exec_(args.name, argv, env=args.env, user=args.user, timeout=args.timeout,
+    return guest.exec_(args.name, argv, env=args.env, user=args.guest_user,
+                       timeout=args.timeout,
                        stdin=None if args.no_stdin else 0)
 
 

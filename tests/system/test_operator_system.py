@@ -185,12 +185,19 @@ def test_restart_after_runner_kill_replaces_stale_registration(ct: Container) ->
     ct.systemctl("start", unit)
     main = prop(ct, unit, "MainPID")
     ct.run("kill", "-9", main)
-    wait_for(
-        "restart",
-        lambda: prop(ct, unit, "ActiveState") == "active" and prop(ct, unit, "MainPID") != main,
-        timeout=60,
-    )
-    new = prop(ct, unit, "MainPID")
+    restarted: list[str] = []
+
+    def running_again() -> bool:
+        # Right after the kill systemd may still say "active" for the dead runner, then
+        # MainPID=0: a new, non-zero MainPID that is still there once the unit is active.
+        pid = prop(ct, unit, "MainPID")
+        if pid in ("0", main) or prop(ct, unit, "ActiveState") != "active":
+            return False
+        restarted[:] = [pid]
+        return prop(ct, unit, "MainPID") == pid
+
+    wait_for("restart", running_again, timeout=60)
+    new = restarted[0]
     assert f"Leader={new}\n" in ct.run("machinectl", "show", "run").stdout
 
 
