@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import libvirt
 import pytest
 
 from qemu_unit.vm import agent, guest, health
@@ -27,6 +28,8 @@ class FakeGA:
         self.status = status or {"exited": True, "exitcode": 0}
         self.calls: list[dict[str, Any]] = []
         self.polls = 0
+        self.position = 0
+        self.written: list[tuple[int, bytes]] = []
         self.override: Callable[[dict[str, Any]], str | None] = lambda _r: None
 
     def __call__(self, _dom: Any, text: str, _timeout: int, _flags: int) -> str:
@@ -46,6 +49,14 @@ class FakeGA:
         elif name == "guest-exec-status":
             self.polls += 1
             value = self.status if self.polls > self.exit_after else {"exited": False}
+        elif name == "guest-file-write":
+            data = base64.b64decode(args["buf-b64"])
+            self.written.append((self.position, data))
+            self.position += len(data)
+            value = {"count": len(data), "eof": False}
+        elif name == "guest-file-seek":
+            self.position = args["offset"]
+            value = {"position": self.position, "eof": False}
         elif name == "guest-file-read":
             key = "out" if self.paths[args["handle"]].endswith(".out") else "err"
             data = self.chunks[key].pop(0) if self.chunks[key] else b""
@@ -98,7 +109,8 @@ def test_exec_streams_both_files_and_returns_the_status(ga: Callable[..., FakeGA
     spawn = next(c for c in fake.calls if c["execute"] == "guest-exec")["arguments"]
     # The files are opened before the program starts; the wrapper gets them, the env, argv.
     files = list(fake.paths.values())
-    assert spawn["path"] == "/bin/sh" and spawn["arg"][3:] == [*files, "1", "A=1", "prog", "a b"]
+    assert spawn["path"] == "/bin/sh" and spawn["arg"][3:] == [*files, "", "1", "A=1", "prog",
+                                                              "a b"]
     assert [c["execute"] for c in fake.calls][-2:] == ["guest-file-close"] * 2
 
 
@@ -119,6 +131,78 @@ def test_exec_timeout_kills_the_session(ga: Callable[..., FakeGA]) -> None:
         _exec(["sleep", "600"], timeout=0.05)
     assert e.value.code == "timeout" and "ran longer than 0.05s" in e.value.message
     assert kills and kills[0][-1] == "4242"
+
+
+def _silent() -> libvirt.libvirtError:
+    """libvirt's error when an agent answer did not come within the timeout."""
+    e = libvirt.libvirtError("Guest agent is not responding: Guest agent not available for now")
+    e.err = (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, 0,
+             "Guest agent is not responding: Guest agent not available for now", 2, "", None,
+             None, -1, -1)
+    return e
+
+
+def test_writes_are_small_and_retried_at_their_offset(ga: Callable[..., FakeGA]) -> None:
+    # qemu-ga 7.2 never answers a request much larger than 187 KB of JSON: any amount is
+    # written in WRITE_CHUNK pieces. A piece whose answer libvirt gave up on (qemu-ga may
+    # have written it meanwhile) is written again after a seek back to its offset.
+    fake = ga([], [])
+    data = bytes(range(256)) * 1000  # 256,000 bytes: three pieces
+    lost = []
+
+    def override(request: dict[str, Any]) -> str | None:
+        if request["execute"] == "guest-file-write" and fake.position and not lost:
+            lost.append(1)
+            fake(None, json.dumps(request), 0, 0)  # it was written, the answer is lost
+            raise _silent()
+        return None
+
+    fake.override = override
+    agent.Agent(object()).write_all(7, 0, data)
+    sizes = [len(json.dumps(c)) for c in fake.calls if c["execute"] == "guest-file-write"]
+    assert max(sizes) < 140 * 1024
+    assert [c["arguments"] for c in fake.calls if c["execute"] == "guest-file-seek"] == [
+        {"handle": 7, "offset": agent.WRITE_CHUNK, "whence": "set"}]
+    image = bytearray()
+    for offset, piece in fake.written:
+        image[offset:offset + len(piece)] = piece
+    assert bytes(image) == data
+
+
+def test_an_agent_that_stays_silent_ends_in_one_line(ga: Callable[..., FakeGA]) -> None:
+    fake = ga([], [])
+
+    def override(request: dict[str, Any]) -> str | None:
+        if request["execute"] == "guest-file-read":
+            raise _silent()
+        return None
+
+    fake.override = override
+    with pytest.raises(ControlError) as e:
+        agent.Agent(object()).read_at(7, 4096)
+    assert e.value.code == "agent-silent" and "\n" not in e.value.message
+    assert [c["execute"] for c in fake.calls].count("guest-file-read") == agent.ATTEMPTS
+
+
+def test_exec_large_stdin_goes_through_a_file(ga: Callable[..., FakeGA]) -> None:
+    fake = ga([], [])
+    stdin = b"x" * (3 * agent.WRITE_CHUNK)
+
+    class Feeder(Conn):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pending = [{"data": base64.b64encode(stdin).decode()}, {"eof": True}]
+
+        def receive(self, timeout: float | None = None) -> Any:
+            return self.pending.pop(0) if self.pending else None
+
+    guest.exec_op(Context("t", domain=object), {"argv": ["wc", "-c"], "stdin": True},
+                  Feeder())  # type: ignore[arg-type]
+    spawn = next(c for c in fake.calls if c["execute"] == "guest-exec")["arguments"]
+    infile = spawn["arg"][5]
+    assert infile.endswith(".in") and "input-data" not in spawn
+    assert b"".join(piece for _offset, piece in fake.written) == stdin
+    assert max(len(json.dumps(c)) for c in fake.calls) < 140 * 1024
 
 
 @pytest.mark.parametrize(("reply", "text"), [

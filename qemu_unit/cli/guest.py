@@ -22,7 +22,7 @@ from qemu_unit.cli import control
 from qemu_unit.cli.control import ControlFailed
 
 CHUNK = 1024 * 1024  # bytes per line sent to the runner (a line is at most 2 MiB)
-# Bytes per guest-file-write: qemu-ga parses each request's JSON text whole, slowly under TCG.
+# Bytes per line of cp's data to the runner (which writes them in agent.WRITE_CHUNK pieces).
 PUSH_CHUNK = 256 * 1024
 
 

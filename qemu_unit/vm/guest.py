@@ -7,12 +7,14 @@ reading (guest-file-open "a+" creates them) *before* the program starts; the pro
 shell unlinks them at once, so nothing is left in the guest whatever happens, and the
 runner reads both with guest-file-read while guest-exec-status says it runs. The
 program runs in a session of its own (setsid) so that --timeout can kill its group.
-stdin, when given, is qemu-ga's input-data (read whole first: at most MAX_STDIN).
+stdin, when given, is read whole first (at most MAX_STDIN): qemu-ga's input-data when
+small, else a file in /tmp written in pieces that the program's shell unlinks at once.
 
 cp: `stat` (type, mode, size), `pull` (guest-file-read in CHUNK pieces, each sent as
-an intermediate line), `push` (lines of data from the client written to a temporary
-name next to the target, then chmod and mv: a partial copy never has the final name),
-`list` (a directory tree, for -r) and `mkdir`.
+an intermediate line), `push` (lines of data from the client written in WRITE_CHUNK
+pieces to a temporary name next to the target, then chmod and mv: a partial copy never
+has the final name), `list` (a directory tree, for -r) and `mkdir`. A file read or write
+whose answer libvirt gave up on is retried at the same offset (Agent.read_at/write_all).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import secrets
 import time
 from typing import Any
 
-from qemu_unit.vm.agent import CHUNK, POLL_FIRST, POLL_MAX, Agent
+from qemu_unit.vm.agent import CHUNK, POLL_FIRST, POLL_MAX, WRITE_CHUNK, Agent
 from qemu_unit.vm.control import Connection, Context, ControlError, handler
 
 # stdin handed to the guest program at most (qemu-ga takes it as one base64 string).
@@ -33,10 +35,12 @@ MAX_STDIN = 16 * 1024 * 1024
 EXEC_CHUNK = CHUNK
 # How long the runner waits for a killed program's end before giving up on it.
 KILL_WAIT = 10.0
-# The exec wrapper: $1/$2 the output files, $3 how many NAME=VALUE follow.
+# The exec wrapper: $1/$2 the output files, $3 a file for stdin (or ""), $4 how many
+# NAME=VALUE follow.
 EXEC_SCRIPT = (
-    'o=$1 e=$2 n=$3; shift 3; '
+    'o=$1 e=$2 i=$3 n=$4; shift 4; '
     'while [ "$n" -gt 0 ]; do export "$1"; shift; n=$((n-1)); done; '
+    'if [ -n "$i" ]; then exec <"$i"; rm -f -- "$i"; fi; '
     'exec >>"$o" 2>>"$e"; rm -f -- "$o" "$e"; '
     'if command -v setsid >/dev/null 2>&1; then exec setsid -- "$@"; fi; exec "$@"'
 )
@@ -108,13 +112,24 @@ def exec_op(ctx: Context, request: dict[str, Any], conn: Connection) -> dict[str
     agent = _agent(ctx)
     tag = secrets.token_hex(12)
     paths = [f"/tmp/.qemu-unit-exec-{tag}.out", f"/tmp/.qemu-unit-exec-{tag}.err"]
+    # qemu-ga takes input-data in the one guest-exec request, whose size is bounded
+    # (agent.WRITE_CHUNK): more stdin goes through a file written in pieces first.
+    infile = f"/tmp/.qemu-unit-exec-{tag}.in" if stdin and len(stdin) > WRITE_CHUNK else ""
     handles: list[int] = []
     started = False
     try:
+        if infile:
+            handle = agent.open(infile, "w")
+            try:
+                agent.write_all(handle, 0, stdin or b"")
+            finally:
+                agent.close(handle)
+            stdin = None
         for path in paths:
             handles.append(agent.open(path, "a+"))
         pid = agent.spawn(
-            ["/bin/sh", "-c", EXEC_SCRIPT, "qemu-unit-exec", *paths, str(len(env)), *env, *argv],
+            ["/bin/sh", "-c", EXEC_SCRIPT, "qemu-unit-exec", *paths, infile, str(len(env)), *env,
+             *argv],
             stdin=stdin,
         )
         started = True
@@ -132,7 +147,8 @@ def exec_op(ctx: Context, request: dict[str, Any], conn: Connection) -> dict[str
         if not started:
             # The program's shell never ran, so it did not remove the files.
             try:
-                agent.run(["/bin/rm", "-f", "--", *paths], timeout=10)
+                agent.run(["/bin/rm", "-f", "--", *paths, *filter(None, [infile])],
+                          timeout=10)
             except ControlError:
                 pass
 
@@ -230,7 +246,7 @@ def pull_op(ctx: Context, request: dict[str, Any], conn: Connection) -> dict[str
     size = 0
     try:
         while True:
-            data, eof = agent.read(handle, CHUNK)
+            data, eof = agent.read_at(handle, size, CHUNK)
             if data:
                 size += len(data)
                 conn.send({"data": base64.b64encode(data).decode()})
@@ -262,7 +278,7 @@ def push_op(ctx: Context, request: dict[str, Any], conn: Connection) -> dict[str
                     complete = True
                     break
                 data = _b64(line.get("data"))
-                agent.write(handle, data)
+                agent.write_all(handle, size, data)
                 size += len(data)
         finally:
             agent.close(handle)

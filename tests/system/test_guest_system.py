@@ -132,6 +132,11 @@ def test_exec_statuses_streams_and_stdin(ct: Container, deb: str) -> None:
     # stdin when it is not a terminal; none with -n.
     assert sh(ct, 'printf "a\\nb\\n" | $QU exec deb -- wc -l') == (0, "2\n", "")
     assert sh(ct, 'printf "a\\nb\\n" | $QU exec -n deb -- wc -l') == (0, "0\n", "")
+    # 1 MB of stdin: more than one agent request takes (it goes through a file, gone after).
+    rc, out, err = sh(ct, 'head -c 1000000 /dev/urandom >/srv/in && '
+                          '$QU exec deb sha256sum </srv/in')
+    assert (rc, out) == (0, sh(ct, 'sha256sum </srv/in')[1]), err
+    assert sh(ct, '$QU exec deb ls -A /tmp | grep -c qemu-unit')[1] == "0\n"
     # --env and --user (runuser in the guest).
     assert sh(ct, '$QU exec -e A=1 -e B="x y" deb -- sh -c \'echo "$A/$B"\'') == (0, "1/x y\n",
                                                                                "")
@@ -169,6 +174,28 @@ def test_exec_refusals_are_one_line(ct: Container, deb: str) -> None:
         assert time.monotonic() - start < 30
     finally:
         ct.systemctl("stop", "qemu-run@noagent.service")
+
+
+def test_cp_100_mb_both_ways(ct: Container, deb: str) -> None:
+    # 100 MB of random bytes there and back: the same checksum, the mode kept, no
+    # temporary name left on either side.
+    assert sh(ct, 'head -c 100000000 /dev/urandom >/srv/blob && chmod 0640 /srv/blob')[0] == 0
+    start = time.monotonic()
+    rc, _out, err = sh(ct, '$QU cp /srv/blob deb:/root/blob', timeout=1800)
+    assert rc == 0, err
+    pushed = time.monotonic() - start
+    rc, out, err = sh(ct, '$QU exec deb -- sh -c "sha256sum </root/blob; stat -c %a /root/blob; '
+                          'ls -A /root | grep -c qemu-unit"')
+    local = sh(ct, 'sha256sum </srv/blob')[1]
+    assert out == f"{local}640\n0\n", err
+    start = time.monotonic()
+    rc, _out, err = sh(ct, '$QU cp deb:/root/blob /srv/blob.back', timeout=1800)
+    assert rc == 0, err
+    pulled = time.monotonic() - start
+    assert sh(ct, 'sha256sum </srv/blob.back; stat -c %a /srv/blob.back; ls -A /srv | '
+                  'grep -c "^\\.blob"')[1] == f"{local}640\n0\n"
+    print(f"100 MB cp: push {pushed:.1f}s, pull {pulled:.1f}s")
+    sh(ct, 'rm -f /srv/blob /srv/blob.back; $QU exec deb rm -f /root/blob')
 
 
 def test_cp_directories_and_missing_paths(ct: Container, deb: str) -> None:
@@ -243,3 +270,4 @@ def test_health_on_failure(ct: Container, action: str) -> None:
             assert prop(ct, unit, "NRestarts") == "0"
     finally:
         ct.systemctl("stop", unit)
+
