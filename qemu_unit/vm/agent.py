@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -110,8 +111,8 @@ class Agent:
     def write_all(self, handle: int, offset: int, data: bytes) -> None:
         """DATA at OFFSET of an open file, in WRITE_CHUNK pieces."""
         for start in range(0, len(data), WRITE_CHUNK):
-            piece = data[start:start + WRITE_CHUNK]
-            self._again(handle, offset + start, lambda p=piece: self.write(handle, p))
+            self._again(handle, offset + start,
+                        functools.partial(self.write, handle, data[start:start + WRITE_CHUNK]))
 
     def read_at(self, handle: int, offset: int, count: int = CHUNK) -> tuple[bytes, bool]:
         """(data, eof) of one read at OFFSET, the file's position being OFFSET."""
