@@ -41,7 +41,37 @@ from tests.support.vm import install_qemu_unit, stage_guest, vm_text, write_vm  
 BASE = Path("/var/lib/qemu-unit-bench")
 AS_USER = ["setpriv", "--reuid=qemu-run", "--regid=qemu-run", "--init-groups"]
 BOOTED = "qemu-unit-guest: booted"  # printed once the guest listens to the power button
-BOOT_WAIT = 4.0  # virt-qemu-run's console is a pty we do not read: wait instead
+BOOT_WAIT = 4.0
+# The runner's trace points (log.trace), in order.
+# The last of each is the bench's own: READY=1 received, the process gone.
+START_PHASES = ("main", "imported", "planned", "connected", "listening", "created", "ready",
+                "notified")
+STOP_PHASES = ("stop-requested", "shutdown-asked", "guest-shutdown", "guest-stopped",
+               "unwinding", "console-closed", "connection-closed", "exit", "exited")
+SYSTEMD_ROWS = {
+    "systemctl start": "systemctl start -> active",
+    "systemctl stop": "systemctl stop, cooperative guest",
+    "ten VMs": "ten VMs, one systemctl start",
+}
+PHASE_TEXT = {
+    "main": "interpreter start, `qemu_unit.cli` imports",
+    "imported": "runner imports (libvirt, vm.*)",
+    "planned": "load the .vm, host plan, domain tree",
+    "connected": "prepare the root, open qemu:///embed",
+    "listening": "console and control sockets",
+    "created": "createXML (QEMU starts)",
+    "ready": "status file, READY=1 sent",
+    "stop-requested": "SIGTERM reaches the main loop",
+    "shutdown-asked": "ACPI power button pressed",
+    "guest-shutdown": "guest powers off (SHUTDOWN event)",
+    "guest-stopped": "QEMU exits (STOPPED event)",
+    "unwinding": "main loop returns",
+    "console-closed": "console threads joined",
+    "connection-closed": "libvirt connection closed",
+    "exit": "rest of the teardown",
+    "notified": "READY=1 reaches the notify socket",
+    "exited": "interpreter exit",
+}  # virt-qemu-run's console is a pty we do not read: wait instead
 
 
 class Proc:
@@ -74,6 +104,15 @@ class Proc:
                 if not self.cond.wait(deadline - time.monotonic()):
                     out = "".join(line for _, line in self.lines)[-3000:]
                     raise RuntimeError(f"no {text!r} within {timeout}s:\n{out}")
+
+    def traces(self) -> dict[str, float]:
+        """The runner's `trace PHASE T` lines (qemu-unit -v): PHASE -> T (CLOCK_MONOTONIC)."""
+        out: dict[str, float] = {}
+        for _, line in self.lines:
+            words = line.split()
+            if len(words) == 4 and words[1] == "trace":
+                out.setdefault(words[2], float(words[3]))
+        return out
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
@@ -126,7 +165,7 @@ def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:
         "STATE_DIRECTORY": str(BASE / "state"), "RUNTIME_DIRECTORY": "/run/qub-ours",
         "CACHE_DIRECTORY": str(BASE / "cache"), "INVOCATION_ID": "bench",
     }
-    proc = Proc([*AS_USER, str(qemu_unit), "run", "--config-dir", str(cfg), "bench"], env)
+    proc = Proc([*AS_USER, str(qemu_unit), "-v", "run", "--config-dir", str(cfg), "bench"], env)
     try:
         ready = notify.wait("READY=1") - proc.start
     except TimeoutError:
@@ -138,10 +177,20 @@ def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:
     t = time.monotonic()
     proc.p.send_signal(signal.SIGTERM)
     proc.p.wait(60)
-    stop = time.monotonic() - t
+    end = time.monotonic()
     notify.sock.close()
     assert proc.p.returncode == 0, "".join(line for _, line in proc.lines)[-2000:]
-    return {"ready": ready, "stop": stop, "rss": rss}
+    traced = proc.traces()
+    out = {"ready": ready, "stop": end - t, "rss": rss}
+    # Per phase: seconds since the previous one (START_PHASES from spawn, STOP_PHASES
+    # from SIGTERM); the last of each ends at READY=1 and at the process's exit.
+    for phases, since, until in ((START_PHASES, proc.start, proc.start + ready),
+                                 (STOP_PHASES, t, end)):
+        for phase in phases:
+            at = traced.get(phase, until)
+            out[f"phase {phase}"] = at - since
+            since = at
+    return out
 
 
 def run_bare(vm: settings.VMConfig) -> dict[str, float]:
@@ -225,6 +274,8 @@ def run_systemd(qemu_unit: Path, rounds: int) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-systemd", action="store_true",
+                    help="only the direct runs (no container): for a quick look at the phases")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/runner.py: run as root", file=sys.stderr)
@@ -249,7 +300,7 @@ def main() -> int:
     ours, bare, vqr = (med(k, "ready") for k in ("qemu-unit", "libvirt", "vqr"))
     stop_ours, stop_bare, stop_vqr = (med(k, "stop") for k in ("qemu-unit", "libvirt", "vqr"))
     rss, rss_bare = med("qemu-unit", "rss"), med("libvirt", "rss")
-    sysd = run_systemd(qemu_unit, args.rounds)
+    sysd = {} if args.no_systemd else run_systemd(qemu_unit, args.rounds)
     print(f"\nmedians of {args.rounds} rounds, TCG, warm capability cache\n")
     print("| measure | qemu-unit | bare libvirt-python | virt-qemu-run | ratio |")
     print("|---|---|---|---|---|")
@@ -260,8 +311,17 @@ def main() -> int:
           "own power-off |")
     print(f"| process RSS, VM running | {rss:.1f} MB | {rss_bare:.1f} MB | | "
           f"{rss / rss_bare:.2f}x libvirt |")
-    print(f"| systemctl start -> active | {sysd['systemctl start']:.3f} s | | | |")
-    print(f"| ten VMs, one systemctl start | {sysd['ten VMs']:.3f} s | | | |")
+    for key, text in SYSTEMD_ROWS.items():
+        if key in sysd:
+            print(f"| {text} | {sysd[key]:.3f} s | | | |")
+    print("\nwhere the runner's time goes (`qemu-unit -v run`, its trace lines; medians)\n")
+    print("| phase | from the previous point |")
+    print("|---|---|")
+    for phase in (*START_PHASES, *STOP_PHASES):
+        print(f"| {PHASE_TEXT[phase]} | {med('qemu-unit', f'phase {phase}'):.3f} s |")
+    for key, value in sysd.items():
+        if key.startswith("journal "):
+            print(f"| systemd: {key[8:]} | {value:.3f} s |")
     return 0
 
 

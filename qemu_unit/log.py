@@ -19,6 +19,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 LOGGER = "qemu_unit"
@@ -181,6 +182,14 @@ def setup(verbose: bool = False) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+
+
+def trace(phase: str) -> None:
+    """A debug line `trace PHASE T`, T being CLOCK_MONOTONIC: one clock for every process
+    of the host (the journal's __MONOTONIC_TIMESTAMP too), so bench/runner.py lines up
+    the runner's phases with its own spawn and systemd's messages (README, Benchmarks)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("trace %s %.6f", phase, time.monotonic(), extra={"QEMU_UNIT_TRACE": phase})
 
 
 def set_vm_fields(name: str, uuid: str | None = None) -> None:

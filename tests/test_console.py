@@ -77,10 +77,25 @@ def test_console_reads_every_line_from_the_connecting_peer(tmp_path: Path) -> No
 
 
 def test_close_without_peer_does_not_hang(tmp_path: Path) -> None:
-    console = Console(tmp_path / "c.sock", lambda _line: None)
+    console = Console(tmp_path / "c.sock", lambda _line: None, attach_path=tmp_path / "a.sock")
     console.listen()
-    console.close(drain_timeout=2)
-    assert console.closed.wait(2)
+    console.close(drain_timeout=60)
+    assert console.closed.is_set()
+    # Woken by close(), not by the end of the join's timeout (which returns with them alive).
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("console")]
+
+
+def test_close_wakes_the_attach_thread(tmp_path: Path) -> None:
+    """A closed listening socket wakes no selector: without close()'s pipe the attach thread
+    stayed in select() and every stop of a VM waited out the join's timeout (a second)."""
+    console = Console(tmp_path / "c.sock", lambda _line: None, attach_path=tmp_path / "a.sock")
+    console.listen()
+    peer = socket.socket(socket.AF_UNIX)
+    peer.connect(str(tmp_path / "c.sock"))
+    peer.close()  # QEMU exited
+    assert console.closed.wait(30)
+    console.close(drain_timeout=60)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("console")]
 
 
 # -- the file copy, the rate limit, a stalled journal, attached clients ------------------------

@@ -27,10 +27,13 @@ def _search_path(args: argparse.Namespace) -> list[Path] | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from qemu_unit.vm import runner
 
-    return runner.run(
+    log.trace("imported")
+    code = runner.run(
         args.name, shutdown_timeout=args.shutdown_timeout, search_path=_search_path(args),
         user=args.user,
     )
+    log.trace("exit")
+    return code
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -305,6 +308,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log.setup(verbose=args.verbose)
+    log.trace("main")
     if args.user and os.geteuid() == 0:
         return _fail(args, "--user: root's VMs are the system's (/etc/qemu-run); run "
                            "qemu-unit --user as the user whose VMs they are", 2)

@@ -20,6 +20,10 @@ each blocked without a timeout while the guest is quiet (no idle wake-ups):
 - the attach thread accepts `qemu-unit console` clients (root and the runner's
   own user only, by SO_PEERCRED) and passes their keystrokes to the guest.
   Clients only ever reach the guest's input: the journal gets what the guest prints.
+
+Closing a listening socket wakes neither accept() nor a selector waiting on it (measured:
+the join waited its whole timeout, a second on every stop), so the reader (until QEMU
+connects) and the attach thread also wait on a pipe that close() writes to.
 """
 
 from __future__ import annotations
@@ -188,6 +192,7 @@ class Console:
         )
         self._listener: socket.socket | None = None
         self._attach: socket.socket | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._conn: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         # Reader -> sender: lines, messages for the runner's log, counters.
@@ -242,6 +247,8 @@ class Console:
 
     def close(self, drain_timeout: float = 1.0, send_timeout: float = 10.0) -> None:
         """Stop listening; drain what QEMU wrote before it exited; flush the journal queue."""
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")  # the reader's accept and the attach thread return
         for sock in (self._listener, self._attach):
             if sock is not None:
                 with contextlib.suppress(OSError):
@@ -268,6 +275,10 @@ class Console:
                                len(self._pending))
         if self.file is not None:
             self.file.close()
+        if self._wake_w >= 0 and not any(t.is_alive() for t in self._threads):
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
         for path in (self.path, self.attach_path):
             if path is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -275,11 +286,20 @@ class Console:
 
     # -- the reader -------------------------------------------------------------------------
 
+    def _woken(self, sock: socket.socket) -> bool:
+        """Wait until SOCK is readable (True) or close() was called (False)."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            return all(key.fileobj is sock for key, _ in sel.select())
+
     def _read(self) -> None:
         assert self._listener is not None
         try:
+            if not self._woken(self._listener):
+                raise OSError("closed")
             conn, _ = self._listener.accept()
-        except OSError:
+        except (OSError, ValueError):
             self._finish()
             return
         with contextlib.suppress(OSError):
@@ -427,8 +447,11 @@ class Console:
         assert self._attach is not None
         with selectors.DefaultSelector() as sel:
             sel.register(self._attach, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
             while True:
                 for key, _ in sel.select():
+                    if key.fileobj == self._wake_r:
+                        return  # close(): the runner is stopping
                     if key.fileobj is self._attach:
                         if not self._accept(sel):
                             return

@@ -261,6 +261,7 @@ class Runner:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.notify.status("Checking configuration")
         vm, plan, tree = self.check()
+        log.trace("planned")
         self.vm = vm
         dirs = plan.dirs
         accel = str(plan.accel)
@@ -277,6 +278,8 @@ class Runner:
             self.notify.status("Starting")
             start_event_loop()
             conn = self._open(dirs)
+            log.trace("connected")
+            stack.callback(log.trace, "connection-closed")
             stack.callback(self._close, conn)
             console = None
             if vm.console is settings.ConsoleMode.JOURNAL:
@@ -294,6 +297,7 @@ class Runner:
                     )
                 console.listen(header=f"-- qemu-unit: console of {self.name} from "
                                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} --\n")
+                stack.callback(log.trace, "console-closed")
                 stack.callback(console.close)
             self.control = control.Context(
                 self.name, vm, domain=lambda: self.dom, post=self.events.put
@@ -301,8 +305,10 @@ class Runner:
             server = control.Server(dirs.control_socket, self.control)
             server.listen()
             stack.callback(server.close)
+            log.trace("listening")
             with self.running_domain(conn, domain.serialize(tree), dirs):
                 assert self.dom is not None
+                log.trace("created")
                 if plan.credentials:
                     # QEMU has read them: they need not lie around any longer.
                     from qemu_unit.vm import credentials
@@ -332,6 +338,7 @@ class Runner:
                 status.write(dirs.root, self.record)
                 if vm.ready.kind is settings.ReadyKind.STARTED:
                     self.notify.ready(f"Running ({accel.upper()})")
+                    log.trace("ready")
                 elif vm.ready.kind is settings.ReadyKind.HEALTHY:
                     self.notify.status("Waiting for the first health check to pass")
                 elif vm.ready.kind is settings.ReadyKind.AGENT:
@@ -341,7 +348,9 @@ class Runner:
                     self.notify.status(
                         f"Waiting for the guest's console to match {vm.ready.regex!r}"
                     )
-                return self.loop(dirs)
+                code = self.loop(dirs)
+                log.trace("unwinding")
+                return code
 
     def _watch_agent(self, stack: contextlib.ExitStack) -> None:
         """Ready=agent: ask the guest agent until it answers, then report readiness."""
@@ -468,8 +477,10 @@ class Runner:
                 item = Tick()
             match item:
                 case Lifecycle(event=libvirt.VIR_DOMAIN_EVENT_STOPPED, detail=detail):
+                    log.trace("guest-stopped")
                     return self._stopped(detail, dirs)
                 case Lifecycle(event=libvirt.VIR_DOMAIN_EVENT_SHUTDOWN):
+                    log.trace("guest-shutdown")
                     logger.info("Guest shut down")
                 case Rebooted():
                     logger.info("Guest rebooted")
@@ -483,6 +494,7 @@ class Runner:
                     else:
                         logger.info("Guest console matched %r: ready", self.vm.ready.regex)
                     self.notify.ready("Running")
+                    log.trace("ready")
                 case HealthChecked(health=checked, before=before):
                     if self._on_health(checked, before, dirs, ready):
                         ready = True
@@ -492,6 +504,7 @@ class Runner:
                     signame = _signal_name(item.signum) if isinstance(item, Signalled) else ""
                     why = f"received {signame}" if signame else getattr(item, "reason", "")
                     if not self.stop_requested:
+                        log.trace("stop-requested")
                         self.stop_requested = True
                         deadline = time.monotonic() + self.shutdown_timeout
                         logger.info("%s: shutting the guest down (timeout %gs)",
@@ -500,6 +513,7 @@ class Runner:
                         next_extend = 0.0
                         next_retry = time.monotonic() + SHUTDOWN_RETRY
                         self._request_shutdown()
+                        log.trace("shutdown-asked")
                     elif not self.destroy_started and signame:
                         logger.warning("Received %s again: destroying the VM now", signame)
                         self._destroy()
