@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -119,8 +120,8 @@ def test_uuid_comes_from_the_status_file_checked(tmp_path: Path) -> None:
 def test_installed_unit_registers_through_this_installation() -> None:
     text = (Path(__file__).parents[1] / "units" / "qemu-run@.service").read_text()
     rendered = install.render_unit(text, "/opt/venv/bin/qemu-unit", "/opt/venv/bin/python")
-    assert ("ExecStartPost=-+/opt/venv/bin/python -I -m qemu_unit register-machine %i"
-            in rendered)
+    assert ("ExecStartPost=-+/bin/sh -c '/opt/venv/bin/python -I -m qemu_unit "
+            "register-machine \"$1\" &' register %i" in rendered)
     assert "ExecStart=/opt/venv/bin/qemu-unit run %i" in rendered
     assert "/usr/bin/qemu-unit" not in rendered and "/usr/bin/python3" not in rendered
 
@@ -133,7 +134,10 @@ def test_the_root_step_ignores_the_vm_users_home(tmp_path: Path, isolated: bool)
     text = (Path(__file__).parents[1] / "units" / "qemu-run@.service").read_text()
     rendered = install.render_unit(text, "/x/qemu-unit", sys.executable)
     line = next(ln for ln in rendered.splitlines() if ln.startswith("ExecStartPost="))
-    argv = line.split("=", 1)[1].lstrip("-+").replace("%i", "web").split()
+    # The step's own command, without the shell that puts it in the background.
+    sh, dash_c, script, _argv0, instance = shlex.split(line.split("=", 1)[1].lstrip("-+"))
+    assert (sh, dash_c, instance) == ("/bin/sh", "-c", "%i") and script.endswith(" &")
+    argv = shlex.split(script.removesuffix(" &").replace('"$1"', "web"))
     if not isolated:
         argv.remove("-I")
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"

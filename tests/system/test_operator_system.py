@@ -160,6 +160,8 @@ def machines(ct: Container) -> dict[str, dict[str, Any]]:
 
 def test_machinectl_sees_the_vm_and_powers_it_off(ct: Container, qemu_unit_bin: Path) -> None:
     unit = "qemu-run@run.service"
+    # Registration runs in the background once the unit is active (ExecStartPost=... &).
+    wait_for("registered", lambda: "run" in machines(ct))
     found = machines(ct)
     assert found["run"]["class"] == "vm" and found["run"]["service"] == "qemu-unit", found
     main = prop(ct, unit, "MainPID")
@@ -176,8 +178,9 @@ def test_machinectl_sees_the_vm_and_powers_it_off(ct: Container, qemu_unit_bin: 
     wait_for("machine gone", lambda: "run" not in machines(ct))
     # Started again (a new leader), it is registered again.
     ct.systemctl("start", unit)
-    assert machines(ct)["run"]
-    assert f"Leader={prop(ct, unit, 'MainPID')}\n" in ct.run("machinectl", "show", "run").stdout
+    main = prop(ct, unit, "MainPID")
+    wait_for("registered again", lambda: f"Leader={main}\n" in ct.run(
+        "machinectl", "show", "run", check=False).stdout)
 
 
 def test_restart_after_runner_kill_replaces_stale_registration(ct: Container) -> None:
@@ -198,7 +201,8 @@ def test_restart_after_runner_kill_replaces_stale_registration(ct: Container) ->
 
     wait_for("restart", running_again, timeout=60)
     new = restarted[0]
-    assert f"Leader={new}\n" in ct.run("machinectl", "show", "run").stdout
+    wait_for("registration replaced", lambda: f"Leader={new}\n" in ct.run(
+        "machinectl", "show", "run", check=False).stdout)
 
 
 def test_vm_without_network_still_scores_safe(ct: Container) -> None:
