@@ -278,3 +278,31 @@ def test_guest_bytes_are_escaped_in_status_and_list(tree: Path) -> None:
     assert "  login: \\x1b]0;pwned\\x07" in text and "\\u009b31m red" in text
     # JSON escapes control characters by itself.
     assert "\x1b" not in overview.status_json(vm, [title])
+
+
+def test_unit_properties_shows_only_what_systemd_has_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes for any number of VMs: the loaded units (one D-Bus call), then
+    `systemctl show` of those only (it would load every unit it is given)."""
+    calls = tmp_path / "calls"
+    listing = {"type": "a(ssssssouso)", "data": [[
+        ["qemu-run@web.service", "VM web", "loaded", "active", "running", "",
+         "/org/freedesktop/systemd1/unit/x", 0, "", "/"]]]}
+    (tmp_path / "busctl").write_text(
+        f"#!/bin/sh\necho busctl \"$@\" >> {calls}\necho '{json.dumps(listing)}'\n")
+    (tmp_path / "systemctl").write_text(
+        f"#!/bin/sh\necho systemctl \"$@\" >> {calls}\n"
+        "printf 'Id=qemu-run@web.service\\nActiveState=active\\nMainPID=42\\n'\n")
+    for tool in ("busctl", "systemctl"):
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    units = [f"qemu-run@{n}.service" for n in ("web", "idle", "other")]
+    props = overview.unit_properties(units)
+    assert isinstance(props, dict)
+    assert props["qemu-run@web.service"]["MainPID"] == "42"
+    assert props["qemu-run@idle.service"] == {"Id": "qemu-run@idle.service",
+                                              **overview.NOT_LOADED}
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2 and "ListUnitsByPatterns" in lines[0]
+    assert lines[1].endswith("-- qemu-run@web.service")
