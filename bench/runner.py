@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -36,7 +37,14 @@ from qemu_unit.vm import domain, host  # noqa: E402
 from tests.support.container import Container  # noqa: E402
 from tests.support.guest import build_test_guest, cmdline  # noqa: E402
 from tests.support.venv import test_install  # noqa: E402
-from tests.support.vm import install_qemu_unit, stage_guest, vm_text, write_vm  # noqa: E402
+from tests.support.vm import (  # noqa: E402
+    install_qemu_unit,
+    put_file,
+    stage_guest,
+    vm_text,
+    wait_for,
+    write_vm,
+)
 
 BASE = Path("/var/lib/qemu-unit-bench")
 AS_USER = ["setpriv", "--reuid=qemu-run", "--regid=qemu-run", "--init-groups"]
@@ -241,6 +249,44 @@ def run_virt_qemu_run(vm: settings.VMConfig) -> dict[str, float]:
     return {"ready": ready, "stop": time.monotonic() - t}
 
 
+def journal_cursor(ct: Container) -> str:
+    out = ct.journal("-n", "0", "--show-cursor")
+    return out.rsplit("-- cursor: ", 1)[1].strip()
+
+
+def journal_phases(ct: Container, cursor: str, unit: str) -> dict[str, float]:
+    """One start and stop of UNIT from the journal after CURSOR (__MONOTONIC_TIMESTAMP: when
+    journald got each line), in seconds since systemd's "Starting" and "Stopping"."""
+    entries = []
+    for line in ct.journal("-o", "json", f"--after-cursor={cursor}",
+                           "--output-fields=MESSAGE,QEMU_UNIT_TRACE,UNIT,_SYSTEMD_UNIT"
+                           ).splitlines():
+        e = json.loads(line)
+        if unit in (e.get("UNIT"), e.get("_SYSTEMD_UNIT")):
+            entries.append((int(e["__MONOTONIC_TIMESTAMP"]) / 1e6, e))
+    marks: dict[str, float] = {}
+    for at, e in entries:
+        message = str(e.get("MESSAGE", ""))
+        key = e.get("QEMU_UNIT_TRACE") or (
+            "systemd: Starting" if message.startswith("Starting ") else
+            "systemd: Started (active)" if message.startswith("Started ") else
+            "systemd: Stopping" if message.startswith("Stopping ") else
+            "systemd: Stopped" if message.startswith("Stopped ") else
+            "machined registration done" if message.startswith("Registered with") else None)
+        if key:
+            marks.setdefault(key, at)
+    out = {}
+    for origin, keys in (("systemd: Starting", ("main", "created", "ready",
+                                                "systemd: Started (active)",
+                                                "machined registration done")),
+                         ("systemd: Stopping", ("stop-requested", "guest-stopped", "exit",
+                                                "systemd: Stopped"))):
+        for key in keys:
+            if origin in marks and key in marks:
+                out[f"{key} (since {origin[9:]})"] = marks[key] - marks[origin]
+    return out
+
+
 def run_systemd(qemu_unit: Path, rounds: int) -> dict[str, float]:
     names = [f"b{i}" for i in range(10)]
 
@@ -252,15 +298,29 @@ def run_systemd(qemu_unit: Path, rounds: int) -> dict[str, float]:
     out: dict[str, float] = {}
     with Container("bench", prepare) as ct:
         install_qemu_unit(ct, qemu_unit)
+        # The runner's trace lines (-v) for this one VM: the journal lines them up with
+        # systemd's own messages on one clock.
+        put_file(ct, "/etc/systemd/system/qemu-run@bench.service.d/90-trace.conf",
+                 f"[Service]\nExecStart=\nExecStart={qemu_unit} -v run %i\n")
+        ct.systemctl("daemon-reload")
         ct.systemctl("start", "qemu-run@bench")  # warms the host's capability cache
         ct.systemctl("stop", "qemu-run@bench")
-        starts = []
+        starts, stops, phases = [], [], []
         for _ in range(rounds):
+            cursor = journal_cursor(ct)
             t = time.monotonic()
             ct.systemctl("start", "qemu-run@bench")
             starts.append(time.monotonic() - t)
+            wait_for("guest boot", lambda c=cursor: BOOTED in ct.journal(  # type: ignore
+                "-u", "qemu-run@bench", "-o", "cat", f"--after-cursor={c}"))
+            t = time.monotonic()
             ct.systemctl("stop", "qemu-run@bench")
+            stops.append(time.monotonic() - t)
+            phases.append(journal_phases(ct, cursor, "qemu-run@bench.service"))
         out["systemctl start"] = statistics.median(starts)
+        out["systemctl stop"] = statistics.median(stops)
+        for key in phases[0]:
+            out[f"journal {key}"] = statistics.median(p[key] for p in phases if key in p)
         t = time.monotonic()
         ct.systemctl("start", *(f"qemu-run@{n}" for n in names), timeout=300)
         out["ten VMs"] = time.monotonic() - t
