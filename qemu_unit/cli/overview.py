@@ -1,9 +1,10 @@
 """`qemu-unit list` and `qemu-unit status NAME`: what VMs exist and what they are doing.
 
 One record per VM, from three places, each asked once: the search path (source,
-settings), systemd (`systemctl show` properties of every unit in one call, never
-its human output) and the runner's status file (status.py). No libvirt: a VM's
-own runner holds its embed root, nobody else may open it.
+settings), systemd (the qemu-run@ units it has loaded, in one D-Bus call, then
+`systemctl show` properties of those in one call, never its human output) and the
+runner's status file (status.py). No libvirt: a VM's own runner holds its embed root,
+nobody else may open it.
 
 The JSON form is stable and described by docs/qemu-unit.schema.json; fields are
 only ever added (and `version` raised when a meaning changes).
