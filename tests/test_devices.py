@@ -89,5 +89,31 @@ def test_a_seed_mounts_each_share_at_mnt_tag() -> None:
     commands = json.loads(body)["bootcmd"]
     assert len(commands) == 2
     assert "data /mnt/data virtiofs defaults,nofail 0 0" in commands[0]
+    assert "isos /mnt/isos virtiofs ro,defaults,nofail 0 0" in commands[1]
     assert "mount /mnt/isos" in commands[1]
     assert "vendor-data" not in seed.from_vm(vm_of("[VM]\nHostname=web\n")).files()
+
+
+def test_share_mount_moves_a_share_and_is_checked() -> None:
+    import json
+
+    from qemu_unit.vm import seed
+
+    vm = vm_of("[VM]\nHostname=web\nShare=/srv/a:data\nShare=/srv/b:isos:ro\n"
+               "ShareMount=isos:/srv/iso-images\n")
+    assert [s.mount_point for s in vm.shares] == ["/mnt/data", "/srv/iso-images"]
+    commands = json.loads(seed.from_vm(vm).files()["vendor-data"].decode().partition("\n")[2])
+    assert "isos /srv/iso-images virtiofs ro,defaults,nofail 0 0" in commands["bootcmd"][1]
+    assert "mount /srv/iso-images" in commands["bootcmd"][1]
+    for text, message in (
+        ("ShareMount=other:/x", "no Share= has that tag"),
+        ("ShareMount=data:/x\nShareMount=data:/y", "already has a mount point"),
+        ("ShareMount=data:/x\nShareMount=isos:/x", "mount point /x is already used"),
+        ("ShareMount=data:relative", "invalid mount point"),
+        ("ShareMount=data:/a/../etc", "invalid mount point"),
+        ("ShareMount=data:/a b", "invalid mount point"),
+        ("ShareMount=data:/a';reboot;'", "invalid mount point"),
+        ("ShareMount=/x", "expected TAG:/PATH"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            vm_of(f"[VM]\nShare=/srv/a:data\nShare=/srv/b:isos\n{text}\n")

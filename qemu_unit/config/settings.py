@@ -16,7 +16,7 @@ import functools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -185,6 +185,12 @@ class Share:
     tag: str
     readonly: bool = False
     entry: Entry | None = field(default=None, compare=False, repr=False)
+    mount: str | None = None  # ShareMount=: where a cloud-init guest mounts it
+
+    @property
+    def mount_point(self) -> str:
+        """Where a guest with a cloud-init seed mounts the share."""
+        return self.mount or f"/mnt/{self.tag}"
 
 
 @dataclass(frozen=True)
@@ -791,15 +797,42 @@ def parse_share(value: str, entry: Entry) -> Share:
     return Share(parse_path(path, entry), tag, option == "ro", entry)
 
 
+# A guest mount point goes into an fstab line and a shell command: nothing to quote.
+_MOUNT_PATH = r"(/[A-Za-z0-9_.@+-]+)+"
+
+
+def parse_share_mount(value: str, entry: Entry) -> tuple[str, str]:
+    """TAG:PATH."""
+    tag, colon, path = value.partition(":")
+    if not colon or not re.fullmatch(_SHARE_TAG, tag):
+        raise _fail(entry, f"invalid share mount {value!r}: expected TAG:/PATH")
+    if not re.fullmatch(_MOUNT_PATH, path) or any(
+            part in (".", "..") for part in path.split("/")):
+        raise _fail(entry, f"invalid mount point {path!r}: expected an absolute path of "
+                           "A-Z a-z 0-9 _ . @ + - without . or .. components")
+    return tag, path
+
+
 def _shares(a: _Assignments) -> tuple[Share, ...]:
-    """Share=, each tag once."""
+    """Share=, each tag once, with its ShareMount= (each tag and mount point once)."""
     seen: dict[str, Entry] = {}
     for share, entry in a.lists.get("Share", []):
         if share.tag in seen:
             raise _fail(entry, f"share tag {share.tag} is already used (line "
                                f"{seen[share.tag].line})")
         seen[share.tag] = entry
-    return tuple(a.values("Share"))
+    mounts: dict[str, str] = {}
+    points: dict[str, Entry] = {}
+    for (tag, path), entry in a.lists.get("ShareMount", []):
+        if tag not in seen:
+            raise _fail(entry, f"ShareMount= names {tag}, but no Share= has that tag")
+        if tag in mounts:
+            raise _fail(entry, f"share {tag} already has a mount point ({mounts[tag]})")
+        if path in points:
+            raise _fail(entry, f"mount point {path} is already used (line "
+                               f"{points[path].line})")
+        mounts[tag], points[path] = path, entry
+    return tuple(replace(share, mount=mounts.get(share.tag)) for share in a.values("Share"))
 
 
 def _disk_path(disk: Disk) -> Path:
@@ -1216,13 +1249,24 @@ SETTINGS: tuple[Setting, ...] = (
         "confined to HOSTDIR without network; it starts before the VM and never outlives "
         "it, and its socket is reachable by the VM's user only. With :ro the directory is "
         "mounted read-only for the daemon, so no guest write reaches it. The VM gets "
-        "shared memory (memfd). A guest with a cloud-init seed mounts each share at "
-        "/mnt/TAG; any other Linux guest mounts it with mount -t virtiofs TAG /mnt/TAG "
-        "(module virtiofs). HOSTDIR must exist when the VM starts. May be repeated, each "
-        "tag once.",
+        "shared memory (memfd). A guest with a cloud-init seed (see UserData=) mounts "
+        "each share at /mnt/TAG, or where ShareMount= says, at every boot. Any other Linux "
+        "guest (kernel module virtiofs, Linux 5.4 or later) mounts it itself: once with "
+        "mount -t virtiofs TAG /mnt/TAG, or at every boot with the /etc/fstab line "
+        "TAG /mnt/TAG virtiofs defaults,nofail 0 0 (add ro for a :ro share); Windows "
+        "guests need virtio-win's virtiofs service. HOSTDIR must exist when the VM starts. "
+        "May be repeated, each tag once.",
         repeatable=True,
         specifiers=True,
         collect=lambda a: _shares(a),
+    ),
+    Setting(
+        "ShareMount", "shares", parse_share_mount, None, "TAG:PATH",
+        "Where a guest with a cloud-init seed mounts the share TAG (a Share= tag) instead "
+        "of /mnt/TAG: an absolute path of A-Z a-z 0-9 _ . @ + -, made if missing. The seed's "
+        "vendor-data writes an /etc/fstab line and mounts it at every boot. May be "
+        "repeated, each tag and each path once; a guest without a seed ignores it.",
+        repeatable=True,
     ),
     Setting(
         "UserData", "user_data", parse_path, None, "PATH",

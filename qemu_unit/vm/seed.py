@@ -3,7 +3,7 @@
 It holds `meta-data` (a stable instance-id, the hostname, the SSH keys as
 `public-keys`), `user-data` (the UserData= file as is, else an empty
 cloud-config), with NetworkConfig= `network-config`, and with Share= `vendor-data`
-that mounts each share at /mnt/TAG. The keys go into
+that mounts each share at /mnt/TAG or its ShareMount=. The keys go into
 meta-data, not user-data, so that a user's own cloud-config needs no merging:
 cloud-init installs a NoCloud source's public-keys for the default user.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,8 @@ class Seed:
     ssh_keys: tuple[str, ...] = ()
     user_data: bytes | None = None  # None: an empty cloud-config
     network_config: bytes | None = None
-    shares: tuple[str, ...] = ()  # virtio-fs tags, mounted at /mnt/TAG
+    # virtio-fs shares: (tag, mount point, read-only)
+    shares: tuple[tuple[str, str, bool], ...] = ()
 
     def files(self) -> dict[str, bytes]:
         """The seed's files by name (meta-data is JSON, which YAML reads)."""
@@ -58,18 +60,21 @@ class Seed:
         return files
 
 
-def _mount_shares(tags: tuple[str, ...]) -> bytes:
+def _mount_shares(shares: tuple[tuple[str, str, bool], ...]) -> bytes:
     """vendor-data (so the user's own user-data needs no merging) mounting each share.
 
     Not cloud-init's `mounts`: its 22.4 takes a bare TAG for a device name (/dev/TAG) and
-    skips it. bootcmd runs at every boot: an fstab line once, then the mount.
+    skips it. bootcmd runs at every boot: the fstab line once (a changed mount point
+    replaces the tag's old line), then the mount.
     """
     commands = []
-    for tag in tags:  # A-Z a-z 0-9 _ . - only: nothing to quote
-        line = f"{tag} /mnt/{tag} virtiofs defaults,nofail 0 0"
-        commands.append(f"mkdir -p /mnt/{tag} && (grep -q '^{tag} /mnt/{tag} ' /etc/fstab "
-                        f"|| echo '{line}' >>/etc/fstab) && (mountpoint -q /mnt/{tag} "
-                        f"|| mount /mnt/{tag})")
+    # Tags are A-Z a-z 0-9 _ . - and mount points also / @ + (settings): nothing to quote.
+    for tag, point, readonly in shares:
+        line = f"{tag} {point} virtiofs {'ro,' if readonly else ''}defaults,nofail 0 0"
+        commands.append(f"mkdir -p {point} && (grep -qxF '{line}' /etc/fstab || "
+                        f"(sed -i '/^{re.escape(tag)} .* virtiofs /d' /etc/fstab && "
+                        f"echo '{line}' >>/etc/fstab)) && (mountpoint -q {point} || "
+                        f"mount {point})")
     return b"#cloud-config\n" + json.dumps({"bootcmd": commands}, indent=1).encode() + b"\n"
 
 
@@ -100,7 +105,7 @@ def from_vm(vm: VMConfig) -> Seed:
         user_data=_read(vm.user_data, vm, "UserData") if vm.user_data else None,
         network_config=(_read(vm.network_config, vm, "NetworkConfig")
                         if vm.network_config else None),
-        shares=tuple(s.tag for s in vm.shares),
+        shares=tuple((s.tag, s.mount_point, s.readonly) for s in vm.shares),
     )
 
 

@@ -40,6 +40,7 @@ LOAD_SECRET = "load-secret-93d2a7c4"
 HOSTNAME = "cloudy"
 TPM_SECRET = "tpm-secret-5e0d2c71"
 SHARE = DATA / "share"
+DOCS = DATA / "docs"
 
 
 def _free_port() -> int:
@@ -80,6 +81,8 @@ SetCredential=test.set:{SET_SECRET}
 LoadCredential=test.load
 TPM=yes
 Share={SHARE}:data
+Share={DOCS}:docs:ro
+ShareMount=docs:/srv/docs
 
 [Service]
 LoadCredential=test.load:{DATA}/load-secret
@@ -106,6 +109,8 @@ def prepare(upper: Path) -> None:
     share = upper / SHARE.relative_to("/")
     share.mkdir()
     (share / "hello").write_text("hello from the host\n")
+    (upper / DOCS.relative_to("/")).mkdir()
+    (upper / DOCS.relative_to("/") / "readme").write_text("read-only docs\n")
     base = f"Image={DATA}/base.qcow2\nAccel=tcg\nRestrictNetwork=yes\n"
     write_vm(upper, "cloud", cloud_vm(image))
     write_vm(upper, "eph", f"[VM]\n{base}Ephemeral=yes\nShutdownTimeout=1s\n")
@@ -188,6 +193,10 @@ def test_first_boot_cloud_init_ssh_credentials(ct: Container) -> None:
     SEEN["host key"] = host_key(ct)
     # Share=: cloud-init mounted it at /mnt/data; a file from the host reads in the guest.
     assert ssh(ct, "cat /mnt/data/hello").stdout == "hello from the host\n"
+    # ShareMount=: a :ro share at the path it names, read-only in the guest too.
+    assert ssh(ct, "cat /srv/docs/readme; findmnt -no FSTYPE,SOURCE /srv/docs; "
+                   "findmnt -no OPTIONS /srv/docs | tr , '\\n' | grep -x ro").stdout == (
+        "read-only docs\nvirtiofs docs\nro\n")
     # TPM=: a secret sealed to the guest's TPM, kept on the share (reset removes the overlay).
     assert ssh(ct, "test -c /dev/tpmrm0 && echo tpm").stdout == "tpm\n"
     ssh(ct, f"printf {TPM_SECRET} | sudo systemd-creds encrypt --with-key=tpm2 "
