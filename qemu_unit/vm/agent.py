@@ -29,9 +29,11 @@ COMMAND_TIMEOUT = 20
 # The longest agent reply taken (JSON text); file reads ask for at most CHUNK bytes.
 CHUNK = 1024 * 1024
 MAX_REPLY = 2 * CHUNK
-# Bytes per guest-file-write (and the most input-data given to guest-exec). qemu-ga 7.2
-# (Debian 12) never answered a request of 333 KB of JSON text (a 250,000-byte write),
-# idle or loaded, while 187 KB (140,000 bytes) took 0.2 s: requests stay near 128 KiB.
+# Bytes per guest-file-write (and the most input-data given to guest-exec). With libvirt
+# 9.0 and qemu-ga 7.2 (Debian 12) a request of 333 KB of JSON text (a 250,000-byte write)
+# was never answered, idle or loaded, while 187 KB (140,000 bytes) took 0.2 s; the socket's
+# send buffer (net.core.wmem_default, 212,992 bytes) lies between: a request that does not
+# fit in one write() to the agent's socket stalls. Requests stay near 128 KiB.
 WRITE_CHUNK = 96 * 1024
 # Attempts of one positioned file read or write whose answer did not come in time.
 ATTEMPTS = 3
