@@ -80,6 +80,7 @@ UNSUPPORTED = {
     "TPM": "not converted (KubeVirt: spec.domain.devices.tpm with persistent: true)",
     "SecureBoot": "not converted (KubeVirt: firmware.bootloader.efi.secureBoot with SMM)",
     "Share": "a host directory: KubeVirt shares volumes (PVC, ConfigMap) through virtiofs",
+    "ShareMount": "goes with Share=: the guest mounts KubeVirt's virtiofs volumes itself",
     # Image= URLs (issue 17): CDI imports a URL itself, without these checks.
     "ImageChecksum": "CDI's http import checks no digest",
     "ImageChecksums": "CDI's http import reads no sums file",
