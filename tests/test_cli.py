@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu_unit.cli import arguments
 from qemu_unit.cli import commands as cli
 from qemu_unit.config import domainxml
 from qemu_unit.config.settings import Accel
@@ -110,3 +111,17 @@ def test_validate_does_not_depend_on_this_hosts_kvm(
     (tmp_path / "k.vm").write_text("[VM]\nAccel=kvm\n")
     assert cli.validate(["k"], [tmp_path]) == []
     assert Accel.KVM == "kvm"
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "web"], ["-v", "run", "web", "--shutdown-timeout", "5", "--config-dir", "/d"],
+    ["--user", "console", "web", "--read-only"], ["list", "--json"], ["status", "web", "-n", "3"],
+    ["image", "pull", "http://x/y.qcow2", "--checksum", "sha256:00"], ["image", "list"],
+    ["register-machine", "web"], ["reset", "web"],
+])
+def test_the_one_command_parser_reads_argv_as_the_whole_one(argv: list[str]) -> None:
+    """main() builds only the named command's parser (the runner's start-up): same result."""
+    command = arguments.command_of(argv)
+    assert command is not None
+    assert (arguments.build_parser(command).parse_args(argv)
+            == arguments.build_parser().parse_args(argv))

@@ -7,6 +7,8 @@ cli.py runs it; manpages.py renders qemu-unit(1) from it without importing cli
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import Any
 
 from qemu_unit.config.source import DEFAULT_PATH, PATH_ENV
 from qemu_unit.paths import CONFIG_DIR
@@ -18,7 +20,38 @@ DESCRIPTION = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unused:
+    """Stands in for the parser of a command this run does not need: every call is
+    accepted and ignored (add_argument, add_subparsers, add_parser, ...)."""
+
+    def __getattr__(self, _name: str) -> Any:
+        return self._ignore
+
+    def _ignore(self, *_args: Any, **_kwargs: Any) -> Any:
+        return self
+
+
+class _Only:
+    """The subcommands action, building the parser of ONLY and no other: argparse builds
+    each parser in full (all of them took 7-11 ms at every start of the runner, most of it
+    gettext looking for catalogs; bench/runner.py)."""
+
+    def __init__(self, sub: Any, only: str) -> None:
+        self.sub, self.only = sub, only
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        return self.sub.add_parser(name, **kwargs) if name == self.only else _Unused()
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command ARGV names: its first word that is not an option (the top-level
+    options take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ONLY: just that command's parser (None: all, for --help,
+    an unknown command and the man page)."""
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument(
@@ -29,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "state, logs and cache in the user's XDG directories), as systemctl --user; without "
         "it, the system's VMs (/etc/qemu-run), for every caller",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub: Any = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if only is not None:
+        sub = _Only(sub, only)
 
     def config_dir(p: argparse.ArgumentParser) -> None:
         p.add_argument(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qemu_unit import log, paths
-from qemu_unit.cli.arguments import build_parser
+from qemu_unit.cli.arguments import build_parser, command_of
 from qemu_unit.errors import ConfigError, QemuUnitError
 
 
@@ -306,7 +306,9 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = command_of(words)
+    args = build_parser(command if command in COMMANDS else None).parse_args(words)
     log.setup(verbose=args.verbose)
     log.trace("main")
     if args.user and os.geteuid() == 0:
