@@ -259,7 +259,7 @@ def journal_phases(ct: Container, cursor: str, unit: str) -> dict[str, float]:
     journald got each line), in seconds since systemd's "Starting" and "Stopping"."""
     entries = []
     for line in ct.journal("-o", "json", f"--after-cursor={cursor}",
-                           "--output-fields=MESSAGE,QEMU_UNIT_TRACE,UNIT,_SYSTEMD_UNIT"
+                           "--output-fields=MESSAGE,QEMU_UNIT_TRACE,UNIT,_SYSTEMD_UNIT,_PID"
                            ).splitlines():
         e = json.loads(line)
         if unit in (e.get("UNIT"), e.get("_SYSTEMD_UNIT")):
@@ -267,12 +267,15 @@ def journal_phases(ct: Container, cursor: str, unit: str) -> dict[str, float]:
     marks: dict[str, float] = {}
     for at, e in entries:
         message = str(e.get("MESSAGE", ""))
+        if e.get("_PID") != "1":  # not systemd's own line: the runner's "Started VM ..."
+            message = "runner: " + message
         key = e.get("QEMU_UNIT_TRACE") or (
             "systemd: Starting" if message.startswith("Starting ") else
             "systemd: Started (active)" if message.startswith("Started ") else
             "systemd: Stopping" if message.startswith("Stopping ") else
             "systemd: Stopped" if message.startswith("Stopped ") else
-            "machined registration done" if message.startswith("Registered with") else None)
+            "machined registration done" if message.startswith("runner: Registered with")
+            else None)
         if key:
             marks.setdefault(key, at)
     out = {}
