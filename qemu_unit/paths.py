@@ -23,6 +23,8 @@ from pathlib import Path
 
 # The user the unit runs as; the runner becomes it when root starts it by hand.
 SERVICE_USER = "qemu-run"
+# Each VM's own user (DynamicUser=) is this and its name (generator.dynamic_user).
+DYNAMIC_USER_PREFIX = "qemu-vm-"
 # The project's directory name below /etc, /run, /var/lib, /var/cache, /var/log, XDG dirs.
 PROJECT_DIR = "qemu-run"
 UNIT_PREFIX = "qemu-run@"
@@ -122,6 +124,11 @@ BASE_RECORD = "image.base"  # what the base looked like when the overlay was mad
 
 CONSOLE_LOG = "console.log"
 PROBE_LOCK = "probe.lock"  # serialises QEMU's capability probe on a cold cache
+# The unit that probes QEMU's capabilities into SYSTEM_CACHE once per host (vm/caps.py),
+# and each VM's own copy of them, in its state directory.
+CAPS_UNIT = "qemu-unit-caps.service"
+CAPS_COPY = "capabilities-copy"
+CAPABILITIES = Path("qemu") / "capabilities"  # below a cache directory, as libvirt keeps it
 
 
 # TPM=: swtpm's state, kept by libvirt's embed driver in ROOT/lib/swtpm/UUID/ (ROOT/lib
@@ -199,9 +206,15 @@ def finalize_dirs(name: str) -> Dirs:
         state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local/state") / PROJECT_DIR
         cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / PROJECT_DIR
         root = root or private_runtime_dir() / PROJECT_DIR / name
-    state_dir = _first("STATE_DIRECTORY") or state / name
+    unit_state = _first("STATE_DIRECTORY")
+    state_dir = unit_state or state / name
     # Unprivileged, the logs live in the VM's state directory, wherever that was put.
     logs = SYSTEM_LOGS / name if os.geteuid() == 0 else state_dir
+    if unit_state is not None and "CACHE_DIRECTORY" not in os.environ:
+        # Under the unit: the VM's own copy of the shared cache (caps.seed), made afresh in
+        # its runtime directory at each start (~80 KB): a full state disk stays the
+        # runner's "No space left" error, not a failed capability probe.
+        cache = root / CAPS_COPY
     return Dirs(
         state=state_dir,
         root=root,

@@ -18,7 +18,7 @@ import pytest
 
 from qemu_unit import paths
 from qemu_unit.cli import commands as cli
-from qemu_unit.config import settings
+from qemu_unit.config import files, settings
 from qemu_unit.config.unitfile import parse
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.generator import convert
@@ -362,10 +362,10 @@ def test_a_secret_in_a_file_others_can_read_is_refused_without_echo(tmp_path: Pa
         settings.load_vm(src)
     message = str(info.value)
     assert message == (f"{vm_file}:3: SetCredential=: SetCredential= in a file other users "
-                       "can read: chmod o-r it (root and the VM's user only, e.g. 0640 "
-                       "root:qemu-run), or keep the value in a file of its own named by "
+                       "can read: chmod 0600 it (root only; the unit hands it to the VM as a "
+                       "credential), or keep the value in a file of its own named by "
                        "LoadCredential=")
-    vm_file.chmod(0o640)
+    vm_file.chmod(0o600)
     assert settings.load_vm(src).credentials[0].value == SECRET
     # A drop-in is a file of its own.
     dropin = etc / "web.vm.d" / "secret.conf"
@@ -400,3 +400,35 @@ def test_credential_errors_never_show_the_value(line: str) -> None:
         vm_of(f"[VM]\n{line}\n")
     assert SECRET not in str(info.value)
     assert info.value.key == "SetCredential"
+
+
+def test_a_root_only_vm_file_reaches_the_runner_as_a_credential(tmp_path: Path) -> None:
+    # Each VM runs as a user of its own, which cannot read a 0600 root file: the generator
+    # hands it over with LoadCredential=, the runner reads that copy.
+    etc = tmp_path / "etc"
+    etc.mkdir(mode=0o755)
+    vm_file = etc / "web.vm"
+    vm_file.write_text(f"[VM]\nMemory=1G\nSetCredential=dbpass:{SECRET}\n")
+    vm_file.chmod(0o600)
+    vm = settings.load_vm(settings.Source("web", "vm", vm_file))
+    cred_id = files.credential_id(vm_file)
+    assert ("LoadCredential", f"{cred_id}:{vm_file}") in convert.implied_service(
+        vm, convert.host_needs(vm))
+    creds = tmp_path / "creds"
+    creds.mkdir(mode=0o755)
+    (creds / cred_id).write_text(vm_file.read_text())
+    (creds / cred_id).chmod(0o644)
+    tmp_path.chmod(0o755)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+            "from qemu_unit.config import settings; "
+            "vm = settings.load_vm(settings.Source('web', 'vm', Path(sys.argv[2]))); "
+            "print(vm.memory)")
+    repo = str(Path(__file__).parent.parent)
+    run = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+           "/usr/bin/python3", "-I", "-c", code, repo, str(vm_file)]
+    as_vm_user = subprocess.run(run, env={"CREDENTIALS_DIRECTORY": str(creds)},
+                                capture_output=True, text=True, timeout=60, check=False)
+    assert as_vm_user.stdout.strip() == str(1024**3), as_vm_user.stderr
+    without = subprocess.run(run, env={}, capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert "Permission denied" in without.stderr and SECRET not in without.stderr

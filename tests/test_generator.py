@@ -615,6 +615,9 @@ def test_systemd_applies_the_dropin(tmp_path: Path) -> None:
     assert re.search(r"✓ CapabilityBoundingSet=~CAP_NET_ADMIN", net)
     assert re.search(r"✗ CapabilityBoundingSet=~CAP_NET_ADMIN", bridge)
     assert re.search(r"✗ NoNewPrivileges=", bridge)
+    # A user of its own per VM, except where a tap or the bridge helper needs qemu-run.
+    assert re.search(r"✓ User=/DynamicUser=\s+Service runs under a transient", net)
+    assert re.search(r"✓ User=/DynamicUser=\s+Service runs under a static", bridge)
 
 
 # The .vm corpus and its generator assertions
@@ -887,7 +890,7 @@ def test_unit_and_service_lines_keep_their_order() -> None:
     body = dropin[dropin.index("[Unit]"):]
     assert body == (
         "[Unit]\nSourcePath=/etc/qemu-run/order.vm\nDescription=a\n\n"
-        "[Service]\nTimeoutStopSec=70\nExecStartPre=bin/x\n\n"
+        "[Service]\nTimeoutStopSec=70\nUser=qemu-vm-order\nExecStartPre=bin/x\n\n"
         "[Unit]\nAfter=b.service\n\n[Service]\nNice=1\n"
     )
 
@@ -927,3 +930,16 @@ def test_a_symlink_is_followed_only_where_root_alone_writes(tmp_path: Path) -> N
     private.mkdir(mode=0o755)
     (private / "web.xml").symlink_to(secret)  # root's own link: followed
     assert files.read_limited(private / "web.xml", files.DOMAIN_XML_MAX).startswith(b"<domain")
+
+
+@pytest.mark.parametrize(("name", "user"), [
+    ("web", "qemu-vm-web"),
+    ("a" * 22, "qemu-vm-" + "a" * 22),
+    ("a" * 23, "qemu-vm-"),  # 31 characters at most: a hash
+    ("base@inst", "qemu-vm-"),  # '@' and '.' are not in systemd's user names
+    ("my.vm", "qemu-vm-"),
+])  # fmt: skip
+def test_each_vm_gets_a_user_of_its_own(name: str, user: str) -> None:
+    got = convert.dynamic_user(name)
+    assert got.startswith(user) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,30}", got)
+    assert got != convert.dynamic_user(name + "x")

@@ -17,6 +17,8 @@ def test_install_and_uninstall_under_a_root(tmp_path: Path) -> None:
     assert lay.unit == tmp_path / "usr/local/lib/systemd/system/qemu-run@.service"
     exec_start = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     assert exec_start == [f"ExecStart={install.finalize_command()} run %i"]
+    caps = lay.caps_unit.read_text()
+    assert f"ExecStart={install.finalize_command()} prepare-caps\n" in caps
     assert lay.generator.read_text().startswith(f"#!{sys.executable} -IB\n")
     assert lay.generator.stat().st_mode & 0o111
     assert "u qemu-run" in lay.sysusers.read_text()

@@ -34,6 +34,7 @@ MAN_PAGES = (
 INSTALLED = (
     "usr/bin/qemu-unit",
     "usr/lib/systemd/system/qemu-run@.service",
+    "usr/lib/systemd/system/qemu-unit-caps.service",
     "usr/lib/systemd/system-generators/qemu-unit-generator",
     # Rootless VMs: the template and generator of users' managers (systemctl --user).
     "usr/lib/systemd/user/qemu-run@.service",
@@ -193,7 +194,8 @@ def test_deb_unit_and_entry_points(deb: Built) -> None:
     unit = unitfile.read(deb.tree / "usr/lib/systemd/system/qemu-run@.service")
     service = [(e.key, e.value) for e in unit.entries if e.section == "Service"]
     assert [v for k, v in service if k == "ExecStart"] == ["/usr/bin/qemu-unit run %i"]
-    assert [v for k, v in service if k == "User"] == ["qemu-run"]
+    assert [v for k, v in service if k == "DynamicUser"] == ["yes"]
+    assert (deb.tree / "usr/lib/systemd/system/qemu-unit-caps.service").is_file()
     generator = (deb.tree / "usr/lib/systemd/system-generators/qemu-unit-generator").read_text()
     assert generator.startswith("#!/usr/bin/python3 -IB\n")
     assert (deb.tree / "usr/bin/qemu-unit").read_text().startswith("#!/usr/bin/python3\n")

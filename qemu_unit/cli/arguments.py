@@ -99,10 +99,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Attach the terminal to the serial console of the running VM NAME, as "
         "virsh console does: what the guest prints appears here (and still goes to the "
         "journal and console.log as before), what is typed goes to the guest. Detach with "
-        "Ctrl-]. Several terminals may attach at once. Allowed for root and the VM's user "
-        "(qemu-run); a terminal that does not keep up with the guest is disconnected rather "
-        "than slowing the guest down. Exits 0 on detach, 1 when the console closes (the VM "
-        "stopped, or this client was cut off) or cannot be reached.",
+        "Ctrl-]. Several terminals may attach at once. Allowed for root and the VM's own "
+        "user (qemu-vm-NAME); a terminal that does not keep up with the guest is "
+        "disconnected rather than slowing the guest down. Exits 0 on detach, 1 when the "
+        "console closes (the VM stopped, or this client was cut off) or cannot be reached.",
     )
     p.add_argument("name", metavar="NAME", help="the VM, as in qemu-run@NAME.service")
     p.add_argument(
@@ -219,6 +219,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "a VM that cannot be registered still runs, and a warning says why.",
     )
     p.add_argument("name", metavar="NAME")
+
+    sub.add_parser(
+        "prepare-caps",
+        help="probe QEMU's capabilities once for every VM (qemu-unit-caps.service does this)",
+        description="Make the shared QEMU capability cache (/var/cache/qemu-run) current, "
+        "probing QEMU when it is cold or stale, and readable by every VM's user. "
+        "qemu-unit-caps.service runs this as the user qemu-run before the first VM starts; "
+        "each VM copies the cache into its own state directory and never writes the shared "
+        "one.",
+    )
 
     p = sub.add_parser(
         "reset",

@@ -39,7 +39,7 @@ def find_socket(name: str, user: bool = False) -> Path:
         if e.code == "denied":
             raise QemuUnitError(
                 f"cannot attach to the console of {name}: permission denied: only root and the "
-                f"VM's user (qemu-run) may attach", path=e.path,
+                f"VM's own user (qemu-vm-{name}) may attach", path=e.path,
             ) from None
         raise QemuUnitError(f"VM {name} is not running, or has no console (Console=none): "
                             f"no {e.socket}") from None
@@ -78,8 +78,9 @@ def attach(name: str, read_only: bool = False, stdin: int = 0, stdout: int = 1,
     try:
         sock.connect(os.fspath(path))
     except PermissionError:
-        raise QemuUnitError(f"cannot attach to the console of {name}: permission denied: only "
-                            f"root and the VM's user (qemu-run) may attach", path=path) from None
+        raise QemuUnitError(f"cannot attach to the console of {name}: permission denied: "
+                            f"only root and the VM's own user (qemu-vm-{name}) may attach",
+                            path=path) from None
     except OSError as e:
         raise QemuUnitError(f"VM {name} is not running: {e.strerror}", path=path) from None
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -131,6 +131,16 @@ def cmd_register_machine(args: argparse.Namespace) -> int:
     return machine.register_from_unit(args.name)
 
 
+def cmd_prepare_caps(args: argparse.Namespace) -> int:
+    from qemu_unit.vm import caps, runner
+
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if not runtime:
+        raise QemuUnitError("prepare-caps runs in qemu-unit-caps.service (no RUNTIME_DIRECTORY)")
+    shared = Path(os.environ.get("CACHE_DIRECTORY") or caps.SHARED)
+    return runner.prepare_caps(Path(runtime), shared)
+
+
 def cmd_reset(args: argparse.Namespace) -> int:
     from qemu_unit.config.names import check_name
     from qemu_unit.vm import image
@@ -248,24 +258,16 @@ def cmd_kube(args: argparse.Namespace) -> int:
 
 
 def write_config(path: Path, data: bytes) -> None:
-    """Write a file of the search path; one holding SetCredential= values readable by root
-    and the VM's user only (settings.check_secret_files refuses anything else)."""
-    import shutil
-
-    from qemu_unit import paths
-
+    """Write a file of the search path; one holding SetCredential= values root's alone
+    (settings.check_secret_files refuses anything else; the unit hands it to the VM's
+    runner as a credential)."""
     secret = b"SetCredential=" in data
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o640 if secret else 0o644)
+                 0o600 if secret else 0o644)
     with os.fdopen(fd, "wb") as f:
         if secret:
-            os.fchmod(f.fileno(), 0o640)
+            os.fchmod(f.fileno(), 0o600)
         f.write(data)
-    if secret and os.geteuid() == 0:
-        try:
-            shutil.chown(path, group=paths.SERVICE_USER)
-        except LookupError:
-            os.chmod(path, 0o600)  # no qemu-run group (yet): root's alone
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -295,6 +297,7 @@ COMMANDS = {
     "list": cmd_list,
     "status": cmd_status,
     "register-machine": cmd_register_machine,
+    "prepare-caps": cmd_prepare_caps,
     "reset": cmd_reset,
     "image": cmd_image,
     "auto-update": cmd_auto_update,

@@ -517,13 +517,28 @@ it becomes active once the guest runs (or, with
 once the guest prints a matching line), and its status line says what the
 machine is doing.
 .PP
-The machine runs as the unprivileged system user
-.BR qemu\-run ,
-a member of group
+Each machine runs as a user of its own,
+.BR qemu\-vm\- NAME
+.RB ( DynamicUser= ;
+a hash of NAME where that is no valid user name; template instances without a file of
+their own share
+.BR qemu\-vm ),
+in group
 .B kvm
 so that it may open
-.IR /dev/kvm .
-Both are created from
+.IR /dev/kvm :
+no machine can open another machine's files or sockets.
+Machines with
+.B Network=tap
+or
+.B Network=bridge
+run as the system user
+.B qemu\-run
+instead (a tap belongs to one user; the bridge helper is setuid).
+.B qemu\-run
+and
+.B kvm
+are created from
 .IR /usr/lib/sysusers.d/qemu\-unit.conf .
 QEMU stays inside the unit's control group:
 .B systemctl status qemu\-run@web
@@ -538,9 +553,9 @@ The unit is sandboxed: among others
 no capabilities, and
 .B PrivateNetwork=yes
 for machines without a network.
-Disk images the guest writes belong to the user
-.B qemu\-run
-and live in the state directory or anywhere else: the generator opens each writable
+Disk images the guest writes live in the state directory (systemd hands it to the
+machine's user at each start) or anywhere else, readable and writable by the
+machine's user: the generator opens each writable
 disk of a VM with
 .BR ReadWritePaths= ,
 and the
@@ -616,7 +631,10 @@ for the whole search path.
 .IR /var/lib/qemu\-run/ NAME
 Persistent state
 .RB ( StateDirectory= ):
-UEFI variables (NVRAM) and libvirt's state for the machine.
+UEFI variables (NVRAM) and libvirt's
+state for the machine; a link into
+.I /var/lib/private
+(0700 root), where systemd moved it from an earlier release at the first start.
 Kept when the package is purged.
 .TP
 .IR /run/qemu\-run/ NAME
@@ -626,13 +644,16 @@ with the console socket and
 .IR console\-attach.sock ,
 where
 .B qemu\-unit console
-attaches (root and qemu\-run only); removed when the unit stops, so stale
+attaches (root and the machine's user only); removed when the unit stops, so stale
 state never survives a restart.
 .TP
 .I /var/cache/qemu\-run
-QEMU's capability cache, shared by all machines
-.RB ( CacheDirectory= ),
-filled on first use under a lock.
+QEMU's capability cache, probed once per host by
+.B qemu\-unit\-caps.service
+(user
+.BR qemu\-run )
+before the first machine starts; each machine copies it into its runtime
+directory at each start and cannot write it.
 .TP
 .IR /var/log/qemu\-run/ NAME
 .I console.log

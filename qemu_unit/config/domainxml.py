@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu_unit.config.files import DOMAIN_XML_MAX, read_limited
+from qemu_unit.config.files import DOMAIN_XML_MAX, read_config
 from qemu_unit.errors import ConfigError
 
 # ElementTree serialises (and copies) recursively: a hostile nesting depth would end
@@ -21,7 +21,7 @@ MAX_XML_DEPTH = 100
 def read_domain_xml(path: Path) -> ET.Element:
     """The <domain> of a DomainXML= file, parsed and no deeper than MAX_XML_DEPTH."""
     try:
-        text = read_limited(path, DOMAIN_XML_MAX, what="domain XML").decode("utf-8")
+        text = read_config(path, DOMAIN_XML_MAX, what="domain XML").decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "not valid UTF-8"
         raise ConfigError(f"cannot read domain XML: {reason}", path=path) from None

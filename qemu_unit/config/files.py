@@ -73,3 +73,28 @@ def read_limited(path: Path, limit: int, *, what: str = "file") -> bytes:
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+CREDENTIAL_PREFIX = "qemu-unit.file."
+
+
+def credential_id(path: Path | str) -> str:
+    """The unit credential through which the runner reads PATH when only root can: the
+    generator adds `LoadCredential=ID:PATH` for each such configuration file (a .vm holding
+    SetCredential= is root's alone), systemd reads it as root at each start."""
+    import hashlib  # only VMs with a root-only file pay for it at boot
+
+    return CREDENTIAL_PREFIX + hashlib.sha256(os.fsencode(path)).hexdigest()[:32]
+
+
+def read_config(path: Path, limit: int, *, what: str = "file") -> bytes:
+    """read_limited(PATH), or, when this process may not read PATH, the copy of it that
+    systemd handed the unit as a credential (credential_id)."""
+    try:
+        return read_limited(path, limit, what=what)
+    except PermissionError:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        copy = Path(directory) / credential_id(path) if directory else None
+        if copy is None or not os.path.exists(copy):
+            raise
+        return read_limited(copy, limit, what=what)

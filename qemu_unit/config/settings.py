@@ -26,7 +26,6 @@ from qemu_unit.config.names import split_template
 from qemu_unit.config.source import Source
 from qemu_unit.config.unitfile import Entry, UnitFile, read
 from qemu_unit.errors import ConfigError
-from qemu_unit.paths import SERVICE_USER
 
 VM_SECTION = "VM"
 # Sections handed to the generator untouched.
@@ -1652,9 +1651,9 @@ def check_secret_files(unit: UnitFile) -> None:
             continue  # read a moment ago: gone again, the next read says so
         if mode & stat.S_IROTH:
             raise ConfigError(
-                "SetCredential= in a file other users can read: chmod o-r it (root and the "
-                f"VM's user only, e.g. 0640 root:{SERVICE_USER}), or keep the value in a "
-                "file of its own named by LoadCredential=",
+                "SetCredential= in a file other users can read: chmod 0600 it (root only; "
+                "the unit hands it to the VM as a credential), or keep the value in a file "
+                "of its own named by LoadCredential=",
                 path=entry.path, line=entry.line, key=entry.key)
 
 

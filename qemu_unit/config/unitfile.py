@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu_unit.config.files import UNIT_FILE_MAX, read_limited
+from qemu_unit.config.files import UNIT_FILE_MAX, read_config
 from qemu_unit.errors import ConfigError
 
 # systemd's LONG_LINE_MAX (bytes): a line must be shorter, joined lines no longer.
@@ -253,7 +253,7 @@ def read(path: Path, dropins: Iterable[Path] = ()) -> UnitFile:
     entries: list[Entry] = []
     for p in (path, *dropins):
         try:
-            data = read_limited(p, UNIT_FILE_MAX)
+            data = read_config(p, UNIT_FILE_MAX)
         except OSError as e:
             raise ConfigError(f"cannot read: {e.strerror}", path=p) from None
         # Bytes, then decode: no text layer (cheaper), and no newline translation

@@ -26,6 +26,13 @@ DROPIN = paths.GENERATOR_DROPIN
 # One instance per image source (ImageSource.key()): every VM on it wants the same unit,
 # so VMs starting together queue one pull job.
 PULL_ARGS_ENV = "QEMU_UNIT_PULL_ARGS"
+# The static user of VMs that cannot have one of their own (tap and bridge networks,
+# disks written outside the state directory).
+SERVICE_USER = paths.SERVICE_USER
+SYSTEM_STATE = paths.SYSTEM_STATE
+# Each other VM's own user; systemd's strict user names (dynamic-user.c).
+DYNAMIC_USER_PREFIX = paths.DYNAMIC_USER_PREFIX
+_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}")
 
 # Seconds systemd waits beyond ShutdownTimeout=: after the guest's own timeout the
 # runner still destroys the domain and tears down the embed root; systemd must
@@ -73,6 +80,9 @@ class HostNeeds:
     # (path, writable) of every file QEMU opens: disks, CD-ROMs, kernel, NVRAM...
     files: tuple[tuple[str, bool], ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # Configuration files others may not read (.vm, drop-ins, DomainXML=): the runner
+    # gets them as unit credentials (files.read_config).
+    private: tuple[str, ...] = ()
 
 
 def instance_unit(name: str) -> str:
@@ -156,12 +166,41 @@ def _xml_needs(path: Path) -> HostNeeds:
     return HostNeeds(tuple(networks), tuple(files))
 
 
+def _private_files(vm: settings.VMConfig) -> tuple[str, ...]:
+    """The configuration files of VM that others cannot read (the VM's own user included)."""
+    private = []
+    for path in dict.fromkeys((vm.source_path, *vm.dropins, vm.domain_xml)):
+        if path is None:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue
+        if not mode & 0o004:
+            private.append(str(path))
+    return tuple(private)
+
+
 def host_needs(vm: settings.VMConfig) -> HostNeeds:
+    private = _private_files(vm)
     if vm.domain_xml is None:
-        return _vm_needs(vm)
+        return replace(_vm_needs(vm), private=private)
     needs = _xml_needs(vm.domain_xml)
     # The runner reads the XML file itself, inside the same sandbox.
-    return replace(needs, files=((str(vm.domain_xml), False), *needs.files))
+    return replace(needs, files=((str(vm.domain_xml), False), *needs.files), private=private)
+
+
+def dynamic_user(name: str) -> str:
+    """The name of VM NAME's own user (DynamicUser=): `qemu-vm-NAME`, or, where that is not
+    a user name systemd allocates (at most 31 characters of A-Z a-z 0-9 _ -), qemu-vm- and
+    a hash of NAME. Without a User= of its own every instance of qemu-run@ would get the
+    one user named after the template's prefix, qemu-run."""
+    user = f"{DYNAMIC_USER_PREFIX}{name}"
+    if _USER_NAME.fullmatch(user):
+        return user
+    import hashlib  # only VMs with long or dotted names pay for it
+
+    return DYNAMIC_USER_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, str]]:
@@ -176,6 +215,11 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
             network namespace, IP traffic allowed. With RestrictNetwork=yes only
             published ports open host sockets: none, nothing is relaxed; all on
             127.x, IP traffic only with localhost (IPAddressAllow=localhost).
+    user's  every VM runs as a user of its own (DynamicUser=, User=qemu-vm-NAME),
+    own     except where that cannot work: a tap belongs to one user, the bridge
+            helper is setuid (DynamicUser= forces NoNewPrivileges=), a disk written
+            outside the VM's state directory was given to a user by name; those
+            run as qemu-run (DynamicUser=no).
     tap     and /dev/net/tun; the tap device must already exist and belong to
             the qemu-run user (made by the administrator, e.g. systemd-networkd).
     bridge  and what qemu-bridge-helper needs to gain CAP_NET_ADMIN from its
@@ -184,6 +228,9 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
             unmapped, so the setuid bit would not count). The helper itself must
             be setuid or `setcap cap_net_admin+ep` and /etc/qemu/bridge.conf must
             allow the bridge: that is host setup, not done here.
+    private a configuration file only root can read (a .vm holding SetCredential=)
+            becomes LoadCredential=: systemd reads it as root and hands the VM's
+            user a copy (files.read_config).
     files   a writable disk becomes ReadWritePaths= (with "-": a missing file is
             the runner's error to report, not a namespace failure); a block
             device becomes DeviceAllow=; anything under /home, /root or
@@ -194,6 +241,11 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
         ("TimeoutStopSec", _format_seconds(vm.shutdown_timeout + STOP_MARGIN_SEC)),
     ]
     kinds = set(needs.networks)
+    own = f"{SYSTEM_STATE}/{vm.name}/"
+    if kinds & {"tap", "bridge"} or any(w and not f.startswith(own) for f, w in needs.files):
+        out += [("DynamicUser", "no"), ("User", SERVICE_USER), ("Group", SERVICE_USER)]
+    else:
+        out.append(("User", dynamic_user(vm.name)))
     if kinds == {"user-loopback"}:
         # The host's network namespace, but IP traffic only on loopback.
         out += [("PrivateNetwork", "no"), ("IPAddressAllow", "localhost")]
@@ -208,6 +260,10 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
             ("PrivateUsers", "no"),
             ("CapabilityBoundingSet", "CAP_NET_ADMIN"),
         ]
+    if needs.private:
+        from qemu_unit.config.files import credential_id
+
+        out += [("LoadCredential", f"{credential_id(p)}:{quote(p)}") for p in needs.private]
     paths = sorted(dict.fromkeys(needs.files))
     if any(p.startswith(_HOME_DIRS) for p, _ in paths):
         out.append(("ProtectHome", "read-only"))

@@ -32,7 +32,7 @@ from qemu_unit import log, paths
 from qemu_unit.config import domainxml, rootless, settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.paths import SERVICE_USER, Dirs
-from qemu_unit.vm import control, domain, guest, health, host, status  # noqa: F401 (guest: ops)
+from qemu_unit.vm import caps, control, domain, guest, health, host, status  # noqa: F401 (guest: ops)
 from qemu_unit.vm.console import Console, Policy
 from qemu_unit.vm.events import (
     DiskError,
@@ -274,6 +274,7 @@ class Runner:
         with contextlib.ExitStack() as stack:
             stack.enter_context(locked_root(dirs.root))
             prepare_root(dirs)
+            caps.seed(dirs.cache)
             prepare_guest_files(vm, plan, stack)
             self.notify.status("Starting")
             start_event_loop()
@@ -771,3 +772,33 @@ def run(name: str, *, shutdown_timeout: float | None = None,
     if os.geteuid() == 0 and not os.environ.get("INVOCATION_ID"):
         become_service_user(src.name)
     return Runner(src, shutdown_timeout=shutdown_timeout, user=user).run()
+
+
+def prepare_caps(root: Path, shared: Path = caps.SHARED) -> int:
+    """`qemu-unit prepare-caps`: make SHARED current (probing QEMU if it is cold or stale)
+    and readable by every VM's user. The unit's embed ROOT is thrown away afterwards."""
+    probed = shared / paths.CAPABILITIES
+    before = {p.name: p.stat().st_mtime_ns for p in probed.glob("*.xml")}
+    if not before:
+        logger.info("QEMU capability cache is cold: probing (VMs starting now wait)")
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    prepare_root(Dirs(state=root / "state", root=root, cache=shared, logs=root / "logs"))
+    start_event_loop()
+    started = time.monotonic()
+    conn = libvirt.open(f"qemu:///embed?root={root}")
+    try:
+        for accel in ("kvm", "qemu"):
+            try:
+                conn.getDomainCapabilities(None, "x86_64", None, accel)
+                break
+            except libvirt.libvirtError:
+                continue  # no KVM here: TCG's answer comes from the same probe
+    finally:
+        conn.close()
+    after = {p.name: p.stat().st_mtime_ns for p in probed.glob("*.xml")}
+    if after != before:
+        logger.info("Probed QEMU's capabilities in %.1fs", time.monotonic() - started)
+    for path in (shared, shared / "qemu", probed, *probed.glob("*.xml")):
+        # libvirt writes 0600; every VM's user reads them.
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return 0

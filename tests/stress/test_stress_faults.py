@@ -34,6 +34,8 @@ KILLS = 10
 STORM_UNIT = "StartLimitIntervalSec=0"
 STORM_SERVICE = "RestartSec=200ms"
 STATE = "/var/lib/qemu-run"
+# Where systemd keeps each VM's state (DynamicUser=): /var/lib/qemu-run/NAME links there.
+PRIVATE = "/var/lib/private/qemu-run"
 FULL_MB = 24
 
 
@@ -110,7 +112,7 @@ def test_start_stop_storm_leaves_nothing_behind(ct: Container) -> None:
         ct.systemctl("stop", *units, timeout=120)
         assert_clean(ct, *STORM)
         # The persistent state must not grow with every start.
-        sizes.append(ct.run("du", "-sb", "--apparent-size", *(f"{STATE}/{n}" for n in STORM))
+        sizes.append(ct.run("du", "-sb", "--apparent-size", *(f"{PRIVATE}/{n}" for n in STORM))
                      .stdout)
     elapsed = time.monotonic() - start
     print(f"STRESS start/stop: {STORM_ROUNDS * len(STORM)} cycles in {elapsed:.1f} s")
@@ -232,21 +234,23 @@ def test_long_running_runner_leaks_nothing_across_events_and_journald_restarts(
 
 
 def _fill_state_fs(ct: Container, leave_kb: int) -> None:
-    ct.run("sh", "-c", f"rm -f {STATE}/filler; "
-           f"avail=$(df -k --output=avail {STATE} | tail -1); "
-           f"dd if=/dev/zero of={STATE}/filler bs=1k count=$((avail - {leave_kb})) "
+    ct.run("sh", "-c", f"rm -f {PRIVATE}/filler; "
+           f"avail=$(df -k --output=avail {PRIVATE} | tail -1); "
+           f"dd if=/dev/zero of={PRIVATE}/filler bs=1k count=$((avail - {leave_kb})) "
            "2>/dev/null; true")
 
 
 def test_full_state_disk_at_start_and_while_running(ct: Container) -> None:
-    # A small tmpfs over the state directory; the units are started after the mount.
-    ct.run("mount", "-t", "tmpfs", "-o", f"size={FULL_MB}m,mode=0755", "tmpfs", STATE)
+    # A small tmpfs where the VMs' state directories are; the units start after the mount.
+    ct.run("mkdir", "-p", PRIVATE)
+    ct.run("chmod", "0700", str(Path(PRIVATE).parent))
+    ct.run("mount", "-t", "tmpfs", "-o", f"size={FULL_MB}m,mode=0755", "tmpfs", PRIVATE)
     try:
         _full_at_start(ct)
         _full_while_running(ct)
     finally:
         ct.systemctl("stop", unit("efi"), unit("fill"), check=False)
-        ct.run("umount", STATE, check=False)
+        ct.run("umount", PRIVATE, check=False)
 
 
 def _full_at_start(ct: Container) -> None:
@@ -267,11 +271,11 @@ def _full_at_start(ct: Container) -> None:
     errors = ct.journal("-u", unit(vm), "-t", "qemu-unit", "-p", "err", "-o", "cat")
     assert "No space left on device" in errors, errors[-2000:]
     # libvirt writes the NVRAM as .new and renames it: no half-written variable store.
-    assert ct.run("ls", f"{STATE}/{vm}").stdout.split() == ["lib"]
+    assert "efi_VARS.fd" not in ct.run("ls", f"{PRIVATE}/{vm}").stdout.split()
     print(f"STRESS full disk at start: {attempts} failed attempts, gave up after "
           f"{gave_up:.1f} s ({prop(ct, unit(vm), 'NRestarts')} restarts)")
     # Room again: reset-failed, and the firmware boots with a sound NVRAM.
-    ct.run("rm", f"{STATE}/filler")
+    ct.run("rm", f"{PRIVATE}/filler")
     ct.systemctl("reset-failed", unit(vm))
     ct.systemctl("start", unit(vm))
     wait_for("UEFI variable written", lambda: "efivar created" in console(ct, vm), timeout=120)
@@ -281,9 +285,10 @@ def _full_at_start(ct: Container) -> None:
 
 def _full_while_running(ct: Container) -> None:
     vm = "fill"
-    ct.run("mkdir", "-p", f"{STATE}/{vm}")
-    ct.run("qemu-img", "create", "-q", "-f", "qcow2", f"{STATE}/{vm}/disk.qcow2", "8M")
-    ct.run("chown", "-R", "qemu-run:qemu-run", f"{STATE}/{vm}")
+    # Made where systemd keeps it (a move from /var/lib/qemu-run would cross file systems);
+    # systemd hands it to the VM's user at the start.
+    ct.run("mkdir", "-p", f"{PRIVATE}/{vm}")
+    ct.run("qemu-img", "create", "-q", "-f", "qcow2", f"{PRIVATE}/{vm}/disk.qcow2", "8M")
     _fill_state_fs(ct, 2048)  # the 8 MB disk can grow by 2 MB only
     ct.systemctl("start", unit(vm))
     wait_for("disk full", lambda: "no space left on device" in runner_log(ct, vm), timeout=90)
@@ -294,7 +299,7 @@ def _full_while_running(ct: Container) -> None:
     assert runner_log(ct, vm).count("no space left on device") == 1
     assert "fill ended" not in console(ct, vm)
     t = time.monotonic()
-    ct.run("rm", f"{STATE}/filler")
+    ct.run("rm", f"{PRIVATE}/filler")
     wait_for("guest resumed", lambda: "runs again after the disk error" in runner_log(ct, vm),
              timeout=30)
     resumed = time.monotonic() - t

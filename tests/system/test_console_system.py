@@ -188,7 +188,7 @@ def test_attach_type_a_command_two_terminals_detach(ct: Container, qemu_unit_bin
     assert file_lines(ct, "shell") == journal
 
 
-def test_other_users_are_refused_root_and_qemu_run_are_not(
+def test_other_users_are_refused_root_and_the_vms_own_user_are_not(
     ct: Container, qemu_unit_bin: Path
 ) -> None:
     unit = "qemu-run@shell.service"
@@ -198,10 +198,15 @@ def test_other_users_are_refused_root_and_qemu_run_are_not(
                            str(qemu_unit_bin), "console", "shell", check=False)
         assert as_nobody.returncode == 1
         assert ("cannot attach to the console of shell: permission denied: only root and the "
-                "VM's user (qemu-run) may attach") in as_nobody.stderr
+                "VM's own user (qemu-vm-shell) may attach") in as_nobody.stderr
         assert len(as_nobody.stderr.strip().splitlines()) == 1
+        # The static qemu-run is just another user now (each VM has a user of its own).
+        as_static = ct.run("setpriv", "--reuid=qemu-run", "--regid=qemu-run", "--clear-groups",
+                           str(qemu_unit_bin), "console", "shell", check=False)
+        assert as_static.returncode == 1 and "permission denied" in as_static.stderr
         # The VM's own user attaches (read-only, stdin at EOF: it watches until stopped).
-        as_qemu_run = ct.run("timeout", "3", "setpriv", "--reuid=qemu-run", "--regid=qemu-run",
+        uid = ct.run("stat", "-c", "%u", f"/proc/{prop(ct, unit, 'MainPID')}").stdout.strip()
+        as_qemu_run = ct.run("timeout", "3", "setpriv", f"--reuid={uid}", f"--regid={uid}",
                              "--clear-groups", str(qemu_unit_bin), "console", "shell",
                              "--read-only", check=False, input="")
         assert as_qemu_run.returncode == 124, as_qemu_run.stderr

@@ -141,7 +141,7 @@ def test_vm_starts_logs_console_and_stops_cleanly(ct: Container) -> None:
         assert prop(ct, unit, "ActiveState") == "active"
         assert "path=/usr/bin/qemu-unit" in prop(ct, unit, "ExecStart")
         [pid] = qemu_pids(ct, "web")
-        assert ct.run("stat", "-c", "%U", f"/proc/{pid}").stdout.strip() == "qemu-run"
+        assert ct.run("stat", "-c", "%U", f"/proc/{pid}").stdout.strip() == "qemu-vm-web"
         wait_for("guest console in the journal",
                  lambda: "qemu-unit-guest: booted" in console(ct, "web"), timeout=60)
     finally:

@@ -73,7 +73,8 @@ def test_start_runs_vm_in_unit_cgroup_with_journal(ct: Container) -> None:
         # QEMU is in the unit's own cgroup (libvirt as root would have moved it out).
         own = ct.run("cat", f"/proc/{pid}/cgroup").stdout
         assert f"{cgroup}\n" in own, f"QEMU {pid} not in {cgroup}: {own}"
-        assert ct.run("stat", "-c", "%U", f"/proc/{pid}").stdout.strip() == "qemu-run"
+        # A user of its own (DynamicUser=), not the template's "qemu-run".
+        assert ct.run("stat", "-c", "%U", f"/proc/{pid}").stdout.strip() == "qemu-vm-web"
         wait_for("guest boot", lambda: "qemu-unit-guest: booted" in console(ct, "web"))
         # Runner lines carry the structured fields; console lines are selected by -t.
         tagged = ct.journal("-u", unit, "QEMU_UNIT_VM=web", "-t", "qemu-unit", "-o", "cat")
@@ -214,13 +215,14 @@ def test_second_runner_on_a_locked_root_exits_78(ct: Container, qemu_unit_bin: P
     unit = "qemu-run@web.service"
     ct.systemctl("start", unit)
     try:
+        # As the VM's own (dynamic) user: nobody else may enter its directories.
+        uid = ct.run("stat", "-c", "%u", f"/proc/{prop(ct, unit, 'MainPID')}").stdout.strip()
         result = ct.run(
-            "setpriv", "--reuid=qemu-run", "--regid=qemu-run", "--init-groups",
+            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
             str(qemu_unit_bin), "run", "web",
             env={
                 "RUNTIME_DIRECTORY": "/run/qemu-run/web",
                 "STATE_DIRECTORY": "/var/lib/qemu-run/web",
-                "CACHE_DIRECTORY": "/var/cache/qemu-run",
                 "INVOCATION_ID": "test",
             },
             check=False,
@@ -320,8 +322,11 @@ def test_cold_cache_concurrent_starts_probe_once(qemu_unit_bin: Path) -> None:
         assert ct.run("ls", "-A", "/var/cache/qemu-run").stdout.strip() == ""
         ct.systemctl("start", *(f"qemu-run@{n}" for n in names), timeout=120)
         assert all(active(ct, f"qemu-run@{n}.service") for n in names)
+        # One probe, by qemu-unit-caps.service; each VM copies its result.
         probes = [n for n in names if "cache is cold: probing" in runner_log(ct, n)]
-        assert len(probes) == 1, probes
+        assert probes == [], probes
+        caps_log = ct.journal("-u", "qemu-unit-caps.service", "-o", "cat")
+        assert caps_log.count("cache is cold: probing") == 1, caps_log
         caps = ct.run("sh", "-c", "ls /var/cache/qemu-run/qemu/capabilities/").stdout.split()
         assert len([c for c in caps if c.endswith(".xml")]) == 1, caps
         ct.systemctl("stop", *(f"qemu-run@{n}" for n in names), timeout=120)
