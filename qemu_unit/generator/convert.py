@@ -246,6 +246,7 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
         out += [("DynamicUser", "no"), ("User", SERVICE_USER), ("Group", SERVICE_USER)]
     else:
         out.append(("User", dynamic_user(vm.name)))
+        out += shares.handover_lines(vm, dynamic_user(vm.name))
     if kinds == {"user-loopback"}:
         # The host's network namespace, but IP traffic only on loopback.
         out += [("PrivateNetwork", "no"), ("IPAddressAllow", "localhost")]

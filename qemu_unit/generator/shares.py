@@ -7,8 +7,10 @@ and restarted with it, never alone) and ordered before it; virtiofsd itself exit
 when QEMU disconnects. Its sandbox: virtiofsd's own (mount, PID and network
 namespaces, pivot_root into HOSTDIR, seccomp), inside systemd's (a read-only system,
 HOSTDIR the only path it may write, read-only for :ro, no network, a bounded set of
-capabilities). Its socket lies in a directory of group qemu-run, mode 0750: only the
-VM's user reaches it.
+capabilities). Its socket lies in a directory of group qemu-run, mode 0750; a VM with a
+user of its own (DynamicUser=, allocated only when its unit starts, after virtiofsd's)
+takes the directory and socket over in a root step of its unit (handover_lines): only
+that VM's user reaches them, not the other VMs' nor qemu-run's.
 
 Pure: strings from the VMConfig; the only host look-ups are the warnings.
 """
@@ -117,6 +119,18 @@ def unit_dependencies(vm: settings.VMConfig) -> list[tuple[str, str]]:
     for share in vm.shares:
         unit = paths.virtiofsd_unit_name(vm.name, share.tag)
         out += [("Requires", unit), ("After", unit)]
+    return out
+
+
+def handover_lines(vm: settings.VMConfig, user: str) -> list[tuple[str, str]]:
+    """[Service] lines of the VM's unit that give each share's socket and its directory to
+    USER, the VM's dynamic user (its name resolves through nss-systemd once allocated).
+    Root-owned until then, written by root virtiofsd: nothing there for -h to follow."""
+    out = []
+    for share in vm.shares:
+        sock = paths.virtiofsd_socket(vm.name, share.tag)
+        out.append(("ExecStartPre",
+                    f"+/bin/chown -h {user}:{user} {sock} {sock.parent}"))
     return out
 
 

@@ -113,10 +113,14 @@ def test_guest_sees_the_tpm_and_reads_and_writes_the_shares(ct: Container) -> No
 
     # The TPM's state is in the VM's state directory (ROOT/lib links there).
     assert ct.run("sh", "-c", f"ls {TPM_STATE}/*/tpm2/tpm2-00.permall").returncode == 0
-    # Each share's daemon runs in its own unit, as root, its socket for qemu-run only.
+    # Each share's daemon runs in its own unit, as root, its socket handed to the VM's own
+    # user when the VM started (no other VM, nor qemu-run, reaches it).
     assert_daemons_run(ct)
-    sock_dir = ct.run("stat", "-c", "%U:%G %a", "/run/qemu-run-virtiofsd/dev/rw").stdout
-    assert sock_dir.split() == ["root:qemu-run", "750"]
+    for tag in ("rw", "ro"):
+        sock_dir = ct.run("stat", "-c", "%U:%G %a", f"/run/qemu-run-virtiofsd/dev/{tag}").stdout
+        assert sock_dir.split() == ["qemu-vm-dev:qemu-vm-dev", "750"]
+        sock = ct.run("stat", "-c", "%U", f"/run/qemu-run-virtiofsd/dev/{tag}/sock").stdout
+        assert sock.strip() == "qemu-vm-dev"
 
     ct.systemctl("stop", UNIT, timeout=120)
     assert prop(ct, UNIT, "Result") == "success"
