@@ -3,19 +3,22 @@ another, tried from VM a's own identity (its QEMU's uid, groups and mount namesp
 
 from __future__ import annotations
 
-import os
-import pwd
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from qemu_unit.paths import OVERLAY, nvram_file
 from tests.support.container import Container
 from tests.support.vm import (
+    console,
     install_qemu_unit,
+    invocation,
     prop,
     qemu_pids,
+    runner_log,
     stage_guest,
     vm_text,
     wait_for,
@@ -25,21 +28,24 @@ from tests.support.vm import (
 pytestmark = pytest.mark.system
 
 OLD_STATE = "/var/lib/qemu-run/old"
+BASE = "/srv/old-base.qcow2"
+# What today's main (before a user per VM) ran every VM as: the static qemu-run user.
+TODAY = "/etc/systemd/system/qemu-run@old.service.d/99-before-upgrade.conf"
 
 
 def prepare(upper: Path) -> None:
     stage_guest(upper)
     for name in ("a", "b"):
         write_vm(upper, name, vm_text("wait"))
-    # A VM installed by an earlier release: its state directory public, owned by qemu-run.
-    write_vm(upper, "old", vm_text("wait"))
-    state = upper / OLD_STATE.lstrip("/")
-    state.mkdir(parents=True)
-    (state / "keep-me").write_text("overlay and NVRAM stand-in\n")
-    user = pwd.getpwnam("qemu-run")
-    for path in (state, state / "keep-me"):
-        path.chmod(0o700 if path.is_dir() else 0o600)
-        os.chown(path, user.pw_uid, user.pw_gid)
+    # A VM with the state that matters: an overlay on a base image and UEFI variables.
+    base = upper / BASE.lstrip("/")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    base.chmod(0o644)
+    write_vm(upper, "old", vm_text("efivar", vm=f"Firmware=uefi\nImage={BASE}"))
+    today = upper / TODAY.lstrip("/")
+    today.parent.mkdir(parents=True)
+    today.write_text("[Service]\nDynamicUser=no\nUser=qemu-run\nGroup=qemu-run\n")
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +114,37 @@ def test_two_vms_two_users_nothing_of_b_reachable_from_a(ct: Container) -> None:
 
 
 def test_an_installed_vm_keeps_its_state_across_the_upgrade(ct: Container) -> None:
-    inode = ct.run("stat", "-c", "%i", f"{OLD_STATE}/keep-me").stdout.strip()
-    ct.systemctl("start", "qemu-run@old")
+    """A VM run as before (static qemu-run, /var/lib/qemu-run/old a plain directory): its
+    guest writes a UEFI variable, the runner makes its overlay. After the upgrade (the
+    drop-in gone: DynamicUser=, qemu-vm-old) the same files boot, the variable is read back."""
+    unit = "qemu-run@old.service"
+    ct.systemctl("start", unit)
     try:
-        assert prop(ct, "qemu-run@old.service", "ActiveState") == "active"
-        # systemd moved it to /var/lib/private (DynamicUser=) and handed it to old's user.
-        private = "/var/lib/private/qemu-run/old/keep-me"
-        assert ct.run("readlink", OLD_STATE).stdout.strip() == "../private/qemu-run/old"
-        assert ct.run("stat", "-c", "%i %U", private).stdout.split() == [inode, "qemu-vm-old"]
-        assert ct.run("cat", private).stdout == "overlay and NVRAM stand-in\n"
+        wait_for("variable created", lambda: "efivar created" in console(ct, "old"), timeout=120)
     finally:
-        ct.systemctl("stop", "qemu-run@old")
+        ct.systemctl("stop", unit)
+    files = f"{OLD_STATE}/{OVERLAY} {OLD_STATE}/{nvram_file('old')}"
+    before = ct.run("sh", "-c", f"stat -c '%i %U %s' {OLD_STATE} {files}").stdout.split("\n")
+    assert all(line.split()[1] == "qemu-run" for line in before if line), before
+    assert ct.run("test", "-L", OLD_STATE, check=False).returncode != 0  # a plain directory
+    ct.run("rm", TODAY)
+    ct.systemctl("daemon-reload")
+    assert prop(ct, unit, "DynamicUser") == "yes"
+    ct.systemctl("start", unit)
+    try:
+        of = invocation(ct, "old")
+        wait_for("variable read back", lambda: "efivar=hello" in console(ct, "old", of),
+                 timeout=120)
+        # systemd moved it to /var/lib/private (DynamicUser=) and handed it to old's user;
+        # the runner kept the overlay it found.
+        assert ct.run("readlink", OLD_STATE).stdout.strip() == "../private/qemu-run/old"
+        after = ct.run("sh", "-c", f"stat -L -c '%i %U' {files}").stdout.split("\n")
+        assert [line.split()[0] for line in after if line] == \
+            [line.split()[0] for line in before[1:] if line]
+        assert all(line.split()[1] == "qemu-vm-old" for line in after if line), after
+        assert "Created the overlay" not in runner_log(ct, "old", of)
+    finally:
+        ct.systemctl("stop", unit)
 
 
 def test_first_start_cost_with_the_shared_cache(ct: Container) -> None:
