@@ -554,8 +554,12 @@ no capabilities, and
 .B PrivateNetwork=yes
 for machines without a network.
 Disk images the guest writes live in the state directory (systemd hands it to the
-machine's user at each start) or anywhere else, readable and writable by the
-machine's user: the generator opens each writable
+machine's user at each start) or anywhere else: such a machine runs as
+.B qemu\-run
+(a dynamic uid cannot be given a file beforehand), which must be able to write them;
+read-only disks must be readable by others or group
+.BR kvm .
+The generator opens each writable
 disk of a VM with
 .BR ReadWritePaths= ,
 and the
