@@ -33,13 +33,16 @@ def environment() -> dict[str, str]:
 
 
 def run_bytes(cmd: Sequence[str], what: str, cwd: Path | None = None, *,
-              input: bytes | None = None) -> bytes:
-    """CMD's standard output; QemuUnitError saying WHAT failed, and how, otherwise."""
+              input: bytes | None = None, timeout: float | None = None) -> bytes:
+    """CMD's standard output; QemuUnitError saying WHAT failed, and how, otherwise.
+    TIMEOUT (seconds): the tool is killed after it, and that is a failure too."""
     try:
         proc = subprocess.run(
             cmd, cwd=cwd, capture_output=True, check=False, env=environment(),
-            input=input, stdin=subprocess.DEVNULL if input is None else None,
+            input=input, stdin=subprocess.DEVNULL if input is None else None, timeout=timeout,
         )
+    except subprocess.TimeoutExpired as e:
+        raise CommandError(f"{what}: {cmd[0]} did not finish within {timeout:g}s") from e
     except OSError as e:
         problem = "is not installed" if isinstance(e, FileNotFoundError) else e.strerror
         raise CommandError(f"{what}: {cmd[0]} {problem}") from e
@@ -50,6 +53,7 @@ def run_bytes(cmd: Sequence[str], what: str, cwd: Path | None = None, *,
     return proc.stdout
 
 
-def run(cmd: Sequence[str], what: str, cwd: Path | None = None) -> str:
+def run(cmd: Sequence[str], what: str, cwd: Path | None = None, *,
+        timeout: float | None = None) -> str:
     """CMD's standard output as text; see run_bytes."""
-    return run_bytes(cmd, what, cwd).decode(errors="replace")
+    return run_bytes(cmd, what, cwd, timeout=timeout).decode(errors="replace")

@@ -48,6 +48,15 @@ IMAGE_CACHE_ENV = "QEMU_UNIT_IMAGES"
 # qemu-unit auto-update, run daily by its timer (qemu-unit install enables it).
 AUTO_UPDATE_SERVICE = "qemu-unit-auto-update.service"
 AUTO_UPDATE_TIMER = "qemu-unit-auto-update.timer"
+# Scheduled snapshots (SnapshotSchedule=): the generator writes one timer per VM; the
+# service it starts is an installed template.
+SNAPSHOT_UNIT_PREFIX = "qemu-run-snapshot@"
+SNAPSHOT_TEMPLATE_UNIT = f"{SNAPSHOT_UNIT_PREFIX}{UNIT_SUFFIX}"
+
+
+def timer_name(prefix: str, name: str) -> str:
+    """`PREFIXNAME.timer`, e.g. qemu-run-snapshot@NAME.timer (SnapshotSchedule= of VM NAME)."""
+    return f"{prefix}{name}.timer"
 
 
 def pull_unit_name(key: str) -> str:
@@ -111,6 +120,9 @@ CONSOLE_SOCKET = "console.sock"  # QEMU's serial console
 ATTACH_SOCKET = "console-attach.sock"  # `qemu-unit console` clients
 AGENT_SOCKET = "agent.sock"  # the guest agent's channel
 CONTROL_SOCKET = "control.sock"  # `qemu-unit exec/cp/...` reach the runner (vm/control.py)
+# systemd's SystemState when the unit's stop began, left by its ExecStop=+ root step for the
+# runner (HostShutdown=save: "stopping" means the host goes down; vm/saved.py).
+STOP_NOTE = "stop-note"
 SEED = "seed.iso"  # the cloud-init NoCloud seed
 CREDENTIALS_DIR = "credentials"  # SetCredential= files, gone once QEMU runs
 QEMU_CONF = "etc/qemu.conf"  # what the embed driver reads at open
@@ -119,6 +131,14 @@ QEMU_CONF = "etc/qemu.conf"  # what the embed driver reads at open
 
 OVERLAY = "image.qcow2"  # Image='s overlay (Ephemeral=yes: in the embed root)
 BASE_RECORD = "image.base"  # what the base looked like when the overlay was made
+# HostShutdown=save / qemu-unit save (vm/saved.py): the save image and its record, made in
+# SAVING_DIR and renamed to SAVED_DIR whole.
+SAVED_DIR = "saved"
+SAVING_DIR = "saved.new"
+SAVED_MEMORY = "memory"
+SAVED_META = "meta.json"
+# Snapshots (vm/snapshot.py): one directory each (its record, a copy of the NVRAM).
+SNAPSHOTS_DIR = "snapshots"
 
 # -- files in the logs directory (Dirs.logs) and the cache (Dirs.cache) ----------------------
 

@@ -229,6 +229,8 @@ def test_reset_removes_overlay_and_nvram_and_refuses_while_running(tmp_path: Pat
     root.mkdir()
     for name in ("image.qcow2", "image.base", "web_VARS.fd", "keep.me"):
         (state / name).write_text("x")
+    (state / "saved").mkdir()  # a saved state belongs to the disk reset removes
+    (state / "saved" / "memory").write_text("x")
     import fcntl
 
     with open(root / "qemu-unit.lock", "w") as lock:
@@ -237,7 +239,8 @@ def test_reset_removes_overlay_and_nvram_and_refuses_while_running(tmp_path: Pat
             image.reset("web", state, root)
     assert (state / "image.qcow2").exists()
     removed = image.reset("web", state, root)
-    assert sorted(p.name for p in removed) == ["image.base", "image.qcow2", "web_VARS.fd"]
+    assert sorted(p.name for p in removed) == ["image.base", "image.qcow2", "saved",
+                                               "web_VARS.fd"]
     assert [p.name for p in state.iterdir()] == ["keep.me"]
 
 

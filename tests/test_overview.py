@@ -93,7 +93,8 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def collect(tree: Path) -> dict[str, overview.VMState]:
-    vms, problem = overview.collect(search_path=[tree / "etc"], roots=tree / "run")
+    vms, problem = overview.collect(search_path=[tree / "etc"], roots=tree / "run",
+                                    states=tree / "state")
     assert problem is None
     return {vm.name: vm for vm in vms}
 
@@ -140,6 +141,22 @@ def test_json_matches_the_documented_schema(tree: Path) -> None:
     validate(doc, "list")
     assert doc["version"] == 1
     validate(json.loads(overview.status_json(vms[0], ["a", "b"])), "status")
+
+
+def test_saved_state_is_shown_with_size_and_age(tree: Path) -> None:
+    saved_dir = tree / "state" / "off" / "saved"
+    saved_dir.mkdir(parents=True)
+    (saved_dir / "meta.json").write_text(json.dumps(
+        {"version": 1, "size": 300 * 1024**2, "created": 1764550800, "sha256": "0" * 64,
+         "xml_sha256": "1" * 64, "base": None}))
+    vms = collect(tree)
+    assert vms["off"].saved_state == {"size": 300 * 1024**2, "created": "2025-12-01T01:00:00Z"}
+    assert vms["web"].saved_state is None
+    text = overview.status_text(vms["off"], [])
+    line = next(x for x in text.splitlines() if "Saved state:" in x)
+    assert "300 MiB, saved " in line and " d " in line
+    assert line.endswith("ago); the next start restores it")
+    validate(json.loads(overview.status_json(vms["off"], [])), "status")
 
 
 def test_schema_names_every_field() -> None:

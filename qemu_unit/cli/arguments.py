@@ -231,11 +231,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "note-stop",
+        help="note for the runner of NAME whether the host is going down (the unit does this)",
+        description="Ask systemd for its state (\"stopping\" while the host shuts down or "
+        "reboots) and leave the answer in the runtime directory of the VM NAME, where its "
+        "runner looks on SIGTERM: HostShutdown=save saves only when the host goes down. "
+        "qemu-run@.service runs this as root in ExecStop=+ (systemd's private socket is "
+        "root's), before the runner is signalled. Never fails.",
+    )
+    p.add_argument("name", metavar="NAME")
+
+    p = sub.add_parser(
         "reset",
         help="discard a VM's overlay and NVRAM: its next start is a first boot",
-        description="Remove the qcow2 overlay over Image= (and a UEFI VM's NVRAM) from NAME's "
-        "state directory, so that the next start boots the base image afresh (cloud-init runs "
-        "again). Refuses while the VM runs. The base image is not touched.",
+        description="Remove the qcow2 overlay over Image= (and a UEFI VM's NVRAM, and a "
+        "saved state) from NAME's state directory, so that the next start boots the base "
+        "image afresh (cloud-init runs again). Refuses while the VM runs. The base image is "
+        "not touched.",
     )
     p.add_argument("name", metavar="NAME")
 
@@ -351,6 +363,64 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="only say which VMs would move to which image (reads the sums)")
     config_dir(p)
+
+    p = sub.add_parser(
+        "save",
+        help="save the running VM NAME into its state directory and stop it",
+        description="Save the running VM NAME (libvirt's save: the guest's memory and device "
+        "state) into saved/ in its state directory and stop its unit, without the guest "
+        "noticing; its next start restores it, processes and all, as HostShutdown=save does "
+        "at a host shutdown. Waits until the runner has finished. Exits 0 once saved, 69 when "
+        "the VM does not run, 125 when the save failed (the VM then runs on: a full disk, "
+        "see the journal).",
+    )
+    p.add_argument("name", metavar="NAME")
+
+    p = sub.add_parser(
+        "snapshot",
+        help="take, list, revert to and delete snapshots of a VM's disks and NVRAM",
+        description="Snapshots hold every writable disk of the VM (the Image= overlay "
+        "included, as qcow2 internal snapshots: writable disks must be qcow2) and a copy of "
+        "its UEFI variable store, with a record in snapshots/ of the state directory. Taken "
+        "from a running VM through its runner, consistent when the guest agent froze the "
+        "file systems for it, else crash-consistent; from a stopped VM with qemu-img.",
+    )
+    snap = p.add_subparsers(dest="snapshot_command", metavar="VERB", required=True)
+    s = snap.add_parser("create", help="take a snapshot (named by the time unless SNAP)",
+                        description="Take snapshot SNAP (default: the date and time) of the "
+                        "VM NAME, running or stopped. With --scheduled (the timer of "
+                        "SnapshotSchedule=) it is named auto-DATE-TIME and the oldest auto- "
+                        "snapshots beyond SnapshotKeep= are deleted.")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("snapshot", metavar="SNAP", nargs="?")
+    s.add_argument("--scheduled", action="store_true",
+                   help="named auto-..., then prune to SnapshotKeep=")
+    config_dir(s)
+    s = snap.add_parser("list", help="list the snapshots of a VM, oldest first")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--json", action="store_true", help="print JSON: a list of snapshots")
+    s = snap.add_parser("revert", help="put the stopped VM's disks and NVRAM back to SNAP",
+                        description="Revert every writable disk and the NVRAM of the stopped "
+                        "VM NAME to snapshot SNAP; what was written since is lost. Refuses "
+                        "while the VM runs.")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("snapshot", metavar="SNAP")
+    config_dir(s)
+    s = snap.add_parser("delete", help="delete snapshot SNAP (VM running or stopped)")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("snapshot", metavar="SNAP")
+    config_dir(s)
+
+    p = sub.add_parser(
+        "discard-save",
+        help="drop the saved state of the stopped VM NAME: its next start boots afresh",
+        description="Remove the saved state (saved/ in the state directory) of the VM NAME, "
+        "made by qemu-unit save or HostShutdown=save, for example after a start refused it "
+        "because the VM's definition or base image changed or its checksum failed. The "
+        "guest's memory in it is lost; its next start boots from the disks. Refuses while "
+        "the VM runs.",
+    )
+    p.add_argument("name", metavar="NAME")
 
     for verb, what in (("install", "install"), ("uninstall", "remove")):
         p = sub.add_parser(

@@ -4,14 +4,20 @@ into exit statuses."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from qemu_unit import log, paths
 from qemu_unit.cli.arguments import build_parser, command_of
 from qemu_unit.errors import ConfigError, QemuUnitError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qemu_unit.config import settings
 
 
 def _search_path(args: argparse.Namespace) -> list[Path] | None:
@@ -141,6 +147,12 @@ def cmd_prepare_caps(args: argparse.Namespace) -> int:
     return runner.prepare_caps(Path(runtime), shared)
 
 
+def cmd_note_stop(args: argparse.Namespace) -> int:
+    from qemu_unit.vm import saved
+
+    return saved.note_stop(args.name)
+
+
 def cmd_reset(args: argparse.Namespace) -> int:
     from qemu_unit.config.names import check_name
     from qemu_unit.vm import image
@@ -183,6 +195,110 @@ def cmd_auto_update(args: argparse.Namespace) -> int:
     from qemu_unit.cli import autoupdate
 
     return autoupdate.run(dry_run=args.dry_run, search_path=_search_path(args))
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from qemu_unit.cli import control
+    from qemu_unit.config.names import check_name
+    from qemu_unit.vm import image
+
+    seen: dict[str, object] = {}
+    try:
+        control.call(args.name, {"op": "save"}, lambda line: seen.update(line))
+    except control.ControlFailed as e:
+        # The runner may end before its final line is out: the intermediate one counts.
+        if "saved" not in seen or e.code != "not-running":
+            raise
+    dirs = paths.finalize_dirs(check_name(args.name))
+    deadline = time.monotonic() + 300
+    while image.is_running(dirs.root) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the runner is on its way out: QEMU is already gone
+    result = seen.get("saved")
+    size = result.get("size", 0) if isinstance(result, dict) else 0
+    print(f"saved {args.name}: {int(size) >> 20} MiB in {dirs.state / paths.SAVED_DIR}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_discard_save(args: argparse.Namespace) -> int:
+    from qemu_unit.config.names import check_name
+    from qemu_unit.vm import image, saved
+
+    dirs = paths.finalize_dirs(check_name(args.name))
+    if image.is_running(dirs.root):
+        raise QemuUnitError(f"VM {args.name} is running: stop it first "
+                            f"(systemctl stop {paths.unit_name(args.name)})")
+    removed = saved.discard(dirs.state)
+    for path in removed:
+        print(f"removed {path}", file=sys.stderr)
+    if not removed:
+        print(f"{args.name}: no saved state in {dirs.state}", file=sys.stderr)
+    return 0
+
+
+def _rendered(args: argparse.Namespace) -> tuple[settings.VMConfig, str]:
+    """The VM and its domain XML as the runner would build it (what a snapshot holds)."""
+    from qemu_unit.config import settings, source
+    from qemu_unit.vm import domain, host
+
+    vm = settings.load_vm(source.find_source(args.name, _search_path(args)))
+    return vm, domain.render(vm, host.plan(vm, probe=False))
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from qemu_unit.cli import control
+    from qemu_unit.config.names import check_name
+    from qemu_unit.vm import image, snapshot
+
+    dirs = paths.finalize_dirs(check_name(args.name))
+    verb = args.snapshot_command
+    if verb == "list":
+        found = snapshot.read_all(dirs.state)
+        if args.json:
+            print(json.dumps([asdict(s) for s in found], indent=2))
+        for s in [] if args.json else found:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created))
+            print(f"{s.name}\t{when}\t{s.consistency}\t{len(s.disks)} disk(s)"
+                  f"{' + NVRAM' if s.nvram else ''}")
+        return 0
+    running = image.is_running(dirs.root)
+    if verb == "revert":
+        if running:
+            raise QemuUnitError(f"VM {args.name} is running: stop it first "
+                                f"(systemctl stop {paths.unit_name(args.name)})")
+        _vm, xml = _rendered(args)
+        snapshot.revert(dirs.state, xml, snapshot.check_name(args.snapshot))
+        print(f"reverted {args.name} to {args.snapshot}", file=sys.stderr)
+        return 0
+    vm, xml = _rendered(args)
+    if verb == "create":
+        name = snapshot.check_name(args.snapshot or snapshot.unused_name(
+            dirs.state, snapshot.AUTO_PREFIX if args.scheduled else ""))
+        if running:
+            made = control.call(args.name, {"op": "snapshot-create", "snapshot": name})
+            consistency = made["snapshot"]["consistency"]
+        else:
+            consistency = snapshot.create(dirs.state, xml, name).consistency
+        print(f"snapshot {name} of {args.name} ({consistency})", file=sys.stderr)
+        gone: list[str] = []
+        if args.scheduled and vm.snapshot_keep:
+            if running:
+                gone = control.call(args.name, {"op": "snapshot-delete",
+                                                "prune": vm.snapshot_keep})["deleted"]
+            else:
+                gone = snapshot.prune(dirs.state, xml, vm.snapshot_keep)
+        for old in gone:
+            print(f"deleted {old} (SnapshotKeep={vm.snapshot_keep})", file=sys.stderr)
+        return 0
+    name = snapshot.check_name(args.snapshot)
+    if running:
+        control.call(args.name, {"op": "snapshot-delete", "snapshot": name})
+    else:
+        snapshot.delete(dirs.state, xml, name)
+    print(f"deleted snapshot {name} of {args.name}", file=sys.stderr)
+    return 0
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -298,7 +414,11 @@ COMMANDS = {
     "status": cmd_status,
     "register-machine": cmd_register_machine,
     "prepare-caps": cmd_prepare_caps,
+    "note-stop": cmd_note_stop,
     "reset": cmd_reset,
+    "save": cmd_save,
+    "discard-save": cmd_discard_save,
+    "snapshot": cmd_snapshot,
     "image": cmd_image,
     "auto-update": cmd_auto_update,
     "install": cmd_install,

@@ -96,6 +96,9 @@ UNSUPPORTED = {
     "HealthStartPeriod": "not converted (see HealthCmd)",
     "HealthOnFailure": "not converted (see HealthCmd)",
     "AutoUpdate": "KubeVirt updates no VM's image by itself",
+    "HostShutdown": "a node's shutdown is the cluster's: KubeVirt evicts or live-migrates",
+    "SnapshotSchedule": "KubeVirt snapshots are VirtualMachineSnapshot objects, not a VM field",
+    "SnapshotKeep": "KubeVirt snapshots are VirtualMachineSnapshot objects, not a VM field",
 }
 # [VM] keys generate() converts (a value it cannot convert is named, as above).
 EXPRESSED = (

@@ -25,8 +25,8 @@ from qemu_unit.config import domainxml, settings, source
 from qemu_unit.config.names import check_name
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.log import CONSOLE_IDENTIFIER
-from qemu_unit.paths import SYSTEM_RUNTIME, unit_name
-from qemu_unit.vm import status
+from qemu_unit.paths import SYSTEM_RUNTIME, SYSTEM_STATE, unit_name
+from qemu_unit.vm import saved, status
 
 JSON_VERSION = 1
 CONSOLE_LINES = 10
@@ -77,6 +77,8 @@ class VMState:
     qemu_pid: int | None = None
     # HealthCmd=: status, failing_streak, last_output, ... (running VMs with a check only)
     health: dict[str, Any] | None = None
+    # HostShutdown=save / qemu-unit save: {"size": bytes, "created": ISO UTC}, else None.
+    saved_state: dict[str, Any] | None = None
 
 
 # -- systemd ----------------------------------------------------------------------------------
@@ -207,6 +209,17 @@ def apply_runtime(vm: VMState, root: Path) -> None:
     vm.health = asdict(record.health) if record.health is not None else None
 
 
+def apply_saved(vm: VMState, state: Path) -> None:
+    """A saved state in the VM's state directory (readable by root and the VM's user)."""
+    try:
+        found = saved.read(state)
+    except (QemuUnitError, OSError):
+        return
+    if found is not None:
+        created = datetime.datetime.fromtimestamp(found.created, datetime.UTC)
+        vm.saved_state = {"size": found.size, "created": created.strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
 def _state(name: str, find: Any) -> VMState:
     vm = VMState(name=name, unit=unit_name(name))
     try:
@@ -229,11 +242,14 @@ def collect(
     search_path: Sequence[str | os.PathLike[str]] | None = None,
     roots: Path | None = None,  # where each VM's embed root is, by name
     user: bool = False,
+    states: Path | None = None,  # where each VM's state directory is, by name
 ) -> tuple[list[VMState], str | None]:
     """The VMs NAMES (default: every VM on the search path) and, when systemd could
     not be asked, why not. USER: the caller's own VMs, under its user manager."""
     if roots is None:
         roots = _runtime_root(user)
+    if states is None:
+        states = paths.finalize_dirs("_").state.parent if user else SYSTEM_STATE
     if names is None:
         listing = source.Listing(search_path)
         vms = [_state(n, listing.find) for n in listing.names]
@@ -245,6 +261,7 @@ def collect(
         if not isinstance(props, str) and vm.unit in props:
             apply_unit(vm, props[vm.unit])
         apply_runtime(vm, roots / vm.name)
+        apply_saved(vm, states / vm.name)
     return vms, problem
 
 
@@ -258,11 +275,12 @@ def find_one(
     search_path: Sequence[str | os.PathLike[str]] | None = None,
     roots: Path | None = None,
     user: bool = False,
+    states: Path | None = None,
 ) -> tuple[VMState, str | None]:
     """One VM, which must exist: on the search path (perhaps broken or masked) or as a
     loaded unit."""
     check_name(name)
-    [vm], problem = collect([name], search_path, roots, user)
+    [vm], problem = collect([name], search_path, roots, user, states)
     known = vm.source is not None or vm.active_state not in (None, "inactive")
     if not known:
         raise ConfigError(vm.error or f"no VM {name!r}")
@@ -374,6 +392,18 @@ def _accel(vm: VMState) -> str:
     return vm.accelerator or vm.accelerator_setting or "-"
 
 
+def format_saved(state: dict[str, Any]) -> str:
+    """'412 MiB, saved 2026-12-06 03:10:00 (2 h 5 min ago); ...'."""
+    created = datetime.datetime.strptime(state["created"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.UTC)
+    age = max(0, int((datetime.datetime.now(datetime.UTC) - created).total_seconds()))
+    ago = (f"{age // 86400} d {age % 86400 // 3600} h" if age >= 86400
+           else f"{age // 3600} h {age % 3600 // 60} min" if age >= 3600
+           else f"{age // 60} min {age % 60} s")
+    return (f"{-(-state['size'] // 1024**2)} MiB, saved {format_since(state['created'])} "
+            f"({ago} ago); the next start restores it")
+
+
 def _yes_no(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
@@ -456,6 +486,8 @@ def status_text(vm: VMState, console: Sequence[str]) -> str:
         h = vm.health
         fields.append(("Health", f"{h.get('status')} (failing streak {h.get('failing_streak')}; "
                                  f"last output: {h.get('last_output') or '-'})"))
+    if vm.saved_state:
+        fields.append(("Saved state", format_saved(vm.saved_state)))
     if vm.error:
         fields.append(("Error", vm.error))
     width = max(len(k) for k, _ in fields)

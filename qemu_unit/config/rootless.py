@@ -13,7 +13,7 @@ Import-light (the user generator loads it at every user manager start).
 
 from __future__ import annotations
 
-from qemu_unit.config.settings import NetworkKind, VMConfig
+from qemu_unit.config.settings import HostShutdown, NetworkKind, VMConfig
 from qemu_unit.config.unitfile import Entry
 from qemu_unit.errors import ConfigError
 
@@ -47,6 +47,16 @@ def refusals(vm: VMConfig) -> list[ConfigError]:
     for share in vm.shares:
         problems.append(_refuse(share.entry, vm, "Share", "virtiofsd runs as root in a system "
                                 "unit (qemu-run-virtiofsd@); a user's VM has no shares"))
+    if vm.host_shutdown is HostShutdown.SAVE:
+        problems.append(_refuse(vm.origin("HostShutdown"), vm, "HostShutdown",
+                                "save tells a host shutdown from a stop by asking the system's "
+                                "manager as root (the system unit's ExecStop=+ step); a user's "
+                                "VM saves with qemu-unit --user save"))
+    if vm.snapshot_schedule is not None:
+        problems.append(_refuse(vm.origin("SnapshotSchedule"), vm, "SnapshotSchedule",
+                                "its timer starts the system's qemu-run-snapshot@ template; "
+                                "a user's VM takes snapshots with qemu-unit --user snapshot "
+                                "create"))
     if vm.domain_xml is not None:
         problems.append(_refuse(vm.origin("DomainXML"), vm, "DomainXML",
                                 "a user's VM is described by .vm keys (the domain XML can "

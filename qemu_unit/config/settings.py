@@ -71,6 +71,11 @@ class ShutdownMethod(StrEnum):
     AGENT = "agent"
 
 
+class HostShutdown(StrEnum):
+    SHUTDOWN = "shutdown"
+    SAVE = "save"
+
+
 class NetworkKind(StrEnum):
     USER = "user"
     TAP = "tap"
@@ -238,6 +243,9 @@ class VMConfig:
     console_rate_burst: int  # lines per interval; 0: no limit
     shutdown_mode: tuple[ShutdownMethod, ...]
     shutdown_timeout: float  # seconds
+    host_shutdown: HostShutdown
+    snapshot_schedule: str | None  # an OnCalendar= expression
+    snapshot_keep: int  # scheduled snapshots kept; 0: all
     ready: Ready
     health_cmd: str | None  # run in the guest by its agent; None: no health check
     health_interval: float  # seconds
@@ -557,6 +565,13 @@ def parse_console_log(value: str, entry: Entry) -> int:
     return 0 if value in ("no", "0") else parse_size(value, entry)
 
 
+def parse_calendar(value: str, entry: Entry) -> str:
+    """An OnCalendar= expression: systemd checks its grammar when it loads the timer."""
+    if not value.strip() or not value.isprintable():
+        raise _fail(entry, f"invalid calendar expression {value!r}")
+    return value.strip()
+
+
 def parse_count(value: str, entry: Entry) -> int:
     if not (0 < len(value) <= 9 and value.isascii() and value.isdigit()):
         raise _fail(entry, f"invalid number {value!r}: expected 0 to 999999999")
@@ -758,6 +773,12 @@ def parse_health_interval(value: str, entry: Entry) -> float:
     if seconds < 1:
         raise _fail(entry, f"{value!r} is too short: at least 1s between two checks")
     return seconds
+
+
+def _check_host_shutdown(value: HostShutdown, settled: dict[str, Any]) -> str | None:
+    if value is HostShutdown.SAVE and settled["Ephemeral"]:
+        return "save needs a kept disk: Ephemeral=yes makes a new one at every start"
+    return None
 
 
 def _check_disk_bus(disk: Disk, settled: dict[str, Any]) -> str | None:
@@ -1160,6 +1181,38 @@ SETTINGS: tuple[Setting, ...] = (
         "How long to wait for the guest to power off before destroying it, as a systemd time "
         "span: 90s, 2min, 1min 30s, 500ms; a plain number is seconds; 0 destroys at once. "
         "The unit's TimeoutStopSec= is set a little longer.",
+        with_domain_xml=True,
+    ),
+    Setting(
+        "HostShutdown", "host_shutdown", _enum_parser(HostShutdown), "shutdown",
+        "shutdown|save",
+        "What happens to the running VM when the host shuts down or reboots: shutdown asks "
+        "the guest to shut down as any stop does (ShutdownMode=); save saves the running "
+        "guest's memory and device state (libvirt's save) into the VM's state directory "
+        "and stops it without the guest noticing, and the next start restores it, its "
+        "processes and all (the guest clock is then set through the guest agent when one "
+        "answers). A plain systemctl stop still shuts the guest down; qemu-unit save NAME "
+        "saves by hand. A saved state that no longer fits the VM (its domain or its Image= "
+        "base changed) or fails its checksum is never restored nor dropped: the start "
+        "fails and says to run qemu-unit discard-save NAME. A save that fails (a full "
+        "disk) leaves no file behind and falls back to shutdown. The unit's stop timeout "
+        "leaves room for the save.",
+        choices=tuple(HostShutdown),
+        with_domain_xml=True,
+        check=lambda value, settled: _check_host_shutdown(value, settled),
+    ),
+    Setting(
+        "SnapshotSchedule", "snapshot_schedule", parse_calendar, None, "CALENDAR",
+        "Take a snapshot (qemu-unit snapshot create --scheduled) at these times, an "
+        "OnCalendar= expression of systemd.time(7) such as daily or *-*-* 03:00:00: the "
+        "generator writes qemu-run-snapshot@NAME.timer for it, started with timers.target. "
+        "Its snapshots are named auto-DATE-TIME; SnapshotKeep= says how many are kept.",
+        with_domain_xml=True,
+    ),
+    Setting(
+        "SnapshotKeep", "snapshot_keep", parse_count, "7", "N",
+        "How many scheduled snapshots (auto-...) are kept: after each one, the oldest beyond "
+        "N are deleted. 0 keeps them all. Snapshots taken by hand are never deleted.",
         with_domain_xml=True,
     ),
     Setting(

@@ -6,7 +6,9 @@ control socket's handlers) puts one of these on Runner.events; only the main loo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from qemu_unit.vm.status import Health
 
@@ -63,5 +65,13 @@ class Tick:
     """Nothing arrived before the next deadline."""
 
 
+@dataclass(frozen=True)
+class SaveRequested:
+    """`qemu-unit save` (the control socket's "save"): save the VM, then stop. REPLY gets
+    the outcome: {"size": ..., "dir": ...} or {"error": ...}."""
+
+    reply: Callable[[dict[str, Any]], None]
+
+
 Event = (Lifecycle | Rebooted | DiskError | GuestReady | Signalled | HealthChecked
-         | StopRequested | Tick)
+         | StopRequested | Tick | SaveRequested)

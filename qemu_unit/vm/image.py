@@ -41,7 +41,7 @@ def virtual_size(path: Path) -> int:
     return header.virtual_size if header else path.stat().st_size
 
 
-def _identity(path: Path) -> dict[str, int | str]:
+def identity(path: Path) -> dict[str, int | str]:
     st = path.stat()
     return {"path": os.fspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "inode": st.st_ino}
@@ -70,7 +70,7 @@ def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:
                   os.fspath(tmp), *size)
         os.replace(tmp, path)
         if not vm.ephemeral:
-            record.write_text(json.dumps(_identity(base)) + "\n")
+            record.write_text(json.dumps(identity(base)) + "\n")
             logger.info("Created the overlay %s on %s", path, base)
         return
     header = read_header(path)
@@ -84,7 +84,7 @@ def prepare_overlay(vm: VMConfig, plan: ImagePlan) -> None:
         recorded = json.loads(record.read_text())
     except (OSError, ValueError, RecursionError):
         recorded = None
-    if recorded is not None and recorded != _identity(base):
+    if recorded is not None and recorded != identity(base):
         logger.warning("The base image %s has changed since the overlay was made: the guest "
                        "may see a corrupt disk. The overlay is used as it is (never rebased); "
                        "'qemu-unit reset %s' starts afresh.", base, vm.name)
@@ -178,8 +178,8 @@ def is_running(root: Path) -> bool:
 
 
 def reset(name: str, state: Path, root: Path) -> list[Path]:
-    """Discard NAME's overlay, NVRAM and TPM, so the next start is a first boot; what was
-    removed."""
+    """Discard NAME's overlay, NVRAM, TPM and saved state, so the next start is a first
+    boot; what was removed."""
     if is_running(root):
         raise QemuUnitError(f"VM {name} is running: stop it first "
                             f"(systemctl stop {unit_name(name)})")
@@ -192,4 +192,8 @@ def reset(name: str, state: Path, root: Path) -> list[Path]:
     if tpm.is_dir():
         shutil.rmtree(tpm)
         removed.append(tpm)
-    return removed
+    # A saved state (HostShutdown=save) holds the memory of a guest on the disk just
+    # removed: restoring it over a fresh one would corrupt the new guest.
+    from qemu_unit.vm import saved
+
+    return removed + saved.discard(state)

@@ -32,7 +32,8 @@ from qemu_unit import log, paths
 from qemu_unit.config import domainxml, rootless, settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.paths import SERVICE_USER, Dirs
-from qemu_unit.vm import caps, control, domain, guest, health, host, status  # noqa: F401 (guest: ops)
+from qemu_unit.vm import caps, control, domain, guest, health, host, saved, status  # noqa: F401
+from qemu_unit.vm import snapshot as _snapshot  # noqa: F401  (registers its control ops)
 from qemu_unit.vm.console import Console, Policy
 from qemu_unit.vm.events import (
     DiskError,
@@ -41,6 +42,7 @@ from qemu_unit.vm.events import (
     HealthChecked,
     Lifecycle,
     Rebooted,
+    SaveRequested,
     Signalled,
     StopRequested,
     Tick,
@@ -60,6 +62,8 @@ RESUME_RETRY = 5.0
 HANG_FLOOR = 5.0
 # How often Ready=agent asks the guest agent while the guest boots.
 AGENT_POLL = 0.5
+# How long after a restore the runner tries to have the guest agent set the guest clock.
+CLOCK_SYNC_WINDOW = 120.0
 QEMU_CONF = """\
 # Written by qemu-unit at every start; edits are lost.
 stdio_handler = "file"
@@ -240,6 +244,7 @@ class Runner:
         self.checker: health.Checker | None = None
         self.checker_killed = False  # HealthOnFailure=kill destroyed the VM
         self.record: status.Status | None = None  # what status.json says
+        self.saved: saved.SavedState | None = None  # restored instead of booted
 
     # Everything that can fail on bad input, before anything is acquired.
     def check(self) -> tuple[settings.VMConfig, host.Plan, ET.Element]:
@@ -263,6 +268,9 @@ class Runner:
         vm, plan, tree = self.check()
         log.trace("planned")
         self.vm = vm
+        self.plan = plan
+        xml = domain.serialize(tree)
+        self.xml = xml
         dirs = plan.dirs
         accel = str(plan.accel)
         self.shutdown_timeout = (
@@ -273,6 +281,9 @@ class Runner:
         log.set_vm_fields(self.name, str(vm.uuid) if vm.uuid else None)
         with contextlib.ExitStack() as stack:
             stack.enter_context(locked_root(dirs.root))
+            # Under the lock: a leftover partial save is ours to remove.
+            self.saved = saved.check(self.name, dirs.state, xml, base_identity(plan),
+                                     logger.warning)
             prepare_root(dirs)
             caps.seed(dirs.cache)
             prepare_guest_files(vm, plan, stack)
@@ -307,7 +318,7 @@ class Runner:
             server.listen()
             stack.callback(server.close)
             log.trace("listening")
-            with self.running_domain(conn, domain.serialize(tree), dirs):
+            with self.running_domain(conn, xml, dirs):
                 assert self.dom is not None
                 log.trace("created")
                 if plan.credentials:
@@ -317,7 +328,16 @@ class Runner:
                     credentials.remove(dirs.root)
                 uuid = self.dom.UUIDString()
                 log.set_vm_fields(self.name, uuid)
-                logger.info("Started VM %s (%s, uuid %s)", self.name, accel.upper(), uuid)
+                if self.saved is not None:
+                    logger.info("Restored VM %s from its saved state of %s (%s, uuid %s)",
+                                self.name, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                         time.localtime(self.saved.created)),
+                                accel.upper(), uuid)
+                    # Restored: the save is spent (a later save starts afresh).
+                    saved.discard(dirs.state)
+                    self._sync_clock(stack)
+                else:
+                    logger.info("Started VM %s (%s, uuid %s)", self.name, accel.upper(), uuid)
                 memory, cpus = domainxml.resources(tree)
                 self.record = status.Status(
                     name=self.name,
@@ -345,6 +365,9 @@ class Runner:
                 elif vm.ready.kind is settings.ReadyKind.AGENT:
                     self.notify.status("Waiting for the guest agent to answer")
                     self._watch_agent(stack)
+                elif self.saved is not None:
+                    # The guest printed its ready line before the save.
+                    self.events.put(GuestReady())
                 else:
                     self.notify.status(
                         f"Waiting for the guest's console to match {vm.ready.regex!r}"
@@ -371,6 +394,27 @@ class Runner:
                 return
 
         threading.Thread(target=ask, name="agent-ready", daemon=True).start()
+
+    def _sync_clock(self, stack: contextlib.ExitStack) -> None:
+        """After a restore the guest clock stands where it was saved: once the guest agent
+        answers, have it set the clock from the host (guest-set-time)."""
+        done = threading.Event()
+        stack.callback(done.set)
+        dom = self.dom
+        assert dom is not None
+        deadline = time.monotonic() + CLOCK_SYNC_WINDOW
+
+        def sync() -> None:
+            while not done.is_set() and time.monotonic() < deadline:
+                try:
+                    dom.setTime(None, libvirt.VIR_DOMAIN_TIME_SYNC)
+                except libvirt.libvirtError:
+                    done.wait(AGENT_POLL)
+                    continue
+                logger.info("Set the guest clock through the guest agent")
+                return
+
+        threading.Thread(target=sync, name="clock-sync", daemon=True).start()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         # SimpleQueue.put is reentrant: safe from a signal handler.
@@ -428,9 +472,17 @@ class Runner:
                 stale.destroy()
         try:
             with probe_lock(dirs.cache):
-                self.dom = conn.createXML(xml, 0)
+                if self.saved is not None:
+                    self.notify.status("Restoring the saved state")
+                    self._restore(conn, self.saved)
+                else:
+                    self.dom = conn.createXML(xml, 0)
         except libvirt.libvirtError as e:
             msg = _libvirt_message(e)
+            if self.saved is not None:
+                raise ConfigError(f"restoring the saved state failed: {msg}; run "
+                                  f"'qemu-unit discard-save {self.name}' to drop it and boot "
+                                  "afresh", path=self.saved.dir) from None
             log_tail = _qemu_log_tail(dirs, self.name)
             if log_tail:
                 logger.error("QEMU log:\n%s", log_tail)
@@ -441,6 +493,65 @@ class Runner:
             yield self.dom
         finally:
             self._ensure_gone()
+
+    def _restore(self, conn: libvirt.virConnect, state: saved.SavedState) -> None:
+        # The save image's own XML (libvirt's, with the addresses it assigned) is the
+        # ABI reference; saved.check proved the rendered domain is still the one saved.
+        conn.restoreFlags(os.fspath(state.memory), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        self.dom = conn.lookupByName(self.name)
+
+    def _save(self, why: str) -> saved.SavedState | str:
+        """Save the running guest into the state directory (it stops); the save, or why
+        it failed (the guest then runs on)."""
+        assert self.dom is not None
+        state = self.plan.dirs.state
+        logger.info("%s: saving the VM into %s", why, state / paths.SAVED_DIR)
+        done = threading.Event()
+
+        def progress() -> None:
+            # The save blocks the main loop: while it makes progress, keep systemd's stop
+            # timeout ahead of it and its watchdog fed.
+            last = -1
+            while not done.is_set():
+                now = saved.written(state)
+                if now != last:
+                    self.notify.extend_timeout(60)
+                    self.notify.watchdog()
+                last = now
+                self.notify.status(f"Saving: {now >> 20} MiB written")
+                done.wait(5)
+
+        threading.Thread(target=progress, name="save-progress", daemon=True).start()
+        start = time.monotonic()
+        try:
+            result = saved.save(self.dom, state, self.xml, base_identity(self.plan))
+        except QemuUnitError as e:
+            logger.error("%s", e)
+            self.notify.status("Running (the save failed)")
+            return str(e)
+        finally:
+            done.set()
+        logger.info("Saved VM %s (%d MiB in %.1fs)", self.name, result.size >> 20,
+                    time.monotonic() - start)
+        self.notify.status("Stopped: saved")
+        return result
+
+    def _save_on_host_shutdown(self, signame: str) -> bool:
+        """HostShutdown=save while the host goes down: save instead of shutting down.
+        True when the VM was saved and has stopped."""
+        if self.vm.host_shutdown is not settings.HostShutdown.SAVE:
+            return False
+        system = saved.stop_note(self.plan.dirs.root)
+        if system != "stopping":
+            logger.info("Received %s outside a host shutdown (systemd's state: %s): shutting "
+                        "down (HostShutdown=save saves only when the host goes down)",
+                        signame, system)
+            return False
+        if isinstance(self._save("The host is shutting down (HostShutdown=save)"),
+                      saved.SavedState):
+            return True
+        logger.warning("Shutting the guest down instead")
+        return False
 
     def _ensure_gone(self) -> None:
         assert self.dom is not None
@@ -501,9 +612,22 @@ class Runner:
                         ready = True
                     if self.checker_killed:
                         return 1
+                case SaveRequested(reply=reply):
+                    if self.stop_requested:
+                        reply({"error": "the VM is already stopping"})
+                        continue
+                    result = self._save("Asked to save (qemu-unit save)")
+                    if isinstance(result, str):
+                        reply({"error": result})
+                        continue
+                    reply({"size": result.size, "dir": os.fspath(result.dir)})
+                    return 0
                 case Signalled() | StopRequested():
                     signame = _signal_name(item.signum) if isinstance(item, Signalled) else ""
                     why = f"received {signame}" if signame else getattr(item, "reason", "")
+                    if (signame and not self.stop_requested
+                            and self._save_on_host_shutdown(signame)):
+                        return 0
                     if not self.stop_requested:
                         log.trace("stop-requested")
                         self.stop_requested = True
@@ -682,6 +806,15 @@ class Runner:
         )
         self.notify.status(f"Failed: {reason}")
         return 1
+
+
+def base_identity(plan: host.Plan) -> dict[str, Any] | None:
+    """What a save records of the Image= base (path, size, mtime, inode)."""
+    if plan.image is None:
+        return None
+    from qemu_unit.vm import image
+
+    return image.identity(plan.image.base)
 
 
 def prepare_guest_files(
