@@ -140,6 +140,20 @@ SAVED_META = "meta.json"
 # Snapshots (vm/snapshot.py): one directory each (its record, a copy of the NVRAM).
 SNAPSHOTS_DIR = "snapshots"
 
+# Backups (vm/backup.py): the definitions of libvirt checkpoints, given back at each start.
+CHECKPOINTS_DIR = "checkpoints"
+# A VM restored from a --standalone backup boots from its own copy of the flattened disk.
+RESTORED_BASE = "base.qcow2"
+
+# -- files in a backup directory (vm/backup.py) ----------------------------------------------
+
+BACKUP_MANIFEST = "manifest.json"
+BACKUP_LOCK = ".lock"  # flock()ed by a backup or restore
+BACKUP_PARTIAL_SUFFIX = ".partial"  # a point (or a restored file) being written
+BACKUP_VM_FILE = "vm"
+BACKUP_NVRAM = "nvram"
+BACKUP_TPM = "tpm.tar"
+
 # -- files in the logs directory (Dirs.logs) and the cache (Dirs.cache) ----------------------
 
 CONSOLE_LOG = "console.log"

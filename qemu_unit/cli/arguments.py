@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from qemu_unit.config.source import DEFAULT_PATH, PATH_ENV
@@ -250,6 +251,46 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "not touched.",
     )
     p.add_argument("name", metavar="NAME")
+
+    p = sub.add_parser(
+        "backup",
+        help="add a backup of VM NAME (running or stopped) to DIR: full, then incremental",
+        description="Copy every writable disk of the VM NAME, its .vm file, its UEFI NVRAM "
+        "and its TPM state into a new point in DIR, with a manifest of sha256 checksums. The "
+        "first point is full; later ones into the same DIR hold only what the guest wrote "
+        "since the last one (libvirt's backup API with checkpoints; the VM must run: a "
+        "stopped VM gets a full point each time). A running VM's backup is consistent when "
+        "the guest agent froze its file systems for it, else crash-consistent. An Image= "
+        "base is not copied: the backup names it by its sha256 and a restore needs it, "
+        "unless --standalone flattens it into the backup. A failure (a full disk) leaves "
+        "the VM running and nothing under a final name in DIR. Exits 0 when the point is "
+        "complete.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("dir", metavar="DIR", type=Path)
+    p.add_argument("--standalone", action="store_true",
+                   help="copy the Image= base into the backup (flattened): restorable "
+                   "without it")
+    p.add_argument("--full", action="store_true",
+                   help="a full point even when an incremental one is possible")
+    config_dir(p)
+
+    p = sub.add_parser(
+        "restore",
+        help="rebuild a VM from backup directory DIR, on this host or another",
+        description="Check the checksums of every file the point needs (a corrupted backup "
+        "is refused and nothing is written), then write the VM's .vm into /etc/qemu-run, its "
+        "disks, NVRAM and TPM state into its state directory. An Image= base must be on "
+        "this host with the sha256 the backup recorded, unless the backup was --standalone "
+        "(the VM then boots from its own copy, base.qcow2 in its state directory). Never "
+        "overwrites a .vm or a disk. Run systemctl daemon-reload, then start the VM.",
+    )
+    p.add_argument("dir", metavar="DIR", type=Path)
+    p.add_argument("--as", dest="as_name", metavar="NEWNAME",
+                   help="restore as VM NEWNAME (default: the name it was backed up as)")
+    p.add_argument("--point", metavar="ID", help="restore point ID (default: the last)")
+    p.add_argument("--list", action="store_true",
+                   help="list DIR's points instead of restoring")
 
     p = sub.add_parser(
         "kube",

@@ -166,6 +166,35 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from qemu_unit.cli import backup
+
+    started = time.monotonic()
+    point = backup.run_backup(args.name, args.dir, standalone=args.standalone, full=args.full,
+                              search_path=_search_path(args))
+    size = sum(d.file.size for d in point.disks)
+    kind = f"incremental from {point.parent}" if point.parent else "full"
+    print(f"backup {point.id} of {args.name} in {args.dir}: {kind}, {point.consistency}, "
+          f"disks {size / 2**20:.1f} MiB, {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from qemu_unit.cli import backup
+
+    if args.list:
+        for p in backup.list_points(args.dir):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.created))
+            size = sum(d.file.size for d in p.disks)
+            print(f"{p.id}\t{when}\t{'incremental' if p.parent else 'full'}\t"
+                  f"{p.consistency}\t{size / 2**20:.1f} MiB")
+        return 0
+    name, point = backup.restore(args.dir, args.as_name, args.point)
+    print(f"restored VM {name} from point {point.id} of {args.dir}: run systemctl "
+          f"daemon-reload, then systemctl start {paths.unit_name(name)}", file=sys.stderr)
+    return 0
+
+
 def cmd_image(args: argparse.Namespace) -> int:
     from qemu_unit.cli import images
     from qemu_unit.images.cache import Cache
@@ -419,6 +448,9 @@ COMMANDS = {
     "save": cmd_save,
     "discard-save": cmd_discard_save,
     "snapshot": cmd_snapshot,
+
+    "backup": cmd_backup,
+    "restore": cmd_restore,
     "image": cmd_image,
     "auto-update": cmd_auto_update,
     "install": cmd_install,

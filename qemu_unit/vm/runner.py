@@ -33,6 +33,7 @@ from qemu_unit.config import domainxml, rootless, settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.paths import SERVICE_USER, Dirs
 from qemu_unit.vm import caps, control, domain, guest, health, host, saved, status  # noqa: F401
+from qemu_unit.vm import backup  # noqa: F401  (registers its control ops)
 from qemu_unit.vm import snapshot as _snapshot  # noqa: F401  (registers its control ops)
 from qemu_unit.vm.console import Console, Policy
 from qemu_unit.vm.events import (
@@ -326,6 +327,8 @@ class Runner:
                     from qemu_unit.vm import credentials
 
                     credentials.remove(dirs.root)
+                # The embed root forgot them at the last stop; their bitmaps are in the disks.
+                backup.redefine_checkpoints(self.dom, dirs.state, logger.warning)
                 uuid = self.dom.UUIDString()
                 log.set_vm_fields(self.name, uuid)
                 if self.saved is not None:
