@@ -89,6 +89,19 @@ def _lend(path: Path, state: Path) -> None:
         os.chown(path, st.st_uid, st.st_gid)
 
 
+def _check_searchable(directory: Path, state: Path) -> None:
+    """QEMU, running as the VM's user, must reach DIRECTORY/.ID.partial."""
+    if os.geteuid() != 0:
+        return
+    owner = state.stat()
+    st = directory.stat()
+    if not (st.st_mode & 0o001 or (st.st_uid == owner.st_uid and st.st_mode & 0o100)
+            or (st.st_gid == owner.st_gid and st.st_mode & 0o010)):
+        raise QemuUnitError(f"{directory} must be searchable by the VM's user (uid "
+                            f"{owner.st_uid}), which writes the disks of a running VM's "
+                            f"backup: chmod o+x {directory}")
+
+
 def _take_back(path: Path) -> None:
     if os.geteuid() == 0:
         os.chown(path, 0, 0)
@@ -125,7 +138,10 @@ def run_backup(name: str, directory: Path, *, standalone: bool = False, full: bo
     """Add a point to DIRECTORY: incremental from its last one when the running VM still
     has that point's checkpoint, else full."""
     plan = plan_backup(name, search_path)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Searchable, not listable: QEMU (the VM's user) writes into a point being made.
+    directory.mkdir(mode=0o711, parents=True, exist_ok=True)
+    if plan.running:
+        _check_searchable(directory, plan.state)
     with _locked(directory):
         manifest = backup.read_manifest(directory)
         if manifest is not None and manifest.name != plan.vm.name:

@@ -1,0 +1,220 @@
+"""Live backups of a real Debian 12 guest under qemu-run@NAME.service (issue 16): a full
+point taken while the guest writes restores to a file system that passes fsck and holds
+the data of the moment of the backup; an incremental point after 10 MB written is about
+10 MB; its checkpoint survives a restart of the VM; a corrupted backup is refused; a full
+target disk leaves the VM running and nothing under a final name.
+
+One Debian VM (`src`, Image= overlay, direct kernel boot, guest agent) is booted once for
+the module and shared by the tests in order. The restored copy is checked from the host
+(qemu-img reads the restored chain over the base, e2fsck and debugfs read its root file
+system) rather than booted in a second container: same container, second VM name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.container import Container
+from tests.support.debian import CMDLINE, ESP_KIB, ROOT_MIB, build_debian_image
+from tests.support.vm import install_qemu_unit, prop, runner_log, wait_for, write_vm
+
+pytestmark = pytest.mark.system
+
+DATA = Path("/srv/qemu-unit-backup")
+BACKUPS = Path("/srv/backups")
+SMALL = Path("/srv/small")
+BOOT_TIMEOUT = 600
+QU: dict[str, str] = {}
+SEEN: dict[str, str] = {}
+ROOT_OFFSET = (1 + ESP_KIB // 1024) * 2**20  # the root partition (debian.py's layout)
+
+
+def src_vm() -> str:
+    return f"""\
+[VM]
+Image={DATA}/base.qcow2
+Kernel={DATA}/vmlinuz
+Initrd={DATA}/initrd.img
+KernelCmdline={CMDLINE}
+Accel=tcg
+Memory=1G
+CPUs=2
+Network=none
+Ready=agent
+ShutdownMode=agent acpi
+ShutdownTimeout=120s
+
+[Service]
+TimeoutStartSec={BOOT_TIMEOUT}
+"""
+
+
+def prepare(upper: Path) -> None:
+    import shutil
+
+    image = build_debian_image()
+    data = upper / DATA.relative_to("/")
+    data.mkdir(parents=True)
+    data.chmod(0o755)
+    for src, name in ((image.disk, "base.qcow2"), (image.kernel, "vmlinuz"),
+                      (image.initrd, "initrd.img")):
+        shutil.copyfile(src, data / name)
+        (data / name).chmod(0o644)
+    write_vm(upper, "src", src_vm())
+
+
+@pytest.fixture(scope="module")
+def ct(qemu_unit_bin: Path) -> Iterator[Container]:
+    with Container("backup", prepare, stop_timeout=60) as ct:
+        install_qemu_unit(ct, qemu_unit_bin)
+        QU["bin"] = str(qemu_unit_bin)
+        yield ct
+        ct.run("umount", str(SMALL), check=False)
+
+
+def start(ct: Container) -> None:
+    unit = "qemu-run@src.service"
+    began = time.monotonic()
+    ct.systemctl("start", "--no-block", unit)
+    wait_for("ready", lambda: prop(ct, unit, "ActiveState") != "activating",
+             timeout=BOOT_TIMEOUT)
+    assert prop(ct, unit, "ActiveState") == "active", runner_log(ct, "src")
+    print(f"src ready after {time.monotonic() - began:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def src(ct: Container) -> Iterator[str]:
+    start(ct)
+    yield "src"
+    ct.systemctl("stop", "qemu-run@src.service", timeout=180)
+
+
+def qu(ct: Container, *args: str, check: bool = True, timeout: float = 600
+       ) -> tuple[int, str]:
+    proc = ct.run(QU["bin"], *args, check=False, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc.returncode, proc.stderr
+
+
+def guest(ct: Container, command: str) -> str:
+    proc = ct.run(QU["bin"], "exec", "src", "--", "sh", "-c", command, check=False,
+                  timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return str(proc.stdout)
+
+
+def last_number(ct: Container) -> int:
+    return int(guest(ct, "tail -n 1 /var/tmp/log").strip() or 0)
+
+
+def manifest(ct: Container, directory: Path = BACKUPS) -> dict[str, object]:
+    value: dict[str, object] = json.loads(ct.run("cat", f"{directory}/manifest.json").stdout)
+    return value
+
+
+def root_fs(ct: Container, overlay: str, out: str) -> None:
+    """The root partition of the restored disk (read through its base) as a raw file."""
+    spec = {"driver": "raw", "offset": ROOT_OFFSET, "size": ROOT_MIB * 2**20,
+            "file": {"driver": "qcow2", "file": {"driver": "file", "filename": overlay}}}
+    ct.run("qemu-img", "convert", "-O", "raw", "json:" + json.dumps(spec), out, timeout=300)
+
+
+def test_full_backup_while_writing_restores_consistent(ct: Container, src: str) -> None:
+    # A writer in the guest: numbers 1, 2, 3... appended, each one synced.
+    guest(ct, "systemd-run --unit=writer /bin/sh -c "
+              "'i=0; while :; do i=$((i+1)); echo $i >> /var/tmp/log; sync /var/tmp/log; done'")
+    wait_for("the writer", lambda: last_number(ct) > 20, timeout=120)
+    before = last_number(ct)
+    began = time.monotonic()
+    _rc, err = qu(ct, "backup", "src", str(BACKUPS))
+    seconds = time.monotonic() - began
+    after = last_number(ct)
+    print(f"full backup: {seconds:.1f} s; {err.strip()}")
+    assert re.search(r"full, consistent", err), err  # the agent froze the file systems
+    assert after > before  # the guest kept writing through the backup
+    points = manifest(ct)["points"]
+    assert isinstance(points, list) and len(points) == 1 and points[0]["parent"] is None
+    SEEN["full"] = points[0]["id"]
+    # Nothing but the point, the manifest and the lock.
+    assert sorted(ct.run("ls", "-A", str(BACKUPS)).stdout.split()) == sorted(
+        [".lock", "manifest.json", SEEN["full"]])
+
+    _rc, err = qu(ct, "restore", str(BACKUPS), "--as", "copy")
+    assert "restored VM copy" in err
+    assert ct.run("test", "-f", "/etc/qemu-run/copy.vm", check=False).returncode == 0
+    root_fs(ct, "/var/lib/qemu-run/copy/image.qcow2", "/srv/copy-root.raw")
+    fsck = ct.run("e2fsck", "-fn", "/srv/copy-root.raw", check=False, timeout=300)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    log = ct.run("debugfs", "-R", "cat /var/tmp/log", "/srv/copy-root.raw").stdout.split()
+    numbers = [int(n) for n in log]
+    # Whole lines 1..N, N from the moment of the backup (between before and after).
+    assert numbers == list(range(1, len(numbers) + 1))
+    assert before <= numbers[-1] <= after, (before, numbers[-1], after)
+    ct.run("rm", "-f", "/srv/copy-root.raw")
+
+
+def test_incremental_after_10_mb_is_about_10_mb(ct: Container, src: str) -> None:
+    guest(ct, "systemctl stop writer; dd if=/dev/urandom of=/var/tmp/ten bs=1M count=10 "
+              "conv=fsync status=none")
+    ten = guest(ct, "sha256sum /var/tmp/ten").split()[0]
+    _rc, err = qu(ct, "backup", "src", str(BACKUPS))
+    print(f"incremental backup: {err.strip()}")
+    assert f"incremental from {SEEN['full']}" in err, err
+    points = manifest(ct)["points"]
+    assert isinstance(points, list) and len(points) == 2
+    inc, full = points[1], points[0]
+    size = inc["disks"][0]["file"]["size"]
+    full_size = full["disks"][0]["file"]["size"]
+    print(f"incremental point: {size / 2**20:.1f} MiB (full point {full_size / 2**20:.1f} MiB)")
+    assert 10 * 2**20 <= size <= 40 * 2**20
+    SEEN["inc"] = inc["id"]
+    SEEN["ten"] = ten
+    # The chain (full + incremental over the base) restores the file.
+    qu(ct, "restore", str(BACKUPS), "--as", "copy2", "--point", inc["id"])
+    root_fs(ct, "/var/lib/qemu-run/copy2/image.qcow2", "/srv/copy2-root.raw")
+    ct.run("debugfs", "-R", "dump /var/tmp/ten /srv/ten", "/srv/copy2-root.raw")
+    assert ct.run("sha256sum", "/srv/ten").stdout.split()[0] == ten
+    ct.run("rm", "-f", "/srv/copy2-root.raw", "/srv/ten")
+
+
+def test_corrupted_backup_is_refused(ct: Container) -> None:
+    ct.run("cp", "-a", str(BACKUPS), "/srv/corrupt")
+    disk = f"/srv/corrupt/{SEEN['inc']}/vda.qcow2"
+    ct.run("sh", "-c", f"printf X | dd of={disk} bs=1 seek=$(( $(stat -c %s {disk}) / 2 )) "
+                       "conv=notrunc status=none")
+    rc, err = qu(ct, "restore", "/srv/corrupt", "--as", "bad", check=False)
+    assert rc != 0 and "checksum" in err, err
+    assert len(err.strip().splitlines()) <= 2, err
+    assert ct.run("test", "-e", "/etc/qemu-run/bad.vm", check=False).returncode != 0
+    assert ct.run("test", "-e", "/var/lib/qemu-run/bad", check=False).returncode != 0
+    ct.run("rm", "-rf", "/srv/corrupt")
+
+
+def test_full_target_disk_leaves_the_vm_running_and_no_half_file(ct: Container,
+                                                                  src: str) -> None:
+    ct.run("mkdir", "-p", str(SMALL))
+    ct.run("mount", "-t", "tmpfs", "-o", "size=20M,mode=0755", "tmpfs", str(SMALL))
+    rc, err = qu(ct, "backup", "src", str(SMALL), check=False)
+    print(f"backup into a 20 MB file system: {err.strip()}")
+    assert rc != 0 and "nothing was kept" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert ct.run("ls", "-A", str(SMALL)).stdout.split() == [".lock"]
+    assert prop(ct, "qemu-run@src.service", "ActiveState") == "active"
+    assert guest(ct, "echo alive").strip() == "alive"
+    ct.run("umount", str(SMALL))
+
+
+def test_checkpoint_survives_a_restart(ct: Container, src: str) -> None:
+    ct.systemctl("stop", "qemu-run@src.service", timeout=180)
+    start(ct)
+    assert "Dropped backup checkpoint" not in runner_log(ct, "src")
+    guest(ct, "dd if=/dev/urandom of=/var/tmp/one bs=1M count=1 conv=fsync status=none")
+    _rc, err = qu(ct, "backup", "src", str(BACKUPS))
+    assert f"incremental from {SEEN['inc']}" in err, err
