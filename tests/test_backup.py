@@ -228,3 +228,26 @@ def test_stopped_backups_are_full_each_time(stopped_vm: dict[str, Path]) -> None
     second = cli_backup.run_backup("web", vm["dir"], search_path=[vm["config"]])
     assert first.parent is None and second.parent is None and second.id != first.id
     assert len(backup.read_manifest(vm["dir"]).points) == 2  # type: ignore[union-attr]
+
+
+def test_prune_keeps_what_the_last_points_need() -> None:
+    ids = [f"20261206-0{n}0000" for n in range(1, 7)]
+    # Two chains: 1 <- 2 <- 3, then 4 <- 5 <- 6.
+    points = tuple(_point(i, None if n in (0, 3) else ids[n - 1]) for n, i in enumerate(ids))
+    m = Manifest("web", points)
+    assert backup.chain_full(Manifest("web", points[:3]), 3)
+    assert not backup.chain_full(Manifest("web", points[:2]), 3)
+    kept, gone = backup.prune(m, 2)  # 5 and 6 need 4
+    assert gone == ids[:3] and [p.id for p in kept.points] == ids[3:]
+    kept, gone = backup.prune(m, 4)  # 3 needs 1 and 2: nothing can go
+    assert gone == [] and kept == m
+    assert backup.prune(m, 0) == (m, [])
+
+
+def test_stopped_backups_pruned_to_keep(stopped_vm: dict[str, Path]) -> None:
+    vm = stopped_vm
+    made = [cli_backup.run_backup("web", vm["dir"], keep=2, search_path=[vm["config"]])
+            for _ in range(3)]
+    left = backup.read_manifest(vm["dir"])
+    assert left is not None and [p.id for p in left.points] == [p.id for p in made[1:]]
+    assert not (vm["dir"] / made[0].id).exists()

@@ -273,6 +273,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    "without it")
     p.add_argument("--full", action="store_true",
                    help="a full point even when an incremental one is possible")
+    p.add_argument("--keep", type=int, default=0, metavar="N",
+                   help="then remove the points the last N do not need (a new chain is "
+                   "started once the last one has N points); 0 keeps all")
     config_dir(p)
 
     p = sub.add_parser(

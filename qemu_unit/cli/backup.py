@@ -134,9 +134,10 @@ def _progress(line: dict[str, Any], *, bar: list[Any]) -> None:
 
 
 def run_backup(name: str, directory: Path, *, standalone: bool = False, full: bool = False,
-               search_path: list[Path] | None = None) -> Point:
+               keep: int = 0, search_path: list[Path] | None = None) -> Point:
     """Add a point to DIRECTORY: incremental from its last one when the running VM still
-    has that point's checkpoint, else full."""
+    has that point's checkpoint, else full; then, with KEEP, drop the points the last
+    KEEP do not need."""
     plan = plan_backup(name, search_path)
     # Searchable, not listable: QEMU (the VM's user) writes into a point being made.
     directory.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -148,6 +149,8 @@ def run_backup(name: str, directory: Path, *, standalone: bool = False, full: bo
             raise QemuUnitError(f"{directory} holds backups of VM {manifest.name}, "
                                 f"not {plan.vm.name}")
         manifest = manifest or Manifest(plan.vm.name)
+        if backup.chain_full(manifest, keep):
+            full = True
         point_id = backup.new_id(manifest)
         partial = directory / f".{point_id}{paths.BACKUP_PARTIAL_SUFFIX}"
         shutil.rmtree(partial, ignore_errors=True)
@@ -156,8 +159,9 @@ def run_backup(name: str, directory: Path, *, standalone: bool = False, full: bo
                                  standalone=standalone, full=full)
             os.rename(partial, directory / point_id)
             backup.fsync_dir(directory)
-            backup.write_manifest(directory, replace(manifest,
-                                                     points=(*manifest.points, point)))
+            after, gone = backup.prune(replace(manifest, points=(*manifest.points, point)),
+                                       keep)
+            backup.write_manifest(directory, after)
         except BaseException as e:
             shutil.rmtree(partial, ignore_errors=True)
             if isinstance(e, OSError):
@@ -165,8 +169,13 @@ def run_backup(name: str, directory: Path, *, standalone: bool = False, full: bo
                                     f"{e.filename or partial}: {e.strerror or e}; nothing "
                                     "was kept") from None
             raise
-    if point.checkpoint and point.parent:
-        _forget(plan, manifest.find(point.parent).checkpoint)
+        # Only once the manifest no longer names them.
+        for old in gone:
+            shutil.rmtree(directory / old, ignore_errors=True)
+            _say(f"removed point {old} (keeping {keep})")
+    # The last point's checkpoint is no longer needed: this one marks the new moment.
+    if point.checkpoint and manifest.points:
+        _forget(plan, manifest.points[-1].checkpoint)
     return point
 
 

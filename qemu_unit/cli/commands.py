@@ -171,7 +171,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     point = backup.run_backup(args.name, args.dir, standalone=args.standalone, full=args.full,
-                              search_path=_search_path(args))
+                              keep=args.keep, search_path=_search_path(args))
     size = sum(d.file.size for d in point.disks)
     kind = f"incremental from {point.parent}" if point.parent else "full"
     print(f"backup {point.id} of {args.name} in {args.dir}: {kind}, {point.consistency}, "

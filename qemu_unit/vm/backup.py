@@ -41,7 +41,7 @@ import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,33 @@ def checkpoint_name(directory: Path, point_id: str) -> str:
     """The checkpoint a point of DIRECTORY ends at: unique per directory and point."""
     tag = hashlib.sha256(os.fsencode(directory.resolve())).hexdigest()[:8]
     return f"backup-{tag}-{point_id}"
+
+
+def needed(manifest: Manifest, keep: int) -> set[str]:
+    """The points that the last KEEP points need (themselves and their parents)."""
+    out: set[str] = set()
+    for point in manifest.points[-keep:] if keep > 0 else manifest.points:
+        out.update(p.id for p in manifest.chain(point.id))
+    return out
+
+
+def prune(manifest: Manifest, keep: int) -> tuple[Manifest, list[str]]:
+    """BackupKeep=: the manifest without the points the last KEEP do not need, and the
+    ids removed. A chain goes as a whole once KEEP newer points stand on another one
+    (see chain_full)."""
+    if keep <= 0:
+        return manifest, []
+    kept = needed(manifest, keep)
+    gone = [p.id for p in manifest.points if p.id not in kept]
+    return replace(manifest, points=tuple(p for p in manifest.points if p.id in kept)), gone
+
+
+def chain_full(manifest: Manifest, keep: int) -> bool:
+    """Whether the next point should start a new chain so that pruning to KEEP can drop
+    the old one: the last chain already has KEEP points."""
+    if keep <= 0 or not manifest.points:
+        return False
+    return len(manifest.chain(None)) >= keep
 
 
 # -- checksums -------------------------------------------------------------------------------
