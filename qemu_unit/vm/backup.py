@@ -499,7 +499,9 @@ def _backup_op(context: control.Context, request: dict[str, Any],
             _thaw(dom)
     try:
         completed = _wait_job(dom, conn)
-        if completed.get("success") is False or completed.get("errmsg"):
+        finished = (completed.get("success") is True
+                    or completed.get("type") == libvirt.VIR_DOMAIN_JOB_COMPLETED)
+        if not finished or completed.get("errmsg"):
             raise control.ControlError(f"the backup job failed: "
                                        f"{completed.get('errmsg') or 'see the journal'}")
         checkpoint = dom.checkpointLookupByName(name, 0)
