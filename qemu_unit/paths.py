@@ -142,6 +142,9 @@ SNAPSHOTS_DIR = "snapshots"
 
 # Backups (vm/backup.py): the definitions of libvirt checkpoints, given back at each start.
 CHECKPOINTS_DIR = "checkpoints"
+# Where a running VM's QEMU sees the backup point being written (a bind mount into the
+# unit's mount namespace: ProtectSystem=strict makes the backup directory read-only there).
+BACKUP_MOUNT = ".backup"
 # A VM restored from a --standalone backup boots from its own copy of the flattened disk.
 RESTORED_BASE = "base.qcow2"
 

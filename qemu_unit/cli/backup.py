@@ -102,6 +102,37 @@ def _check_searchable(directory: Path, state: Path) -> None:
                             f"backup: chmod o+x {directory}")
 
 
+@contextlib.contextmanager
+def exposed(plan: Plan, partial: Path) -> Iterator[Path]:
+    """Where the running VM's QEMU can write PARTIAL: PARTIAL itself when the runner
+    shares our mount namespace (run by hand), else a bind mount of it into the unit's
+    namespace (`systemctl bind`; the unit's ProtectSystem=strict keeps everything else
+    read-only), at STATE/.backup, unmounted again once the job is done."""
+    from qemu_unit.cli import control
+
+    pid = int(control.call(plan.vm.name, {"op": "ping"}).get("pid", 0))
+    try:
+        same = os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        same = True  # not ours to see: a runner of this very user
+    if same or os.geteuid() != 0:
+        yield partial
+        return
+    inner = plan.state / paths.BACKUP_MOUNT
+    inner.mkdir(mode=0o700, exist_ok=True)
+    _lend(inner, plan.state)
+    command.run(["systemctl", "bind", "--mkdir", paths.unit_name(plan.vm.name),
+                 os.fspath(partial), os.fspath(inner)], "systemctl bind")
+    try:
+        yield inner
+    finally:
+        with contextlib.suppress(command.CommandError):
+            command.run(["nsenter", "-t", str(pid), "-m", "umount", os.fspath(inner)],
+                        "umount in the VM's namespace")
+        with contextlib.suppress(OSError):
+            inner.rmdir()
+
+
 def _take_back(path: Path) -> None:
     if os.geteuid() == 0:
         os.chown(path, 0, 0)
@@ -192,7 +223,6 @@ def _forget(plan: Plan, checkpoint: str | None) -> None:
 
 def _write_point(plan: Plan, directory: Path, partial: Path, manifest: Manifest,
                  point_id: str, *, standalone: bool, full: bool) -> Point:
-    from qemu_unit.cli import control
 
     partial.mkdir(mode=0o700)
     disks = backup.writable_disks(plan.xml)
@@ -211,45 +241,9 @@ def _write_point(plan: Plan, directory: Path, partial: Path, manifest: Manifest,
     consistency = "stopped"
     if plan.running:
         _lend(partial, plan.state)
-        for attempt in ("incremental", "full"):
-            if attempt == "incremental" and parent is None:
-                continue
-            for d in disks:
-                out = files[d.target]
-                out.unlink(missing_ok=True)
-                # Full and flattened (the job copies what the guest sees); a difference
-                # against the base is made below.
-                target = out if base is None or attempt == "incremental" else \
-                    out.with_suffix(".flat")
-                size = str(_virtual_size(d.path, d.format))
-                # No backing file yet (QEMU would open it): named once the job is done.
-                qemu_img("create", "-q", "-f", "qcow2", os.fspath(target), size)
-                _lend(target, plan.state)
-            request = {"op": "backup", "checkpoint": checkpoint,
-                       "incremental": parent.checkpoint if attempt == "incremental"
-                       and parent is not None else None,
-                       "targets": {d.target: os.fspath(
-                           files[d.target] if base is None or attempt == "incremental"
-                           else files[d.target].with_suffix(".flat")) for d in disks}}
-            bar: list[Any] = []
-            try:
-                answer = control.call(plan.vm.name, request, functools.partial(_progress, bar=bar))
-            except control.ControlFailed as e:
-                if e.code == "no-checkpoint":
-                    _say(f"{e}: taking a full backup")
-                    parent = None
-                    continue
-                raise QemuUnitError(f"backup of {plan.vm.name} failed: {e}; nothing was kept"
-                                    ) from None
-            finally:
-                if bar:
-                    bar[0].close()
-            consistency = str(answer.get("consistency"))
-            break
-        if parent is not None:
-            for d in disks:
-                qemu_img("rebase", "-u", "-F", "qcow2", "-b",
-                         f"../{parent.id}/{d.target}.qcow2", os.fspath(files[d.target]))
+        with exposed(plan, partial) as seen:
+            consistency, parent = _live_job(plan, disks, files, seen, checkpoint, parent,
+                                            base is not None)
         _take_back(partial)
         for p in partial.iterdir():
             _take_back(p)
@@ -296,6 +290,57 @@ def _write_point(plan: Plan, directory: Path, partial: Path, manifest: Manifest,
         else None,
         tpm=replace(tpm_file, path=f"{point_id}/{paths.BACKUP_TPM}") if tpm_file else None,
     )
+
+
+def _live_job(plan: Plan, disks: list[backup.Source], files: dict[str, Path], seen: Path,
+              checkpoint: str | None, parent: Point | None, flat: bool
+              ) -> tuple[str, Point | None]:
+    """The runner's backup job into FILES (QEMU sees their directory as SEEN): incremental
+    from PARENT when the VM still has its checkpoint, else full (flattened to .flat files
+    when FLAT: thinned against the base afterwards). The consistency and the parent."""
+    from qemu_unit.cli import control
+
+    consistency = "crash-consistent"
+    for attempt in ("incremental", "full"):
+        if attempt == "incremental" and parent is None:
+            continue
+        for d in disks:
+            out = files[d.target]
+            out.unlink(missing_ok=True)
+            # Full and flattened (the job copies what the guest sees); a difference
+            # against the base is made below.
+            target = out if not flat or attempt == "incremental" else \
+                out.with_suffix(".flat")
+            size = str(_virtual_size(d.path, d.format))
+            # No backing file yet (QEMU would open it): named once the job is done.
+            qemu_img("create", "-q", "-f", "qcow2", os.fspath(target), size)
+            _lend(target, plan.state)
+        request = {"op": "backup", "checkpoint": checkpoint,
+                   "incremental": parent.checkpoint if attempt == "incremental"
+                   and parent is not None else None,
+                   "targets": {d.target: os.fspath(seen / (
+                       files[d.target] if not flat or attempt == "incremental"
+                       else files[d.target].with_suffix(".flat")).name) for d in disks}}
+        bar: list[Any] = []
+        try:
+            answer = control.call(plan.vm.name, request, functools.partial(_progress, bar=bar))
+        except control.ControlFailed as e:
+            if e.code == "no-checkpoint":
+                _say(f"{e}: taking a full backup")
+                parent = None
+                continue
+            raise QemuUnitError(f"backup of {plan.vm.name} failed: {e}; nothing was kept"
+                                ) from None
+        finally:
+            if bar:
+                bar[0].close()
+        consistency = str(answer.get("consistency"))
+        break
+    if parent is not None:
+        for d in disks:
+            qemu_img("rebase", "-u", "-F", "qcow2", "-b",
+                     f"../{parent.id}/{d.target}.qcow2", os.fspath(files[d.target]))
+    return consistency, parent
 
 
 def _thin(flat: Path, out: Path, base: Base | None) -> None:
