@@ -260,17 +260,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "first point is full; later ones into the same DIR hold only what the guest wrote "
         "since the last one (libvirt's backup API with checkpoints; the VM must run: a "
         "stopped VM gets a full point each time). A running VM's backup is consistent when "
-        "the guest agent froze its file systems for it, else crash-consistent. An Image= "
-        "base is not copied: the backup names it by its sha256 and a restore needs it, "
-        "unless --standalone flattens it into the backup. A failure (a full disk) leaves "
+        "the guest agent froze its file systems for it, else crash-consistent; its full "
+        "point holds the whole disk as the guest sees it (an Image= base included). A "
+        "stopped VM's point holds only the overlay's difference against an Image= base, "
+        "named by its sha256, which a restore needs, unless --standalone flattens the base "
+        "in. A failure (a full disk) leaves "
         "the VM running and nothing under a final name in DIR. Exits 0 when the point is "
         "complete.",
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("dir", metavar="DIR", type=Path)
     p.add_argument("--standalone", action="store_true",
-                   help="copy the Image= base into the backup (flattened): restorable "
-                   "without it")
+                   help="a stopped VM's point holds the Image= base too (flattened): "
+                   "restorable without it (a running VM's full point always does)")
     p.add_argument("--full", action="store_true",
                    help="a full point even when an incremental one is possible")
     p.add_argument("--keep", type=int, default=0, metavar="N",

@@ -230,27 +230,23 @@ def _write_point(plan: Plan, directory: Path, partial: Path, manifest: Manifest,
         raise QemuUnitError(f"VM {plan.vm.name} has no writable disk to back up")
     last = manifest.points[-1] if manifest.points else None
     parent = last if (last is not None and not full and plan.running and last.checkpoint
-                      and last.standalone == standalone) else None
+                      ) else None
     if parent is not None and {d.target for d in parent.disks} != {d.target for d in disks}:
         parent = None
-    base = _base_of(plan, standalone)
-    if parent is not None and parent.base != base:
-        parent = None  # the base changed: start a new chain
+    # A live job copies what the guest sees: its full point is the flattened disk (libvirt
+    # offers no sync=top), restorable without the base. Only a stopped VM's point is the
+    # overlay's difference against the base (qemu-img convert -B).
+    base = None if plan.running else _base_of(plan, standalone)
     checkpoint = backup.checkpoint_name(directory, point_id) if plan.running else None
     files: dict[str, Path] = {d.target: partial / f"{d.target}.qcow2" for d in disks}
     consistency = "stopped"
     if plan.running:
         _lend(partial, plan.state)
         with exposed(plan, partial) as seen:
-            consistency, parent = _live_job(plan, disks, files, seen, checkpoint, parent,
-                                            base is not None)
+            consistency, parent = _live_job(plan, disks, files, seen, checkpoint, parent)
         _take_back(partial)
         for p in partial.iterdir():
             _take_back(p)
-        if parent is None and base is not None:
-            for d in disks:
-                _thin(files[d.target].with_suffix(".flat"), files[d.target],
-                      base if d.path == getattr(plan.image, "overlay", None) else None)
     else:
         parent = None
         for d in disks:
@@ -281,7 +277,7 @@ def _write_point(plan: Plan, directory: Path, partial: Path, manifest: Manifest,
 
     return Point(
         id=point_id, parent=parent.id if parent else None, created=time.time(),
-        consistency=consistency, checkpoint=checkpoint, standalone=standalone, base=base,
+        consistency=consistency, checkpoint=checkpoint, standalone=base is None, base=base,
         vm=final(vm_copy),
         disks=tuple(DiskCopy(d.target, os.fspath(d.path),
                              plan.image is not None and d.path == plan.image.overlay,
@@ -293,11 +289,10 @@ def _write_point(plan: Plan, directory: Path, partial: Path, manifest: Manifest,
 
 
 def _live_job(plan: Plan, disks: list[backup.Source], files: dict[str, Path], seen: Path,
-              checkpoint: str | None, parent: Point | None, flat: bool
-              ) -> tuple[str, Point | None]:
+              checkpoint: str | None, parent: Point | None) -> tuple[str, Point | None]:
     """The runner's backup job into FILES (QEMU sees their directory as SEEN): incremental
-    from PARENT when the VM still has its checkpoint, else full (flattened to .flat files
-    when FLAT: thinned against the base afterwards). The consistency and the parent."""
+    from PARENT when the VM still has its checkpoint, else full. The consistency and the
+    parent."""
     from qemu_unit.cli import control
 
     consistency = "crash-consistent"
@@ -305,12 +300,8 @@ def _live_job(plan: Plan, disks: list[backup.Source], files: dict[str, Path], se
         if attempt == "incremental" and parent is None:
             continue
         for d in disks:
-            out = files[d.target]
-            out.unlink(missing_ok=True)
-            # Full and flattened (the job copies what the guest sees); a difference
-            # against the base is made below.
-            target = out if not flat or attempt == "incremental" else \
-                out.with_suffix(".flat")
+            target = files[d.target]
+            target.unlink(missing_ok=True)
             size = str(_virtual_size(d.path, d.format))
             # No backing file yet (QEMU would open it): named once the job is done.
             qemu_img("create", "-q", "-f", "qcow2", os.fspath(target), size)
@@ -318,9 +309,8 @@ def _live_job(plan: Plan, disks: list[backup.Source], files: dict[str, Path], se
         request = {"op": "backup", "checkpoint": checkpoint,
                    "incremental": parent.checkpoint if attempt == "incremental"
                    and parent is not None else None,
-                   "targets": {d.target: os.fspath(seen / (
-                       files[d.target] if not flat or attempt == "incremental"
-                       else files[d.target].with_suffix(".flat")).name) for d in disks}}
+                   "targets": {d.target: os.fspath(seen / files[d.target].name)
+                               for d in disks}}
         bar: list[Any] = []
         try:
             answer = control.call(plan.vm.name, request, functools.partial(_progress, bar=bar))
@@ -341,18 +331,6 @@ def _live_job(plan: Plan, disks: list[backup.Source], files: dict[str, Path], se
             qemu_img("rebase", "-u", "-F", "qcow2", "-b",
                      f"../{parent.id}/{d.target}.qcow2", os.fspath(files[d.target]))
     return consistency, parent
-
-
-def _thin(flat: Path, out: Path, base: Base | None) -> None:
-    """Keep only what differs from the base (the job copied the whole disk); the file
-    names no backing file: a restore names the base itself."""
-    if base is None:
-        os.rename(flat, out)
-        return
-    qemu_img("convert", "-f", "qcow2", "-O", "qcow2", "-B", base.path, "-F", base.format,
-             os.fspath(flat), os.fspath(out))
-    qemu_img("rebase", "-u", "-b", "", os.fspath(out))
-    flat.unlink()
 
 
 # -- restore ---------------------------------------------------------------------------------

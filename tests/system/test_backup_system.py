@@ -6,8 +6,7 @@ target disk leaves the VM running and nothing under a final name.
 
 One Debian VM (`src`, Image= overlay, direct kernel boot, guest agent) is booted once for
 the module and shared by the tests in order. The restored copy is checked from the host
-(qemu-img reads the restored chain over the base, e2fsck and debugfs read its root file
-system) rather than booted in a second container: same container, second VM name.
+(qemu-img reads the restored disk, e2fsck and debugfs read its root file system) rather than booted in a second container: same container, second VM name.
 """
 
 from __future__ import annotations
@@ -120,7 +119,7 @@ def manifest(ct: Container, directory: Path = BACKUPS) -> dict[str, object]:
 
 
 def root_fs(ct: Container, overlay: str, out: str) -> None:
-    """The root partition of the restored disk (read through its base) as a raw file."""
+    """The root partition of the restored disk as a raw file."""
     spec = {"driver": "raw", "offset": ROOT_OFFSET, "size": ROOT_MIB * 2**20,
             "file": {"driver": "qcow2", "file": {"driver": "file", "filename": overlay}}}
     ct.run("qemu-img", "convert", "-O", "raw", "json:" + json.dumps(spec), out, timeout=300)
@@ -148,8 +147,10 @@ def test_full_backup_while_writing_restores_consistent(ct: Container, src: str) 
 
     _rc, err = qu(ct, "restore", str(BACKUPS), "--as", "copy")
     assert "restored VM copy" in err
-    assert ct.run("test", "-f", "/etc/qemu-run/copy.vm", check=False).returncode == 0
-    root_fs(ct, "/var/lib/qemu-run/copy/image.qcow2", "/srv/copy-root.raw")
+    # A live point holds the whole disk: the copy boots from its own base, not src's.
+    assert "Image=/var/lib/qemu-run/copy/base.qcow2" in ct.run(
+        "cat", "/etc/qemu-run/copy.vm").stdout
+    root_fs(ct, "/var/lib/qemu-run/copy/base.qcow2", "/srv/copy-root.raw")
     fsck = ct.run("e2fsck", "-fn", "/srv/copy-root.raw", check=False, timeout=300)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     log = ct.run("debugfs", "-R", "cat /var/tmp/log", "/srv/copy-root.raw").stdout.split()
@@ -178,7 +179,7 @@ def test_incremental_after_10_mb_is_about_10_mb(ct: Container, src: str) -> None
     SEEN["ten"] = ten
     # The chain (full + incremental over the base) restores the file.
     qu(ct, "restore", str(BACKUPS), "--as", "copy2", "--point", inc["id"])
-    root_fs(ct, "/var/lib/qemu-run/copy2/image.qcow2", "/srv/copy2-root.raw")
+    root_fs(ct, "/var/lib/qemu-run/copy2/base.qcow2", "/srv/copy2-root.raw")
     ct.run("debugfs", "-R", "dump /var/tmp/ten /srv/ten", "/srv/copy2-root.raw")
     assert ct.run("sha256sum", "/srv/ten").stdout.split()[0] == ten
     ct.run("rm", "-f", "/srv/copy2-root.raw", "/srv/ten")
