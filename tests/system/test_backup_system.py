@@ -5,8 +5,9 @@ the data of the moment of the backup; an incremental point after 10 MB written i
 target disk leaves the VM running and nothing under a final name.
 
 One Debian VM (`src`, Image= overlay, direct kernel boot, guest agent) is booted once for
-the module and shared by the tests in order. The restored copy is checked from the host
-(qemu-img reads the restored disk, e2fsck and debugfs read its root file system) rather than booted in a second container: same container, second VM name.
+the module and shared by the tests in order. The restored copies are checked from the host
+(qemu-img reads the restored disk, e2fsck and debugfs read its root file system) rather
+than booted in a second container: same container, other VM names, never started.
 """
 
 from __future__ import annotations
