@@ -91,6 +91,36 @@ def test_checkpoint_definition_drops_the_domain(tmp_path: Path) -> None:
     assert not (tmp_path / paths.CHECKPOINTS_DIR / "c1.xml").exists()
 
 
+class _Checkpoint:
+    def __init__(self, name: str, parent: str | None) -> None:
+        self.name, self.parent = name, parent
+
+    def getName(self) -> str:  # noqa: N802 (libvirt's name)
+        return self.name
+
+    def getXMLDesc(self, _flags: int) -> str:  # noqa: N802
+        parent = f"<parent><name>{self.parent}</name></parent>" if self.parent else ""
+        return f"<domaincheckpoint><name>{self.name}</name>{parent}</domaincheckpoint>"
+
+
+class _Domain:
+    def __init__(self, checkpoints: list[_Checkpoint]) -> None:
+        self.checkpoints = checkpoints
+
+    def listAllCheckpoints(self, _flags: int) -> list[_Checkpoint]:  # noqa: N802
+        return self.checkpoints
+
+
+def test_saved_checkpoints_follow_libvirt(tmp_path: Path) -> None:
+    # c2's kept definition named c1 as its parent; once c1 is deleted it must not.
+    backup.save_checkpoints(_Domain([_Checkpoint("c1", None), _Checkpoint("c2", "c1")]),
+                            tmp_path)
+    backup.save_checkpoints(_Domain([_Checkpoint("c2", None)]), tmp_path)
+    kept = sorted(p.name for p in (tmp_path / paths.CHECKPOINTS_DIR).iterdir())
+    assert kept == ["c2.xml"]
+    assert "<parent>" not in (tmp_path / paths.CHECKPOINTS_DIR / "c2.xml").read_text()
+
+
 def test_backup_request_xml() -> None:
     xml = backup.backup_xml({"vda": "/b/vda.qcow2"}, "c1")
     assert "<incremental>c1</incremental>" in xml and "mode=\"push\"" in xml

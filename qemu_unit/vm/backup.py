@@ -357,6 +357,19 @@ def keep_checkpoint(state: Path, name: str, xml: str) -> None:
     os.replace(tmp, path)
 
 
+def save_checkpoints(dom: Any, state: Path) -> None:
+    """Keep the definitions of every checkpoint libvirt holds now, with their parents as
+    libvirt has them now (deleting a checkpoint re-parents its child), and none other."""
+    names = set()
+    for checkpoint in dom.listAllCheckpoints(0):
+        keep_checkpoint(state, checkpoint.getName(), checkpoint.getXMLDesc(0))
+        names.add(checkpoint.getName())
+    with contextlib.suppress(FileNotFoundError):
+        for path in _checkpoints_dir(state).glob("*.xml"):
+            if path.name.removesuffix(".xml") not in names:
+                path.unlink()
+
+
 def forget_checkpoint(state: Path, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         (_checkpoints_dir(state) / f"{name}.xml").unlink()
@@ -504,8 +517,8 @@ def _backup_op(context: control.Context, request: dict[str, Any],
         if not finished or completed.get("errmsg"):
             raise control.ControlError(f"the backup job failed: "
                                        f"{completed.get('errmsg') or 'see the journal'}")
-        checkpoint = dom.checkpointLookupByName(name, 0)
-        keep_checkpoint(state, name, checkpoint.getXMLDesc(0))
+        dom.checkpointLookupByName(name, 0)
+        save_checkpoints(dom, state)
     except BaseException:
         drop_checkpoint(dom, state, name)
         raise
@@ -520,6 +533,8 @@ def drop_checkpoint(dom: Any, state: Path, name: str) -> None:
     with contextlib.suppress(libvirt.libvirtError):
         dom.checkpointLookupByName(name, 0).delete(0)
     forget_checkpoint(state, name)
+    with contextlib.suppress(libvirt.libvirtError, OSError):
+        save_checkpoints(dom, state)
 
 
 @control.handler("checkpoint-delete")
