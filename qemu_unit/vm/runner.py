@@ -32,8 +32,17 @@ from qemu_unit import log, paths
 from qemu_unit.config import domainxml, rootless, settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.paths import SERVICE_USER, Dirs
-from qemu_unit.vm import caps, control, domain, guest, health, host, saved, status  # noqa: F401
-from qemu_unit.vm import backup  # noqa: F401  (registers its control ops)
+from qemu_unit.vm import (  # noqa: F401
+    backup,  # noqa: F401  (registers its control ops)
+    caps,
+    control,
+    domain,
+    guest,
+    health,
+    host,
+    saved,
+    status,
+)
 from qemu_unit.vm import snapshot as _snapshot  # noqa: F401  (registers its control ops)
 from qemu_unit.vm.console import Console, Policy
 from qemu_unit.vm.events import (
