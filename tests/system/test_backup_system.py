@@ -82,9 +82,15 @@ def start(ct: Container) -> None:
     unit = "qemu-run@src.service"
     began = time.monotonic()
     ct.systemctl("start", "--no-block", unit)
+    # The start job waits, the unit "inactive", while qemu-unit-caps.service probes QEMU
+    # (a new container's cache is cold): first the job's start, then its end.
+    wait_for("the start", lambda: prop(ct, unit, "ActiveState") != "inactive",
+             timeout=BOOT_TIMEOUT)
     wait_for("ready", lambda: prop(ct, unit, "ActiveState") != "activating",
              timeout=BOOT_TIMEOUT)
-    assert prop(ct, unit, "ActiveState") == "active", runner_log(ct, "src")
+    why = ct.run("journalctl", "--no-pager", "-o", "cat", "-u", unit, "-u",
+                 "qemu-unit-caps.service", check=False).stdout
+    assert prop(ct, unit, "ActiveState") == "active", runner_log(ct, "src") + why
     print(f"src ready after {time.monotonic() - began:.0f} s")
 
 

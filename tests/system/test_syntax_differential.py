@@ -50,8 +50,9 @@ DROPIN = "50-qemu-unit.conf"
 # Sorts after DROPIN, as a .vm drop-in's lines come after the file's.
 DROPIN_NAME = "60-extra.conf"
 # What may differ: where the drop-in is, and the lines the generator adds itself
-# (SourcePath=, TimeoutStopSec=; the cases have Network=none, so nothing else).
-ALLOWED = {"DropInPaths", "SourcePath", "TimeoutStopUSec", "TimeoutAbortUSec"}
+# (SourcePath=, TimeoutStopSec=, the VM's own user; the cases have Network=none, so
+# nothing else). The user is checked on its own below.
+ALLOWED = {"DropInPaths", "SourcePath", "TimeoutStopUSec", "TimeoutAbortUSec", "User", "Group"}
 # Sets of unit names or paths, which systemctl prints in hash order.
 UNORDERED = {
     "After", "Before", "BindsTo", "BoundBy", "ConflictedBy", "Conflicts", "ConsistsOf",
@@ -350,6 +351,9 @@ def test_systemd_reads_every_accepted_case_the_same_as_written_and_as_generated(
         if verdicts[case.name] is not None:
             continue
         a, b = written[unit], generated[unit]
+        if b.get("User") != convert.dynamic_user(case.name):
+            problems.append(f"{case.name}: generated User={b.get('User')}, "
+                            f"expected {convert.dynamic_user(case.name)}")
         diff = {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys()
                 if k not in ALLOWED and _value(k, a) != _value(k, b)}
         if diff:
