@@ -129,3 +129,43 @@ def test_stop_note_left_for_the_runner_never_through_a_link(
     assert saved.stop_note(root) == "stopping"
     # The runner already gone with its runtime directory: nothing to tell, no failure.
     assert saved.note_stop("gone", roots=tmp_path) == 0
+
+
+@pytest.mark.parametrize("user", [False, True])
+def test_save_by_hand_returns_once_the_unit_has_stopped(
+        monkeypatch: pytest.MonkeyPatch, user: bool) -> None:
+    """The runner has exited, systemd has not noticed yet: `qemu-unit save` waits, else a
+    `systemctl start` right after it finds the unit active and does nothing."""
+    import time
+
+    from qemu_unit import command
+    from qemu_unit.cli import commands
+
+    states = ["active", "active", "deactivating", "inactive", "active"]
+    asked: list[list[str]] = []
+
+    def show(cmd: list[str], what: str, **_kw: Any) -> str:
+        asked.append(cmd)
+        return states.pop(0) + "\n"
+
+    monkeypatch.setattr(command, "run", show)
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    commands._wait_unit_stopped("web", user, time.monotonic() + 60)
+    assert states == ["active"]  # asked until inactive, not beyond
+    assert asked[0] == ["systemctl", *(["--user"] if user else []), "show",
+                        "--property=ActiveState", "--value", "qemu-run@web.service"]
+
+
+def test_save_by_hand_without_systemd_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from qemu_unit import command
+    from qemu_unit.cli import commands
+
+    def show(cmd: list[str], what: str, **_kw: Any) -> str:
+        raise command.CommandError("asking systemd: systemctl failed (1): no systemd")
+
+    monkeypatch.setattr(command, "run", show)
+    began = time.monotonic()
+    commands._wait_unit_stopped("web", False, began + 60)
+    assert time.monotonic() - began < 5

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qemu_unit import log, paths
+from qemu_unit import command, log, paths
 from qemu_unit.cli.arguments import build_parser, command_of
 from qemu_unit.errors import ConfigError, QemuUnitError
 
@@ -242,11 +242,30 @@ def cmd_save(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 300
     while image.is_running(dirs.root) and time.monotonic() < deadline:
         time.sleep(0.1)  # the runner is on its way out: QEMU is already gone
+    _wait_unit_stopped(args.name, args.user, deadline)
     result = seen.get("saved")
     size = result.get("size", 0) if isinstance(result, dict) else 0
     print(f"saved {args.name}: {int(size) >> 20} MiB in {dirs.state / paths.SAVED_DIR}",
           file=sys.stderr)
     return 0
+
+
+def _wait_unit_stopped(name: str, user: bool, deadline: float) -> None:
+    """Until NAME's unit has stopped: the runner has exited, but systemd may not have
+    noticed yet (still "active" for a moment, then ExecStop=): a `systemctl start` right
+    after `qemu-unit save` would find it active, do nothing, and the VM would stay stopped.
+    Nothing to wait for when the unit is not known to systemd (`qemu-unit run` by hand)."""
+    unit = paths.unit_name(name)
+    while time.monotonic() < deadline:
+        try:
+            state = command.run(["systemctl", *(["--user"] if user else []), "show",
+                                 "--property=ActiveState", "--value", unit],
+                                "asking systemd for the unit's state", timeout=10).strip()
+        except QemuUnitError:
+            return  # no systemd to ask
+        if state not in ("active", "deactivating", "reloading"):
+            return
+        time.sleep(0.1)
 
 
 def cmd_discard_save(args: argparse.Namespace) -> int:
