@@ -2,7 +2,7 @@
 
 Every console line a test looks for starts with `qemu-unit-guest:`. Modes:
 poweroff, wait, ignore, reboot, ready, net, efivar, devices, secureboot, fill, flood,
-shell (see TEST_INIT).
+shell, state (see TEST_INIT).
 `flood` prints `qemu_unit.lines=` (default 100000) lines `flood N` (or, with
 `qemu_unit.text=empty` or `short`, empty or two-character lines) as fast as
 it can, then `FLOOD-END`, then waits for the power button; `shell` runs an
@@ -171,6 +171,28 @@ echo "qemu-unit-guest: flood of $n lines took $((cs / 100)) s"
 EOF
 chmod 755 /bin/flood
 
+# state: what survives a save and a snapshot. A token drawn at this boot lives only in
+# RAM (a shell variable) and is printed with a counter every second: a restored guest
+# goes on with the same token and a higher count, a cold boot draws a new one. With a
+# disk (/dev/vda) the token of the boot before is read from it, then this boot's is
+# written; with a TPM its endorsement key digest is printed (devices).
+state() {
+    token=$(od -An -tx1 -N8 /dev/urandom | tr -d ' \n')
+    if [ -b /dev/vda ]; then
+        say "disk: $(head -c 64 /dev/vda | tr -d '\000' | head -n 1)"
+        printf '%s\n' "$token" | dd of=/dev/vda conv=fsync 2>/dev/null || say "disk: write failed"
+    fi
+    devices
+    say "token $token"
+    wait_then_off &
+    i=0
+    while true; do
+        i=$((i + 1))
+        say "tick $i $token"
+        sleep 1
+    done
+}
+
 mode=$(cmdline_arg qemu_unit.mode)
 echo  # firmware may leave escape codes on the current console line
 say "booted"
@@ -221,6 +243,9 @@ fill)
 flood)
     flood "$(cmdline_arg qemu_unit.lines)" "$(cmdline_arg qemu_unit.text)"
     wait_then_off
+    ;;
+state)
+    state
     ;;
 shell)
     wait_then_off &
