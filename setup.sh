@@ -25,7 +25,7 @@ apt-get install -y -qq --no-install-recommends \
     systemd systemd-container busybox-static cpio gzip xz-utils kmod \
     debhelper dh-python pybuild-plugin-pyproject python3-all lintian rpm groff-base \
     mmdebstrap e2fsprogs dosfstools mtools fdisk systemd-boot openssh-client \
-    swtpm swtpm-tools \
+    swtpm swtpm-tools nftables \
     >/dev/null
 # Tests only: `qemu-unit list/status --json` is checked against docs/qemu-unit.schema.json
 # with a real JSON Schema validator (the venv sees Debian's packages).

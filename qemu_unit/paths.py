@@ -30,6 +30,10 @@ PROJECT_DIR = "qemu-run"
 UNIT_PREFIX = "qemu-run@"
 UNIT_SUFFIX = ".service"
 TEMPLATE_UNIT = f"{UNIT_PREFIX}{UNIT_SUFFIX}"
+# The guest firewall (vm/firewall.py): each VM's nftables table is `inet qemu-run-NAME`; the
+# generator tells the unit's root step what a guest may reach in this variable.
+FIREWALL_TABLE_PREFIX = f"{PROJECT_DIR}-"
+HOST_ACCESS_ENV = "QEMU_UNIT_HOST_ACCESS"
 # The generator's drop-in in qemu-run@NAME.service.d/.
 GENERATOR_DROPIN = "50-qemu-unit.conf"
 # Where a distribution package puts the template.

@@ -416,7 +416,9 @@ def test_dropins_merge_across_directories(tmp_path: Path) -> None:
     result = run_generator([etc, usr], out)
     assert result.returncode == 0, result.stderr
     path = dropin(out, "web")
-    assert entries(path, "Service", "Environment") == ["A=usr", "B=etc"]
+    # The generator's own first (the guest firewall's mode for the user network).
+    assert entries(path, "Service", "Environment") == [
+        "QEMU_UNIT_HOST_ACCESS=none", "A=usr", "B=etc"]
     assert entries(path, "Service", "PrivateNetwork") == ["no"]
     text = path.read_text()
     assert f"# with drop-in {usr}/web.vm.d/10-a.conf\n" in text

@@ -221,6 +221,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="NAME")
 
+    p = sub.add_parser(
+        "guest-firewall",
+        help="load or remove the guest firewall of NAME (the unit does this)",
+        description="start: load the nftables table inet qemu-run-NAME, which refuses new "
+        "connections from the calling process's cgroup (the VM's unit) to every address of "
+        "the host (with $QEMU_UNIT_HOST_ACCESS=loopback: to every address but 127.0.0.0/8 "
+        "and ::1), then check from that cgroup that such a connection is refused; fails "
+        "if either does not work. stop: remove the table. qemu-run@.service runs these as "
+        "root in ExecStartPre=+ and ExecStopPost=-+ for VMs on a user network "
+        "(AllowHostLoopback= in qemu-run.vm(5)).",
+    )
+    p.add_argument("action", choices=("start", "stop"))
+    p.add_argument("name", metavar="NAME")
+
     sub.add_parser(
         "prepare-caps",
         help="probe QEMU's capabilities once for every VM (qemu-unit-caps.service does this)",

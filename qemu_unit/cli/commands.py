@@ -137,6 +137,12 @@ def cmd_register_machine(args: argparse.Namespace) -> int:
     return machine.register_from_unit(args.name)
 
 
+def cmd_guest_firewall(args: argparse.Namespace) -> int:
+    from qemu_unit.vm import firewall
+
+    return firewall.from_environment(args.name, args.action)
+
+
 def cmd_prepare_caps(args: argparse.Namespace) -> int:
     from qemu_unit.vm import caps, runner
 
@@ -461,6 +467,7 @@ COMMANDS = {
     "list": cmd_list,
     "status": cmd_status,
     "register-machine": cmd_register_machine,
+    "guest-firewall": cmd_guest_firewall,
     "prepare-caps": cmd_prepare_caps,
     "note-stop": cmd_note_stop,
     "reset": cmd_reset,

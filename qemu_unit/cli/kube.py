@@ -73,6 +73,8 @@ UNSUPPORTED = {
     "ConsoleRateLimitIntervalSec": "KubeVirt has no console rate limit",
     "ConsoleRateLimitBurst": "KubeVirt has no console rate limit",
     "RestrictNetwork": "KubeVirt isolates a VM with a NetworkPolicy, not a VM field",
+    "AllowHostLoopback": "what a pod reaches of its node is the cluster's network policy, "
+                         "not a VM field",
     "LoadCredential": "a file or the unit's own credential: not copied into a Secret",
     "DomainXML": "KubeVirt takes no libvirt domain XML",
     # Issue 19: KubeVirt has each (devices.tpm.persistent, firmware.bootloader.efi.secureBoot,

@@ -114,6 +114,40 @@ def _show(value: Any) -> str:
 
 # qemu-run.vm(5)
 
+_GUEST_REACH = r"""
+.SH "WHAT A GUEST CAN REACH"
+.TP
+.B Network=none
+Nothing: the machine has no network interface.
+.TP
+.B Network=user
+What the host can connect to (the outside world as the host sees it), minus every
+address local to the host: neither its loopback (127.0.0.1 is 10.0.2.2 in the guest)
+nor any other address of the host. An nftables table of the machine's own,
+.BR "inet qemu\-run\-" \fINAME\fR,
+loaded as root before the machine starts, refuses every new connection from the
+machine's unit to a host\-local address; a machine whose table cannot be loaded and
+checked does not start. A DNS stub resolver on a loopback address named in
+.I /etc/resolv.conf
+(10.0.2.3 forwards to it) stays reachable on port 53.
+.B AllowHostLoopback=yes
+adds the host's loopback (127.0.0.0/8 and ::1), nothing else of the host.
+Connections to
+.B PublishPort=
+ports come in from the host (or from anywhere, for a port on every address).
+.TP
+.B RestrictNetwork=yes
+Nothing: no packet leaves the guest's user network, only connections made to its
+.B PublishPort=
+ports come in.
+.TP
+.BR Network=tap ", " Network=bridge
+What the host's own network configuration and firewall allow that device.
+.PP
+Machines of a user's own service manager (rootless) have no such table: their guests
+reach the user's view of the host's loopback.
+"""
+
 _VM_DESCRIPTION = r"""
 .SH DESCRIPTION
 A
@@ -286,6 +320,7 @@ def render_vm_page(settings: Sequence[Any] | None = None) -> str:
     out += [f".SH {_quote('[' + VM_SECTION + '] SECTION')}"]
     for row in settings:
         out += _vm_key(row)
+    out += _GUEST_REACH.strip("\n").split("\n")
     if specifiers:
         out += [
             ".SH SPECIFIERS",

@@ -265,6 +265,7 @@ class VMConfig:
     credentials: tuple[Credential, ...]
     publish_ports: tuple[PublishedPort, ...]
     restrict_network: bool
+    allow_host_loopback: bool
     secure_boot: bool
     tpm: bool
     shares: tuple[Share, ...]
@@ -1102,10 +1103,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Network", "networks", parse_network, "user", "none|user|tap:IFACE|bridge:BRIDGE",
         "A network interface (virtio): user is QEMU's user-mode network (outgoing "
         "connections through the host, no configuration, unprivileged). What a guest on "
-        "it can reach: whatever the host can connect to, the host's own services included: "
-        "10.0.2.2 is the host's loopback (127.0.0.1), and the host's other addresses are "
-        "reached as themselves (QEMU 7.2's user network has no switch against either; "
-        "RestrictNetwork=yes cuts everything but PublishPort=); tap:IFACE uses an "
+        "it can reach: what the host can connect to, except the host itself: every "
+        "host-local address (its loopback through 10.0.2.2, its other addresses as "
+        "themselves) is refused by the unit's guest firewall (AllowHostLoopback=yes opens "
+        "127.0.0.0/8 and ::1; RestrictNetwork=yes cuts everything but PublishPort=); "
+        "connections to its PublishPort= ports come in; tap:IFACE uses an "
         "existing tap device owned by the VM's user; bridge:BRIDGE attaches to a host bridge "
         "through qemu-bridge-helper. none means no network interface at all. One interface "
         "each. For example tap:vm-%i. Without any Network= a VM has one user interface.",
@@ -1291,6 +1293,17 @@ SETTINGS: tuple[Setting, ...] = (
         "still names 10.0.2.3 as DNS server, but no query gets out); PublishPort= forwards "
         "still reach it. Together with published ports bound to 127.0.0.1 the unit's sandbox "
         "then only allows loopback traffic.",
+    ),
+    Setting(
+        "AllowHostLoopback", "allow_host_loopback", parse_bool, "no", "yes|no",
+        "With yes, a guest on a user network (Network=user) reaches the host's loopback "
+        "(127.0.0.0/8, ::1) through 10.0.2.2, as Podman's allow_host_loopback does. By "
+        "default a guest reaches no address of the host at all: an nftables table of the "
+        "VM's own (inet qemu-run-NAME) refuses every new connection from the unit to a "
+        "host-local address, the host's other addresses included whatever this says; "
+        "connections to PublishPort= ports, and DNS through a local stub resolver named in "
+        "/etc/resolv.conf, still work. No effect with RestrictNetwork=yes (the guest reaches "
+        "nothing) or without a user network.",
     ),
     Setting(
         "Share", "shares", parse_share, None, "HOSTDIR:TAG[:ro]",

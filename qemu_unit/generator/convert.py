@@ -26,6 +26,8 @@ DROPIN = paths.GENERATOR_DROPIN
 # One instance per image source (ImageSource.key()): every VM on it wants the same unit,
 # so VMs starting together queue one pull job.
 PULL_ARGS_ENV = "QEMU_UNIT_PULL_ARGS"
+# What a guest on a user network reaches of the host (vm/firewall.py reads it).
+HOST_ACCESS_ENV = paths.HOST_ACCESS_ENV
 # The static user of VMs that cannot have one of their own (tap and bridge networks,
 # disks written outside the state directory).
 SERVICE_USER = paths.SERVICE_USER
@@ -222,9 +224,13 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
     ProtectHome=yes, PrivateTmp=yes. Each need undoes exactly what it must:
 
     user    QEMU's user-mode stack opens ordinary host sockets: the host's
-            network namespace, IP traffic allowed. With RestrictNetwork=yes only
-            published ports open host sockets: none, nothing is relaxed; all on
-            127.x, IP traffic only with localhost (IPAddressAllow=localhost).
+            network namespace, IP traffic allowed, and QEMU_UNIT_HOST_ACCESS=none
+            (AllowHostLoopback=yes: loopback) for the template's guest-firewall
+            steps, which refuse the unit's new connections to host-local addresses.
+            With RestrictNetwork=yes (restrict=on: the guest reaches nothing, no
+            firewall needed) only published ports open host sockets: none, nothing
+            is relaxed; all on 127.x, IP traffic only with localhost
+            (IPAddressAllow=localhost).
     user's  every VM runs as a user of its own (DynamicUser=, User=qemu-vm-NAME),
     own     except where that cannot work: a tap belongs to one user, the bridge
             helper is setuid (DynamicUser= forces NoNewPrivileges=), a disk written
@@ -264,6 +270,10 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
     elif kinds:
         # The empty assignment resets the template's IPAddressDeny=any.
         out += [("PrivateNetwork", "no"), ("IPAddressDeny", "")]
+    if "user" in kinds and not vm.restrict_network:
+        # The template's guest-firewall steps run when this is set (vm/firewall.py).
+        access = "loopback" if vm.allow_host_loopback else "none"
+        out.append(("Environment", f"{HOST_ACCESS_ENV}={access}"))
     if kinds & {"tap", "bridge"}:
         out.append(("DeviceAllow", "/dev/net/tun rw"))
     if "bridge" in kinds:

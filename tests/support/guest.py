@@ -12,6 +12,8 @@ guest has printed `qemu-unit-guest: booted`, an ACPI power button press is
 never lost: the button is opened before that line, and evdev queues presses.
 Extra kernel arguments: `qemu_unit.url=URL` (net: fetch URL and print
 `fetched BODY`), `qemu_unit.ip=dhcp` (net: DHCP instead of 10.0.2.15/24),
+`qemu_unit.serve=PORT` (net: serve the page `guest-page` on PORT, printing
+`serving on PORT`),
 `qemu_unit.efivar=VALUE` (efivar: the value to create, default `hello`),
 `qemu_unit.shares=TAG,...` (devices: the virtio-fs tags to mount at /mnt/TAG, read
 `hello` from and write `from-guest` to; `devices` also prints the TPM's endorsement key
@@ -68,7 +70,14 @@ net() {
     fi
     addr=$(ip -4 -o addr show dev eth0 | sed -n 's/.* inet \([0-9.]*\)\/.*/\1/p')
     say "ip ${addr:-none}"
-    # slirp forwards 10.0.2.2 to the host's loopback: a test serves something there
+    # slirp forwards 10.0.2.2 to the host's loopback: a test serves something there (the
+    # unit's guest firewall refuses it unless AllowHostLoopback=yes; bare QEMU has none)
+    # qemu_unit.serve=PORT: a page ("guest-page") served on PORT, for a published port
+    port=$(cmdline_arg qemu_unit.serve)
+    if [ -n "$port" ]; then
+        mkdir -p /www && echo guest-page >/www/index.html
+        httpd -p "$port" -h /www && say "serving on $port"
+    fi
     url=$(cmdline_arg qemu_unit.url)
     if [ -n "$url" ]; then
         # not `wget -T`: it segfaults in Debian 12's busybox-static (1.35)
