@@ -58,6 +58,11 @@ SNAPSHOT_UNIT_PREFIX = "qemu-run-snapshot@"
 SNAPSHOT_TEMPLATE_UNIT = f"{SNAPSHOT_UNIT_PREFIX}{UNIT_SUFFIX}"
 
 
+# Scheduled backups (BackupSchedule=): the same, with qemu-run-backup@.
+BACKUP_UNIT_PREFIX = "qemu-run-backup@"
+BACKUP_TEMPLATE_UNIT = f"{BACKUP_UNIT_PREFIX}{UNIT_SUFFIX}"
+
+
 def timer_name(prefix: str, name: str) -> str:
     """`PREFIXNAME.timer`, e.g. qemu-run-snapshot@NAME.timer (SnapshotSchedule= of VM NAME)."""
     return f"{prefix}{name}.timer"

@@ -281,3 +281,32 @@ def test_stopped_backups_pruned_to_keep(stopped_vm: dict[str, Path]) -> None:
     left = backup.read_manifest(vm["dir"])
     assert left is not None and [p.id for p in left.points] == [p.id for p in made[1:]]
     assert not (vm["dir"] / made[0].id).exists()
+
+
+def test_scheduled_backup_uses_backup_to_and_keep(stopped_vm: dict[str, Path],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    vm = stopped_vm
+    to = vm["tmp"] / "scheduled"
+    with (vm["config"] / "web.vm").open("a") as f:
+        f.write(f"BackupSchedule=daily\nBackupTo={to}\nBackupKeep=2\n")
+    argv = ["backup", "--scheduled", "web", "--config-dir", str(vm["config"])]
+    for _ in range(3):
+        assert main(argv) == 0
+    assert f"of web in {to}: full, stopped" in capsys.readouterr().err
+    left = backup.read_manifest(to)
+    # A stopped VM's points are full: BackupKeep=2 leaves the last two.
+    assert left is not None and len(left.points) == 2
+    # Another DIR than BackupTo= is refused, not silently used.
+    assert main([*argv[:2], "web", str(vm["dir"]), *argv[3:]]) == 1
+    assert not vm["dir"].exists()
+
+
+def test_scheduled_backup_without_backup_to_names_the_key(
+        stopped_vm: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    vm = stopped_vm
+    argv = ["backup", "--scheduled", "web", "--config-dir", str(vm["config"])]
+    assert main(argv) == 78
+    err = capsys.readouterr().err
+    assert f"{vm['config'] / 'web.vm'}: BackupTo=: VM web has no BackupSchedule=" in err, err
+    assert main(["backup", "web", "--config-dir", str(vm["config"])]) == 1
+    assert "DIR is needed" in capsys.readouterr().err

@@ -283,7 +283,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "complete.",
     )
     p.add_argument("name", metavar="NAME")
-    p.add_argument("dir", metavar="DIR", type=Path)
+    p.add_argument("dir", metavar="DIR", type=Path, nargs="?",
+                   help="the backup directory (with --scheduled: BackupTo=)")
+    p.add_argument("--scheduled", action="store_true",
+                   help="the VM's BackupSchedule= backup (its timer's qemu-run-backup@ "
+                   "unit): into BackupTo=, then --keep BackupKeep=")
     p.add_argument("--standalone", action="store_true",
                    help="a stopped VM's point holds the Image= base too (flattened): "
                    "restorable without it (a running VM's full point always does)")

@@ -172,10 +172,29 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup_schedule(args: argparse.Namespace) -> tuple[Path, int]:
+    """--scheduled: the directory and the number kept of the VM's BackupSchedule=."""
+    from qemu_unit.config import settings, source
+
+    found = source.find_source(args.name, _search_path(args))
+    vm = settings.load_vm(found)
+    if vm.backup_to is None:
+        raise ConfigError(f"VM {args.name} has no BackupSchedule=/BackupTo=: nothing "
+                          "scheduled", path=vm.source_path, key="BackupTo")
+    if args.dir not in (None, vm.backup_to):
+        raise QemuUnitError(f"backup --scheduled writes to BackupTo= ({vm.backup_to}), "
+                         f"not {args.dir}")
+    return vm.backup_to, vm.backup_keep
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from qemu_unit.cli import backup
 
     started = time.monotonic()
+    if args.scheduled:
+        args.dir, args.keep = _backup_schedule(args)
+    elif args.dir is None:
+        raise QemuUnitError("backup: DIR is needed (or --scheduled: the VM's BackupTo=)")
     point = backup.run_backup(args.name, args.dir, standalone=args.standalone, full=args.full,
                               keep=args.keep, search_path=_search_path(args))
     size = sum(d.file.size for d in point.disks)

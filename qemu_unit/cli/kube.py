@@ -101,6 +101,9 @@ UNSUPPORTED = {
     "HostShutdown": "a node's shutdown is the cluster's: KubeVirt evicts or live-migrates",
     "SnapshotSchedule": "KubeVirt snapshots are VirtualMachineSnapshot objects, not a VM field",
     "SnapshotKeep": "KubeVirt snapshots are VirtualMachineSnapshot objects, not a VM field",
+    "BackupSchedule": "a cluster's backups are its own (e.g. Velero), not a VM field",
+    "BackupTo": "a cluster's backups are its own (e.g. Velero), not a VM field",
+    "BackupKeep": "a cluster's backups are its own (e.g. Velero), not a VM field",
 }
 # [VM] keys generate() converts (a value it cannot convert is named, as above).
 EXPRESSED = (

@@ -57,6 +57,10 @@ def refusals(vm: VMConfig) -> list[ConfigError]:
                                 "its timer starts the system's qemu-run-snapshot@ template; "
                                 "a user's VM takes snapshots with qemu-unit --user snapshot "
                                 "create"))
+    if vm.backup_schedule is not None:
+        problems.append(_refuse(vm.origin("BackupSchedule"), vm, "BackupSchedule",
+                                "its timer starts the system's qemu-run-backup@ template; "
+                                "a user's VM is backed up with qemu-unit --user backup"))
     if vm.domain_xml is not None:
         problems.append(_refuse(vm.origin("DomainXML"), vm, "DomainXML",
                                 "a user's VM is described by .vm keys (the domain XML can "

@@ -246,6 +246,9 @@ class VMConfig:
     host_shutdown: HostShutdown
     snapshot_schedule: str | None  # an OnCalendar= expression
     snapshot_keep: int  # scheduled snapshots kept; 0: all
+    backup_schedule: str | None  # an OnCalendar= expression
+    backup_to: Path | None  # the backup directory of scheduled backups
+    backup_keep: int  # scheduled backups: the points the last N need are kept; 0: all
     ready: Ready
     health_cmd: str | None  # run in the guest by its agent; None: no health check
     health_interval: float  # seconds
@@ -1215,6 +1218,31 @@ SETTINGS: tuple[Setting, ...] = (
         "SnapshotKeep", "snapshot_keep", parse_count, "7", "N",
         "How many scheduled snapshots (auto-...) are kept: after each one, the oldest beyond "
         "N are deleted. 0 keeps them all. Snapshots taken by hand are never deleted.",
+        with_domain_xml=True,
+    ),
+    Setting(
+        "BackupSchedule", "backup_schedule", parse_calendar, None, "CALENDAR",
+        "Add a backup point to BackupTo= (qemu-unit backup --scheduled) at these times, an "
+        "OnCalendar= expression of systemd.time(7) such as daily: the generator writes "
+        "qemu-run-backup@NAME.timer for it (Persistent=yes: a time missed while the host was "
+        "off runs at the next boot). The first point is full, later ones incremental while "
+        "the VM runs; BackupKeep= bounds the chain.",
+        requires="BackupTo",
+        with_domain_xml=True,
+    ),
+    Setting(
+        "BackupTo", "backup_to", parse_path, None, "DIR",
+        "The backup directory of BackupSchedule= (made when missing, as by qemu-unit backup "
+        "NAME DIR; qemu-unit restore DIR rebuilds the VM from it).",
+        requires="BackupSchedule",
+        with_domain_xml=True,
+    ),
+    Setting(
+        "BackupKeep", "backup_keep", parse_count, "7", "N",
+        "After each scheduled backup, the points the last N do not need are removed, and a "
+        "new chain (a full point) is started once the last one has N points (qemu-unit "
+        "backup --keep N). 0 keeps them all.",
+        requires="BackupSchedule",
         with_domain_xml=True,
     ),
     Setting(

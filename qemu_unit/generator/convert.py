@@ -421,6 +421,7 @@ class Schedule:
 # One row per scheduled job.
 SCHEDULES = (
     Schedule("snapshot_schedule", paths.SNAPSHOT_UNIT_PREFIX, "Scheduled snapshots"),
+    Schedule("backup_schedule", paths.BACKUP_UNIT_PREFIX, "Scheduled backups"),
 )
 
 

@@ -2,7 +2,8 @@
 point taken while the guest writes restores to a file system that passes fsck and holds
 the data of the moment of the backup; an incremental point after 10 MB written is about
 10 MB; its checkpoint survives a restart of the VM; a corrupted backup is refused; a full
-target disk leaves the VM running and nothing under a final name.
+target disk leaves the VM running and nothing under a final name; the BackupSchedule= timer's
+unit, run as systemd runs it (root, its sandbox), adds a point to BackupTo=.
 
 One Debian VM (`src`, Image= overlay, direct kernel boot, guest agent) is booted once for
 the module and shared by the tests in order. The restored copies are checked from the host
@@ -49,6 +50,9 @@ Network=none
 Ready=agent
 ShutdownMode=agent acpi
 ShutdownTimeout=120s
+# Never due during the test: the test starts the timer's unit itself.
+BackupSchedule=Sun *-12-24 04:00
+BackupTo={BACKUPS}
 
 [Service]
 TimeoutStartSec={BOOT_TIMEOUT}
@@ -226,3 +230,20 @@ def test_checkpoint_survives_a_restart(ct: Container, src: str) -> None:
     guest(ct, "dd if=/dev/urandom of=/var/tmp/one bs=1M count=1 conv=fsync status=none")
     _rc, err = qu(ct, "backup", "src", str(BACKUPS))
     assert f"incremental from {SEEN['inc']}" in err, err
+
+
+def test_scheduled_backup_unit_adds_a_point(ct: Container, src: str) -> None:
+    timer = "qemu-run-backup@src.timer"
+    assert prop(ct, timer, "ActiveState") == "active"
+    assert "Sun *-12-24 04:00" in prop(ct, timer, "TimersCalendar")
+    before = manifest(ct)["points"]
+    assert isinstance(before, list)
+    # What the timer starts, started the same way: a oneshot, so this returns when it ends.
+    ct.systemctl("start", "qemu-run-backup@src.service", timeout=600)
+    assert prop(ct, "qemu-run-backup@src.service", "Result") == "success"
+    after = manifest(ct)["points"]
+    assert isinstance(after, list) and len(after) == len(before) + 1
+    # Incremental from the last point (BackupKeep=7: the chain is not full yet).
+    assert after[-1]["parent"] == before[-1]["id"]
+    ct.wait_journal(f"backup {after[-1]['id']} of src in {BACKUPS}: incremental",
+                    "-u", "qemu-run-backup@src.service", "-o", "cat")
