@@ -435,3 +435,13 @@ def test_a_root_only_vm_file_reaches_the_runner_as_a_credential(tmp_path: Path) 
     without = subprocess.run(run, env={}, capture_output=True, text=True, timeout=60,
                              check=False)
     assert "Permission denied" in without.stderr and SECRET not in without.stderr
+
+
+def test_reset_forgets_backup_checkpoints(tmp_path: Path) -> None:
+    # Their bitmaps were in the overlay reset removes: the next backup must be full.
+    state, root = tmp_path / "state", tmp_path / "root"
+    (state / paths.CHECKPOINTS_DIR).mkdir(parents=True)
+    (state / paths.CHECKPOINTS_DIR / "cp1.xml").write_text("<domaincheckpoint/>")
+    root.mkdir()
+    assert image.reset("web", state, root) == [state / paths.CHECKPOINTS_DIR]
+    assert list(state.iterdir()) == []

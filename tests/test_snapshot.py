@@ -77,7 +77,7 @@ def test_create_then_revert_brings_disks_and_nvram_back(vm: tuple[Path, str, lis
     (tpm / "tpm2" / "later").write_bytes(b"x")
     assert [s.name for s in snapshot.read_all(state)] == ["before"]
     assert snapshot.read_all(state)[0].tpm
-    snapshot.revert(state, xml, "before")
+    assert snapshot.revert(state, xml, "before")[1] == []
     assert all(reads(d, 0, 0x11) for d in disks)
     assert nvram.read_bytes() == b"vars-1" * 100
     # The TPM's state as it was: sealed secrets unseal again, later files are gone.
@@ -130,3 +130,22 @@ def test_delete_and_prune_only_auto_snapshots(vm: tuple[Path, str, list[Path], P
 def test_bad_names_are_refused(name: str) -> None:
     with pytest.raises(QemuUnitError, match="invalid snapshot name"):
         snapshot.check_name(name)
+
+
+def test_revert_drops_backup_checkpoints(vm: tuple[Path, str, list[Path], Path]) -> None:
+    state, xml, disks, _nvram = vm
+    for d in disks:
+        write_io(d, 0, 0x11)
+    snapshot.create(state, xml, "before")
+    # What a backup leaves: a persistent bitmap per disk and the checkpoint's definition.
+    for d in disks:
+        subprocess.run(["qemu-img", "bitmap", "--add", str(d), "cp1"], check=True)
+        write_io(d, 0, 0x22)
+    (state / paths.CHECKPOINTS_DIR).mkdir()
+    (state / paths.CHECKPOINTS_DIR / "cp1.xml").write_text("<domaincheckpoint/>")
+    # qcow2 refuses to apply a snapshot over active dirty bitmaps: the revert removes them.
+    _found, dropped = snapshot.revert(state, xml, "before")
+    assert dropped == ["cp1"]
+    assert all(reads(d, 0, 0x11) for d in disks)
+    assert all(snapshot.bitmaps(d) == [] for d in disks)
+    assert not (state / paths.CHECKPOINTS_DIR).exists()

@@ -342,7 +342,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             raise QemuUnitError(f"VM {args.name} is running: stop it first "
                                 f"(systemctl stop {paths.unit_name(args.name)})")
         _vm, xml = _rendered(args)
-        snapshot.revert(dirs.state, xml, snapshot.check_name(args.snapshot))
+        _found, dropped = snapshot.revert(dirs.state, xml, snapshot.check_name(args.snapshot))
+        if dropped:
+            print(f"dropped backup checkpoint(s) {', '.join(dropped)}: the next backup of "
+                  f"{args.name} is a full one", file=sys.stderr)
         print(f"reverted {args.name} to {args.snapshot}", file=sys.stderr)
         return 0
     vm, xml = _rendered(args)

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -373,6 +374,15 @@ def save_checkpoints(dom: Any, state: Path) -> None:
 def forget_checkpoint(state: Path, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         (_checkpoints_dir(state) / f"{name}.xml").unlink()
+
+
+def forget_all_checkpoints(state: Path) -> list[str]:
+    """Drop every kept checkpoint definition (the disks' data changed outside QEMU: a
+    snapshot revert, a reset); the manifest's next point is then a full one. The names."""
+    directory = _checkpoints_dir(state)
+    gone = sorted(p.name.removesuffix(".xml") for p in directory.glob("*.xml"))
+    shutil.rmtree(directory, ignore_errors=True)
+    return gone
 
 
 def _creation(path: Path) -> tuple[int, str]:

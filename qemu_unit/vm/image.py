@@ -25,6 +25,7 @@ from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.log import log as logger
 from qemu_unit.paths import (
     BASE_RECORD,
+    CHECKPOINTS_DIR,
     LOCK_FILE,
     OVERLAY,
     nvram_file,
@@ -192,6 +193,11 @@ def reset(name: str, state: Path, root: Path) -> list[Path]:
     if tpm.is_dir():
         shutil.rmtree(tpm)
         removed.append(tpm)
+    # Backup checkpoints: their bitmaps were in the overlay just removed.
+    checkpoints = state / CHECKPOINTS_DIR
+    if checkpoints.is_dir():
+        shutil.rmtree(checkpoints)
+        removed.append(checkpoints)
     # A saved state (HostShutdown=save) holds the memory of a guest on the disk just
     # removed: restoring it over a fresh one would corrupt the new guest.
     from qemu_unit.vm import saved

@@ -31,7 +31,7 @@ import re
 import shutil
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -262,8 +262,30 @@ def create(state: Path, xml: str, snap: str, ops: Offline | None = None,
     return result
 
 
-def revert(state: Path, xml: str, snap: str) -> Snapshot:
-    """Put every disk and the NVRAM back to SNAP (the VM must be stopped)."""
+def bitmaps(disk: Path) -> list[str]:
+    """The persistent dirty bitmaps qcow2 DISK holds (a backup checkpoint's each)."""
+    info = json.loads(qemu_img("info", "--output=json", "-U", "-f", "qcow2", os.fspath(disk)))
+    data = info.get("format-specific", {}).get("data", {})
+    return [b["name"] for b in data.get("bitmaps", [])]
+
+
+def drop_checkpoints(state: Path, disks: Iterable[Path]) -> list[str]:
+    """Remove the backup checkpoints: their bitmaps from DISKS and their definitions from
+    STATE. qcow2 refuses to apply an internal snapshot while a disk has dirty bitmaps,
+    and a bitmap would not count what the revert changed: the next backup is full."""
+    from qemu_unit.vm import backup
+
+    names = set(backup.forget_all_checkpoints(state))
+    for disk in disks:
+        for name in bitmaps(disk):
+            qemu_img("bitmap", "--remove", "-f", "qcow2", os.fspath(disk), name)
+            names.add(name)
+    return sorted(names)
+
+
+def revert(state: Path, xml: str, snap: str) -> tuple[Snapshot, list[str]]:
+    """Put every disk and the NVRAM back to SNAP (the VM must be stopped); the backup
+    checkpoints dropped on the way (drop_checkpoints)."""
     found = find(state, snap)
     what = targets(xml)
     if sorted(found.disks) != sorted(map(os.fspath, what.disks)):
@@ -273,6 +295,7 @@ def revert(state: Path, xml: str, snap: str) -> Snapshot:
     for disk in what.disks:
         if snap not in internal_names(disk):
             raise QemuUnitError(f"{disk} no longer holds snapshot {snap!r}")
+    dropped = drop_checkpoints(state, what.disks)
     for disk in what.disks:
         qemu_img("snapshot", "-q", "-a", snap, os.fspath(disk))
     if found.nvram and what.nvram is not None:
@@ -286,7 +309,7 @@ def revert(state: Path, xml: str, snap: str) -> Snapshot:
         _copy_tree_owned(_dir(state) / snap / TPM, tmp_tpm, state)
         shutil.rmtree(tpm, ignore_errors=True)
         os.rename(tmp_tpm, tpm)
-    return found
+    return found, dropped
 
 
 def delete(state: Path, xml: str, snap: str, ops: Offline | None = None) -> None:
