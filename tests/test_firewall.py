@@ -13,7 +13,7 @@ import pytest
 from qemu_unit import paths
 from qemu_unit.config import settings
 from qemu_unit.config.unitfile import UnitFile, parse
-from qemu_unit.errors import QemuUnitError
+from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.generator import convert
 from qemu_unit.vm import firewall
 from qemu_unit.vm.firewall import Cgroup, HostAccess
@@ -186,3 +186,45 @@ def test_template_runs_the_steps_only_with_the_mode_set() -> None:
         "ExecStopPost=-+/bin/sh -c '[ -z \"$$QEMU_UNIT_HOST_ACCESS\" ] || exec /usr/bin/python3 "
         "-I -m qemu_unit guest-firewall stop \"$1\"' guest-firewall %i",
     ]
+
+
+def _runtime(tmp_path: Path) -> Path:
+    (tmp_path / "web").mkdir(mode=0o700)
+    return tmp_path
+
+
+def test_a_failed_load_is_the_runners_exit_78(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failing ExecStartPre= would be restarted until the start limit; the runner's 78 is not.
+    roots = _runtime(tmp_path)
+
+    def fail(name: str, access: HostAccess) -> None:
+        raise QemuUnitError(f"guest firewall for {name}: nft said no")
+
+    monkeypatch.setattr(firewall, "_load", fail)
+    assert firewall.start("web", HostAccess.NONE, roots) == 0
+    note = roots / "web" / firewall.NOTE
+    assert oct(note.stat().st_mode & 0o777) == "0o644"  # the runner is another uid
+    with pytest.raises(ConfigError, match="nft said no") as caught:
+        firewall.require(roots / "web")
+    assert caught.value.exit_status == 78
+    # Without a runtime directory (a start by hand) the failure is the command's own.
+    with pytest.raises(QemuUnitError, match="nft said no"):
+        firewall.start("other", HostAccess.NONE, roots)
+
+
+def test_the_runner_needs_the_loaded_note(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    roots = _runtime(tmp_path)
+    with pytest.raises(ConfigError, match="left no note"):
+        firewall.require(roots / "web")
+    monkeypatch.setattr(firewall, "_load", lambda name, access: None)
+    assert firewall.start("web", HostAccess.LOOPBACK, roots) == 0
+    firewall.require(roots / "web")
+    # A link planted in its place is not followed.
+    note = roots / "web" / firewall.NOTE
+    note.unlink()
+    (tmp_path / "elsewhere").write_text(firewall.LOADED)
+    note.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="left no note"):
+        firewall.require(roots / "web")

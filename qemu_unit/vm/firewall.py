@@ -22,9 +22,11 @@ namespace of the process loading the rule (Linux >= 6.11 and its stable backport
 container's systemd sees its own root), which is the root /proc/self/cgroup shows.
 
 After loading, the step checks the rule from inside the cgroup: a connection to a listener
-of its own on an address the guest must not reach has to be refused. If the table cannot
-be loaded or the check fails, the step fails and so does the start: a VM never runs open
-by accident. `guest-firewall stop NAME` (ExecStopPost=-+) removes the table.
+of its own on an address the guest must not reach has to be refused. Either way the step
+leaves a note in the runtime directory ("loaded", or why not) and the runner, the unit's
+main process, refuses to start without "loaded" (exit 78): a VM never runs open by
+accident, and the start fails once, not in Restart= loop (RestartPreventExitStatus= counts
+only the main process's status). `guest-firewall stop NAME` (ExecStopPost=-+) removes the table.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from pathlib import Path
 
 from qemu_unit import command, log, paths
 from qemu_unit.config.names import check_name
-from qemu_unit.errors import QemuUnitError
+from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.vm import notes
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # On a hybrid (v1 + v2) host the v2 hierarchy is mounted here; nft looks up every cgroup
@@ -203,10 +206,49 @@ def refused(address: str) -> bool:
         return False
 
 
-def start(name: str, access: HostAccess) -> int:
+# The note the start step leaves for the runner: LOADED, or why not.
+NOTE = "guest-firewall"
+LOADED = "loaded"
+
+
+def start(name: str, access: HostAccess, roots: Path = paths.SYSTEM_RUNTIME) -> int:
     """`qemu-unit guest-firewall start NAME` as the unit's ExecStartPre=+ (root, in the
-    unit's cgroup): load the table and check it; QemuUnitError fails the start."""
+    unit's cgroup): load the table and check it, and say how it went in a note the runner
+    reads (require()): the runner, the main process, then refuses with exit 78, which
+    ends the start for good (RestartPreventExitStatus= counts the main process only: a
+    failing ExecStartPre= would be restarted until the start limit). Without a runtime
+    directory to leave the note in (a start by hand), a failure is this command's."""
     check_name(name)
+    try:
+        _load(name, access)
+    except QemuUnitError as e:
+        try:
+            notes.leave(roots / name, NOTE, str(e))
+        except OSError:
+            raise e from None
+        # The runner says it, as its one error line.
+        log.log.info("Guest firewall of %s not loaded: the runner refuses to start", name)
+        return 0
+    try:
+        notes.leave(roots / name, NOTE, LOADED)
+    except OSError as e:
+        log.log.warning("Guest firewall of %s: no note for the runner (%s)", name, e)
+    return 0
+
+
+def require(root: Path) -> None:
+    """The runner's side: refuse to start (ConfigError, exit 78) unless the start step
+    left LOADED in the runtime directory ROOT."""
+    try:
+        said = notes.read(root, NOTE)
+    except OSError as e:
+        said = (f"the unit's guest-firewall step left no note ({e.strerror or e}); not "
+                "starting the VM with its guest able to reach the host's own addresses")
+    if said != LOADED:
+        raise ConfigError(said)
+
+
+def _load(name: str, access: HostAccess) -> None:
     table = table_name(name)
     cgroup = own_cgroup(Path("/proc/self/cgroup").read_text())
     try:
@@ -232,7 +274,6 @@ def start(name: str, access: HostAccess) -> int:
                  cgroup.path, cgroup.level,
                  "loopback allowed, its other addresses refused" if access is
                  HostAccess.LOOPBACK else "addresses refused")
-    return 0
 
 
 def stop(name: str) -> int:

@@ -37,6 +37,7 @@ from qemu_unit.vm import (  # noqa: F401
     caps,
     control,
     domain,
+    firewall,
     guest,
     health,
     host,
@@ -282,6 +283,9 @@ class Runner:
         xml = domain.serialize(tree)
         self.xml = xml
         dirs = plan.dirs
+        if os.environ.get(paths.HOST_ACCESS_ENV) and not self.user:
+            # The guest firewall's root step ran before; no guest without it (exit 78).
+            firewall.require(dirs.root)
         accel = str(plan.accel)
         self.shutdown_timeout = (
             self.shutdown_timeout_override

@@ -44,7 +44,7 @@ from typing import Any
 
 from qemu_unit import command, paths
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.vm import control
+from qemu_unit.vm import control, notes
 from qemu_unit.vm.events import SaveRequested
 
 SAVED = paths.SAVED_DIR
@@ -256,30 +256,15 @@ def note_stop(name: str, roots: Path = paths.SYSTEM_RUNTIME) -> int:
     except QemuUnitError as e:
         log.log.warning("Stop of %s: systemd's state unknown (%s): a plain stop", name, e)
         return 0
-    try:
-        # Root in a directory the VM's user owns: never follow a link it put there.
-        fd = os.open(roots / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
+    if not (roots / name).is_dir():
         # The runner is gone already (qemu-unit save, a crash): nothing to tell.
-        log.log.info("Stop of %s: no runtime directory to leave systemd's state in (%s)",
-                     name, e.strerror)
+        log.log.info("Stop of %s: no runtime directory to leave systemd's state in", name)
         return 0
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(STOP_NOTE, dir_fd=fd)
-        note = os.open(STOP_NOTE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                       | os.O_CLOEXEC, 0o644, dir_fd=fd)
-        try:
-            # The unit's UMask=0077 applies to this root step too: the runner must read it.
-            os.fchmod(note, 0o644)
-            os.write(note, state.encode() + b"\n")
-        finally:
-            os.close(note)
+        notes.leave(roots / name, STOP_NOTE, state)
         log.log.info("Stop of %s: systemd's state is %r (left for the runner)", name, state)
     except OSError as e:
         log.log.warning("Stop of %s: cannot leave systemd's state for the runner: %s", name, e)
-    finally:
-        os.close(fd)
     return 0
 
 
@@ -287,6 +272,6 @@ def stop_note(root: Path) -> str:
     """systemd's state when this stop began, as the ExecStop=+ step left it in ROOT (the
     runtime directory); "unknown (...)" without one."""
     try:
-        return (root / STOP_NOTE).read_text().strip()[:40] or "unknown (empty note)"
+        return notes.read(root, STOP_NOTE)[:40] or "unknown (empty note)"
     except OSError as e:
-        return f"unknown (no note from the unit's ExecStop= step: {e.strerror})"
+        return f"unknown (no note from the unit's ExecStop= step: {e.strerror or e})"

@@ -114,7 +114,7 @@ def prepare(upper: Path) -> None:
     base = f"Image={DATA}/base.qcow2\nAccel=tcg\nRestrictNetwork=yes\n"
     write_vm(upper, "cloud", cloud_vm(image))
     write_vm(upper, "eph", f"[VM]\n{base}Ephemeral=yes\nShutdownTimeout=1s\n")
-    write_vm(upper, "nobase", f"[VM]\nImage={DATA}/missing.qcow2\nAccel=tcg\n")
+    write_vm(upper, "nobase", f"[VM]\nImage={DATA}/missing.qcow2\nAccel=tcg\nNetwork=none\n")
     write_vm(upper, "nokey", f"[VM]\n{base}SSHAuthorizedKey={DATA}/root-only.pub\n")
     write_vm(upper, "taken", f"[VM]\n{base}PublishPort=127.0.0.1:{TAKEN_PORT}:22\n")
     write_vm(upper, "badkey", "[VM]\nAccel=tcg\nPublishPort=127.0.0.1:22\n")

@@ -132,8 +132,10 @@ def test_vm_without_a_working_firewall_does_not_start(ct: Container) -> None:
         ct.run("mv", "/usr/sbin/nft.hidden", "/usr/sbin/nft")
     try:
         assert start.returncode != 0
-        # Failed, or waiting to try again (Restart=on-failure): never running.
-        assert prop(ct, unit, "SubState") in ("failed", "auto-restart")
+        # Failed for good: the runner's exit 78, no restart loop; never running.
+        assert prop(ct, unit, "SubState") == "failed"
+        assert prop(ct, unit, "ExecMainStatus") == "78"
+        assert prop(ct, unit, "NRestarts") == "0"
         assert qemu_pids(ct, "nonft") == []
         said = ct.journal("-u", unit, "-o", "cat")
         assert ("guest firewall for nonft: loading the guest firewall: nft is not installed"
