@@ -37,7 +37,6 @@ from qemu_unit.vm import (  # noqa: F401
     caps,
     control,
     domain,
-    firewall,
     guest,
     health,
     host,
@@ -285,6 +284,9 @@ class Runner:
         dirs = plan.dirs
         if os.environ.get(paths.HOST_ACCESS_ENV) and not self.user:
             # The guest firewall's root step ran before; no guest without it (exit 78).
+            # Imported here: ~5 ms (socket, ipaddress) only VMs on a user network pay.
+            from qemu_unit.vm import firewall
+
             firewall.require(dirs.root)
         accel = str(plan.accel)
         self.shutdown_timeout = (
