@@ -391,6 +391,36 @@ def test_pull_errors_reach_waiting_units(server: ImageServer, cache: Cache):
     with pytest.raises(QemuUnitError):
         pull(src, cache, retry=FAST)
     assert "404" in cache.read_progress(src.key())["error"]
+    assert cache.read_progress(src.key())["permanent"] is False  # the server may recover
+
+
+def test_a_wrong_digest_ends_the_waiting_vm_for_good(server: ImageServer, cache: Cache,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    from types import SimpleNamespace
+
+    from qemu_unit.vm import image
+
+    data = qcow2_like(seed=30)
+    server.files["/bad.qcow2"] = data[:-1] + b"!"
+    src = ImageSource(server.url("/bad.qcow2"), checksum=sha256(data))
+    with pytest.raises(VerificationError):
+        pull(src, cache, retry=FAST)
+    assert cache.read_progress(src.key())["permanent"] is True
+    # The runner under systemd waits for the pull unit's result: exit 78 is in the
+    # template's RestartPreventExitStatus=, so no restart pulls the same bytes again.
+    monkeypatch.setenv("INVOCATION_ID", "test")
+    monkeypatch.setenv("QEMU_UNIT_IMAGES", str(cache.root))
+    notify = SimpleNamespace(status=lambda text: None, extend_timeout=lambda s: None)
+    with pytest.raises(ConfigError, match="digest mismatch") as failed:
+        image.wait_for_pull(SimpleNamespace(image_source=src), notify)  # type: ignore[arg-type]
+    assert failed.value.exit_status == 78
+    # A server error is not the .vm's fault: the unit's Restart= may try again.
+    server.files.pop("/bad.qcow2")
+    with pytest.raises(QemuUnitError):
+        pull(src, cache, retry=FAST)
+    with pytest.raises(QemuUnitError) as failed:
+        image.wait_for_pull(SimpleNamespace(image_source=src), notify)  # type: ignore[arg-type]
+    assert failed.value.exit_status == 1
 
 
 # -- image list / prune / rm ----------------------------------------------------------------

@@ -641,7 +641,11 @@ QEMU's monitor leaves a question unanswered for half that time, and at least 5 s
 .B 78
 Configuration error (EX_CONFIG): the
 .I .vm
-file is missing or wrong.
+file is missing or wrong, or the image its
+.B Image=
+URL serves does not match
+.BR ImageChecksum= ,
+the sums or their signature.
 The unit lists 78 in
 .BR RestartPreventExitStatus= ,
 so a configuration that cannot work is not restarted in a loop.

@@ -202,7 +202,10 @@ def pull(src: ImageSource, cache: Cache | None = None, *, update: bool = False,
         try:
             ref = _pull_locked(src, cache, key, old, progress or _no_progress, retry)
         except QemuUnitError as e:
-            cache.write_progress(key, error=str(e))
+            # Bytes nobody vouches for stay wrong on a retry: the waiting VMs must not
+            # restart into the same pull (wait_for_pull ends them with EX_CONFIG).
+            cache.write_progress(key, error=str(e),
+                                 permanent=isinstance(e, verify.VerificationError))
             raise
         except OSError as e:
             if is_disk_full(e):

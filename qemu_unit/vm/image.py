@@ -140,7 +140,10 @@ def wait_for_pull(vm: VMConfig, notify: Any) -> None:
             done = progress.describe(state.get("done", 0), state.get("total"))
             notify.status(f"Waiting for the image: {done}")
         elif state.get("error") and state.get("time", 0) >= started - 5:
-            raise QemuUnitError(f"pulling the image failed: {state['error']}")
+            # A digest or signature that does not match is for the .vm's author to
+            # fix: 78 is in RestartPreventExitStatus=, so the VM fails once.
+            error = ConfigError if state.get("permanent") else QemuUnitError
+            raise error(f"pulling the image failed: {state['error']}")
         elif now - last_seen > PULL_ABSENT_SEC:
             raise QemuUnitError(f"{src.url} is not in the image cache and no pull runs "
                                 f"(systemctl status {pull_unit_name(key)})")

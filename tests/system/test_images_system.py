@@ -129,6 +129,9 @@ def test_a_tampered_image_fails_the_start_and_leaves_nothing(ct: Container,
     ct.systemctl("start", unit, check=False)
     wait_for("the failed start", lambda: prop(ct, unit, "ActiveState") == "failed", timeout=120)
     assert "digest mismatch" in runner_log(ct, "tampered")
+    # Fails once (EX_CONFIG): a restart would only pull the same wrong bytes again.
+    assert prop(ct, unit, "ExecMainStatus") == "78"
+    assert prop(ct, unit, "NRestarts") == "0"
     blobs = ct.run("ls", "-A", f"{CACHE}/blobs").stdout.split()
     assert f"sha256-{hashlib.sha256(data[:-1] + b'!').hexdigest()}" not in blobs
     assert ct.run("ls", "-A", f"{CACHE}/tmp").stdout == ""
