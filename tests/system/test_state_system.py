@@ -9,6 +9,11 @@ cold boot prints `booted` and a new token. With a disk it first prints the token
 before wrote there (`disk: ...`), then writes its own; with a TPM it prints the digest of
 the TPM's endorsement key, which changes only with the TPM's state.
 
+The faults: a save into a full state directory (a 1 MiB tmpfs) fails with one line and
+the guest runs on; a runner SIGKILLed in the middle of a save (QEMU stopped first, so the
+save cannot finish before the kill) leaves no save, and the restart boots cold from the
+disks with one line.
+
 One container for the module. `keep` (HostShutdown=save, enabled by [Install]) is shared
 by the first two tests in order; `snap` (Image= overlay over a blank base, TPM=yes) is
 the snapshot test's. The reboot is a real `systemctl poweroff` inside the container (its
@@ -48,6 +53,8 @@ pytestmark = pytest.mark.system
 DATA = Path("/srv/qemu-unit-state")
 KEEP = "qemu-run@keep.service"
 SNAP = "qemu-run@snap.service"
+FULL = "qemu-run@full.service"
+KILL = "qemu-run@kill.service"
 STATE = Path("/var/lib/qemu-run")
 BOOT_TIMEOUT = 120
 QU: dict[str, str] = {}
@@ -69,6 +76,8 @@ def prepare(upper: Path) -> None:
                                     install="WantedBy=multi-user.target"))
     write_vm(upper, "snap", vm_text("state", vm=f"Image={DATA}/blank.qcow2\nTPM=yes\n"
                                                  "SnapshotSchedule=daily\nSnapshotKeep=2"))
+    write_vm(upper, "full", vm_text("state"))
+    write_vm(upper, "kill", vm_text("state"))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +87,7 @@ def ct(qemu_unit_bin: Path) -> Iterator[Container]:
         install_qemu_unit(ct, qemu_unit_bin)
         QU["bin"] = str(qemu_unit_bin)
         yield ct
-        for unit in (KEEP, SNAP):
+        for unit in (KEEP, SNAP, FULL, KILL):
             ct.systemctl("stop", unit, check=False, timeout=120)
     print(f"\nstate module: {time.monotonic() - began:.1f} s in all")
 
@@ -328,3 +337,56 @@ def test_save_with_a_tpm_and_an_overlay_restores(ct: Container) -> None:
     third = start(ct, SNAP)
     assert report(ct, "snap", third)["ek"] == booted["ek"]
     ct.systemctl("stop", SNAP, timeout=120)
+
+
+def test_a_full_disk_fails_the_save_and_the_guest_runs_on(ct: Container) -> None:
+    # The state directory on a 1 MiB file system: room for the save's metadata, none for
+    # the guest's memory. (DynamicUser=: systemd keeps it under private/, a link points there.)
+    state = Path("/var/lib/private/qemu-run/full")
+    ct.run("mkdir", "-p", str(state))
+    ct.run("mount", "-t", "tmpfs", "-o", "size=1M,mode=0700", "tmpfs", str(state))
+    try:
+        first = start(ct, FULL)
+        booted = report(ct, "full", first)
+        failed = qu(ct, "save", "full")
+        print(f"\nsave into a full state directory: {failed.stderr.strip()}")
+        assert failed.returncode != 0
+        assert "saving the VM failed" in failed.stderr, failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+        # The guest was resumed: the same boot counts on, nothing half-written is left.
+        assert prop(ct, FULL, "ActiveState") == "active"
+        later = report(ct, "full", first, after=int(booted["tick"]) + 2)
+        assert later["ticked"] == booted["token"]
+        left = ct.run("ls", "-A", str(state)).stdout.split()
+        assert not {"saved", "saved.new"} & set(left), left
+        assert "Saved state" not in qu(ct, "status", "full").stdout
+        ct.systemctl("stop", FULL, timeout=120)
+        assert_graceful_stop(ct, "full", first)
+    finally:
+        ct.systemctl("stop", FULL, check=False, timeout=120)
+        ct.run("umount", str(state), check=False)
+
+
+def test_a_runner_killed_while_saving_boots_cold_from_the_disks(ct: Container) -> None:
+    first = start(ct, KILL)
+    booted = report(ct, "kill", first)
+    # QEMU stopped first, so the save cannot finish before the SIGKILL: the kill lands
+    # in the middle of it every time, not when the timing happens to allow.
+    [qemu] = qemu_pids(ct, "kill")
+    ct.run("kill", "-STOP", str(qemu))
+    ct.run("systemd-run", "--unit=save-kill", "--collect", "--quiet", QU["bin"], "save", "kill")
+    wait_for("the save to begin", lambda: exists(ct, STATE / "kill/saved.new"), timeout=30)
+    ct.run("kill", "-KILL", prop(ct, KILL, "MainPID"))
+    # Restart=on-failure starts it again: from the disks, with one line about the save.
+    wait_for("the restart", lambda: prop(ct, KILL, "ActiveState") == "active"
+             and prop(ct, KILL, "InvocationID") not in ("", first), timeout=BOOT_TIMEOUT)
+    again = invocation(ct, "kill")
+    cold = report(ct, "kill", again)
+    assert cold.get("booted") and cold["token"] != booted["token"]
+    assert qemu not in qemu_pids(ct, "kill")
+    log = runner_log(ct, "kill", again)
+    assert "An incomplete saved state was found (the runner was stopped while saving) " \
+           "and removed: booting from the disks" in log, log
+    assert not exists(ct, STATE / "kill/saved.new") and not exists(ct, STATE / "kill/saved")
+    ct.systemctl("stop", KILL, timeout=120)
+    assert_graceful_stop(ct, "kill", again)
