@@ -17,6 +17,7 @@ import pytest
 from qemu_unit import paths
 from qemu_unit.cli import backup as cli_backup
 from qemu_unit.cli.commands import main
+from qemu_unit.config import settings, source
 from qemu_unit.errors import QemuUnitError
 from qemu_unit.vm import backup
 from qemu_unit.vm.backup import Base, DiskCopy, File, Manifest, Point
@@ -204,6 +205,24 @@ def test_stopped_backup_keeps_the_difference_and_restores(
     # Never over an existing VM.
     with pytest.raises(QemuUnitError, match="exists"):
         cli_backup.restore(vm["dir"], "copy", config_dir=vm["config"])
+
+
+def test_drop_ins_travel_with_the_backup(stopped_vm: dict[str, Path],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    vm = stopped_vm
+    dropins = vm["config"] / "web.vm.d"
+    dropins.mkdir()
+    (dropins / "20-cpus.conf").write_text("[VM]\nCPUs=3\n")
+    (dropins / "10-memory.conf").write_text("[VM]\nMemory=768M\n")
+    assert main(["backup", "web", str(vm["dir"]), "--config-dir", str(vm["config"])]) == 0
+    _restore_env(monkeypatch, vm, "copy")
+    # Another host: the restored .vm alone carries what the drop-ins said.
+    elsewhere = vm["tmp"] / "elsewhere"
+    cli_backup.restore(vm["dir"], "copy", config_dir=elsewhere)
+    assert not (elsewhere / "copy.vm.d").exists()
+    copy = settings.load_vm(source.find_source("copy", [elsewhere]))
+    assert (copy.memory >> 20, copy.cpus) == (768, 3)
+    assert copy.image == vm["base"]
 
 
 def test_corrupted_backup_is_refused_and_nothing_written(

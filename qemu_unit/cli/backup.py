@@ -19,7 +19,7 @@ import shutil
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,16 @@ def _copy(src: Path, dest: Path) -> None:
         shutil.copyfileobj(fin, fout, 1 << 20)
 
 
+def effective_vm(main: Path, dropins: Sequence[Path]) -> bytes:
+    """The .vm as it takes effect: the file, then its drop-ins in the order they apply
+    (a section may repeat in one file; its keys merge as a drop-in's do), so that a
+    restore on another host, which has no NAME.vm.d/, gets every setting."""
+    text = main.read_bytes()
+    for d in dropins:
+        text += f"\n# qemu-unit backup: the drop-in {d}\n".encode() + d.read_bytes()
+    return text
+
+
 def _progress(line: dict[str, Any], *, bar: list[Any]) -> None:
     done = line.get("progress", {}).get("done", 0)
     total = line.get("progress", {}).get("total", 0)
@@ -257,7 +267,7 @@ def _write_point(plan: Plan, directory: Path, partial: Path, manifest: Manifest,
             if args:
                 qemu_img("rebase", "-u", "-b", "", os.fspath(files[d.target]))
     vm_copy = partial / paths.BACKUP_VM_FILE
-    _copy(plan.vm_file, vm_copy)
+    vm_copy.write_bytes(effective_vm(plan.vm_file, plan.vm.dropins))
     nvram = backup.nvram_path(plan.xml)
     nvram_file = None
     if nvram is not None and nvram.exists():

@@ -5,7 +5,7 @@ A backup directory DIR holds:
 
     manifest.json     every point: its parent, time, consistency, checkpoint, and each
                       file with its size and sha256 (replaced whole, never edited)
-    ID/vm             the .vm file as it was
+    ID/vm             the .vm file as it was, its drop-ins appended
     ID/DEV.qcow2      each writable disk (DEV: its target, vda...); the first point is
                       full, a later one holds only the clusters written since its
                       parent and names the parent's file as its qcow2 backing file

@@ -431,6 +431,9 @@ class Runner:
                     continue
                 logger.info("Set the guest clock through the guest agent")
                 return
+            if not done.is_set():
+                logger.warning("The guest clock stands where it was saved: no guest agent set "
+                               "it within %d s", CLOCK_SYNC_WINDOW)
 
         threading.Thread(target=sync, name="clock-sync", daemon=True).start()
 

@@ -3,12 +3,15 @@ point taken while the guest writes restores to a file system that passes fsck an
 the data of the moment of the backup; an incremental point after 10 MB written is about
 10 MB; its checkpoint survives a restart of the VM; a corrupted backup is refused; a full
 target disk leaves the VM running and nothing under a final name; the BackupSchedule= timer's
-unit, run as systemd runs it (root, its sandbox), adds a point to BackupTo=.
+unit, run as systemd runs it (root, its sandbox), adds a point to BackupTo=. Last,
+HostShutdown=save across a reboot of the container: a process started in the guest runs
+on, the uptime goes on from the save, the guest agent sets the clock.
 
 One Debian VM (`src`, Image= overlay, direct kernel boot, guest agent) is booted once for
 the module and shared by the tests in order. The restored copies are checked from the host
-(qemu-img reads the restored disk, e2fsck and debugfs read its root file system) rather
-than booted in a second container: same container, other VM names, never started.
+(qemu-img reads the restored disk, e2fsck and debugfs read its root file system); one
+is restored and booted in a second container, another host that has the backup directory
+and the kernel files but nothing else of src.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ Network=none
 Ready=agent
 ShutdownMode=agent acpi
 ShutdownTimeout=120s
+HostShutdown=save
 # Never due during the test: the test starts the timer's unit itself.
 BackupSchedule=Sun *-12-24 04:00
 BackupTo={BACKUPS}
@@ -71,6 +75,8 @@ def prepare(upper: Path) -> None:
         shutil.copyfile(src, data / name)
         (data / name).chmod(0o644)
     write_vm(upper, "src", src_vm())
+    # A persistent journal: the save's lines are read after the container's reboot.
+    (upper / "var/log/journal").mkdir(parents=True, exist_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +88,8 @@ def ct(qemu_unit_bin: Path) -> Iterator[Container]:
         ct.run("umount", str(SMALL), check=False)
 
 
-def start(ct: Container) -> None:
-    unit = "qemu-run@src.service"
+def start(ct: Container, vm: str = "src") -> None:
+    unit = f"qemu-run@{vm}.service"
     began = time.monotonic()
     ct.systemctl("start", "--no-block", unit)
     # The start job waits, the unit "inactive", while qemu-unit-caps.service probes QEMU
@@ -94,8 +100,8 @@ def start(ct: Container) -> None:
              timeout=BOOT_TIMEOUT)
     why = ct.run("journalctl", "--no-pager", "-o", "cat", "-u", unit, "-u",
                  "qemu-unit-caps.service", check=False).stdout
-    assert prop(ct, unit, "ActiveState") == "active", runner_log(ct, "src") + why
-    print(f"src ready after {time.monotonic() - began:.0f} s")
+    assert prop(ct, unit, "ActiveState") == "active", runner_log(ct, vm) + why
+    print(f"{vm} ready after {time.monotonic() - began:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +119,8 @@ def qu(ct: Container, *args: str, check: bool = True, timeout: float = 600
     return proc.returncode, proc.stderr
 
 
-def guest(ct: Container, command: str) -> str:
-    proc = ct.run(QU["bin"], "exec", "src", "--", "sh", "-c", command, check=False,
+def guest(ct: Container, command: str, vm: str = "src") -> str:
+    proc = ct.run(QU["bin"], "exec", vm, "--", "sh", "-c", command, check=False,
                   timeout=300)
     assert proc.returncode == 0, proc.stderr
     return str(proc.stdout)
@@ -196,6 +202,35 @@ def test_incremental_after_10_mb_is_about_10_mb(ct: Container, src: str) -> None
     ct.run("rm", "-f", "/srv/copy2-root.raw", "/srv/ten")
 
 
+def test_the_backup_boots_on_another_host(ct: Container, src: str) -> None:
+    # Another host: a new container with the backup directory and the kernel files the
+    # .vm names, nothing else of src (not its base image, state or configuration).
+    assert "inc" in SEEN, "needs the incremental point"
+    import shutil
+
+    def prepare(upper: Path) -> None:
+        for name in ("vmlinuz", "initrd.img"):
+            there = upper / DATA.relative_to("/") / name
+            there.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ct.upper / DATA.relative_to("/") / name, there)
+            there.chmod(0o644)
+        shutil.copytree(ct.upper / BACKUPS.relative_to("/"), upper / BACKUPS.relative_to("/"))
+
+    with Container("restore", prepare, stop_timeout=60) as other:
+        install_qemu_unit(other, Path(QU["bin"]))
+        assert other.run("test", "-e", f"{DATA}/base.qcow2", check=False).returncode != 0
+        _rc, err = qu(other, "restore", str(BACKUPS), "--as", "copy", "--point", SEEN["inc"])
+        assert "restored VM copy" in err, err
+        other.systemctl("daemon-reload")
+        start(other, "copy")
+        # The full point and the incremental one over it: the file written between them.
+        assert guest(other, "sha256sum /var/tmp/ten", "copy").split()[0] == SEEN["ten"]
+        numbers = [int(n) for n in guest(other, "cat /var/tmp/log", "copy").split()]
+        assert numbers == list(range(1, len(numbers) + 1))
+        other.systemctl("stop", "qemu-run@copy.service", timeout=180)
+        assert prop(other, "qemu-run@copy.service", "Result") == "success"
+
+
 def test_corrupted_backup_is_refused(ct: Container) -> None:
     ct.run("cp", "-a", str(BACKUPS), "/srv/corrupt")
     disk = f"/srv/corrupt/{SEEN['inc']}/vda.qcow2"
@@ -253,3 +288,40 @@ def test_scheduled_backup_unit_adds_a_point(ct: Container, src: str) -> None:
     assert after[-1]["parent"] == before[-1]["id"]
     ct.wait_journal(f"backup {after[-1]['id']} of src in {BACKUPS}: incremental",
                     "-u", "qemu-run-backup@src.service", "-o", "cat")
+
+
+def test_a_host_reboot_keeps_a_guest_process_and_sets_the_clock(ct: Container,
+                                                               src: str) -> None:
+    # HostShutdown=save with a real OS: a process of the guest lives through the host's
+    # reboot, the guest's uptime goes on from the save, and the agent sets its clock.
+    pid = guest(ct, "systemd-run --unit=sleeper --quiet sleep infinity && "
+                    "systemctl show -P MainPID sleeper").strip()
+    assert int(pid) > 1
+    boot_id = guest(ct, "cat /proc/sys/kernel/random/boot_id")
+    read_before = time.monotonic()
+    uptime = float(guest(ct, "cut -d' ' -f1 /proc/uptime"))
+    ct.reboot()
+    # From here until the start the VM is saved, not running: at least 12 s, long enough
+    # that a clock left where it was saved would be seen to lag.
+    down = time.monotonic()
+    old = runner_log(ct, "src")
+    assert "The host is shutting down (HostShutdown=save): saving the VM" in old, old
+    time.sleep(12)
+    away = time.monotonic() - down
+    start(ct)
+    log = runner_log(ct, "src")
+    assert "Restored VM src from its saved state" in log, log
+    assert guest(ct, "cat /proc/sys/kernel/random/boot_id") == boot_id  # the same boot
+    assert guest(ct, "cat /proc/$(systemctl show -P MainPID sleeper)/comm").strip() == "sleep"
+    assert guest(ct, "systemctl show -P MainPID sleeper").strip() == pid
+    after = float(guest(ct, "cut -d' ' -f1 /proc/uptime"))
+    elapsed = time.monotonic() - read_before
+    # The uptime went on from the save and did not count the time the VM was saved.
+    assert uptime < after <= uptime + elapsed - away + 2, (uptime, after, elapsed, away)
+    ct.wait_journal("Set the guest clock through the guest agent",
+                    "-u", "qemu-run@src.service", "-t", "qemu-unit", "-o", "cat")
+    lag = time.time() - float(guest(ct, "date +%s.%N"))
+    print(f"\nsaved across a reboot: {elapsed:.0f} s, {away:.0f} s of it saved; uptime "
+          f"{uptime:.0f} -> {after:.0f} s; "
+          f"clock off by {lag:+.1f} s after the agent set it")
+    assert abs(lag) < 5, lag
