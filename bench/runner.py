@@ -370,7 +370,7 @@ def main() -> int:
     print(f"| spawn -> running/READY | {ours:.3f} s | {bare:.3f} s | {vqr:.3f} s "
           f"| {ours / bare:.2f}x libvirt, {ours / vqr:.2f}x virt-qemu-run |")
     print(f"| stop, cooperative guest | {stop_ours:.3f} s | {stop_bare:.3f} s "
-          f"| {stop_vqr:.3f} s (destroys) | +{stop_ours - stop_bare:.3f} s over the guest's "
+          f"| {stop_vqr:.3f} s (destroys) | {stop_ours - stop_bare:+.3f} s over the guest's "
           "own power-off |")
     print(f"| process RSS, VM running | {rss:.1f} MB | {rss_bare:.1f} MB | | "
           f"{rss / rss_bare:.2f}x libvirt |")

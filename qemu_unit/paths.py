@@ -34,6 +34,9 @@ TEMPLATE_UNIT = f"{UNIT_PREFIX}{UNIT_SUFFIX}"
 # generator tells the unit's root step what a guest may reach in this variable.
 FIREWALL_TABLE_PREFIX = f"{PROJECT_DIR}-"
 HOST_ACCESS_ENV = "QEMU_UNIT_HOST_ACCESS"
+# Set (to "save") by the generator for HostShutdown=save: the unit's ExecStop=+ note-stop
+# step runs only then.
+HOST_SHUTDOWN_ENV = "QEMU_UNIT_HOST_SHUTDOWN"
 # The generator's drop-in in qemu-run@NAME.service.d/.
 GENERATOR_DROPIN = "50-qemu-unit.conf"
 # Where a distribution package puts the template.

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from qemu_unit import paths
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.vm import saved
 
@@ -169,3 +170,23 @@ def test_save_by_hand_without_systemd_does_not_wait(monkeypatch: pytest.MonkeyPa
     began = time.monotonic()
     commands._wait_unit_stopped("web", False, began + 60)
     assert time.monotonic() - began < 5
+
+
+def test_the_stop_note_step_runs_only_for_host_shutdown_save() -> None:
+    from qemu_unit.config import settings, unitfile
+    from qemu_unit.generator import convert
+
+    template = (Path(__file__).parents[1] / "units" / paths.TEMPLATE_UNIT).read_text()
+    [step] = [line for line in template.splitlines() if line.startswith("ExecStop=")]
+    assert step.startswith(f"ExecStop=-+/bin/sh -c '[ -z \"$${paths.HOST_SHUTDOWN_ENV}\" ] ||")
+    assert "note-stop" in step
+    env = f"{paths.HOST_SHUTDOWN_ENV}=save"
+
+    def environment(text: str) -> list[str]:
+        entries = tuple(unitfile.parse(text, "/etc/qemu-run/web.vm"))
+        vm = settings.parse_vm("web", unitfile.UnitFile("/etc/qemu-run/web.vm", entries))
+        return [v for k, v in convert.implied_service(vm, convert.host_needs(vm))
+                if k == "Environment"]
+
+    assert env in environment("[VM]\nHostShutdown=save\n")
+    assert env not in environment("[VM]\n")

@@ -28,6 +28,7 @@ DROPIN = paths.GENERATOR_DROPIN
 PULL_ARGS_ENV = "QEMU_UNIT_PULL_ARGS"
 # What a guest on a user network reaches of the host (vm/firewall.py reads it).
 HOST_ACCESS_ENV = paths.HOST_ACCESS_ENV
+HOST_SHUTDOWN_ENV = paths.HOST_SHUTDOWN_ENV
 # The static user of VMs that cannot have one of their own (tap and bridge networks,
 # disks written outside the state directory).
 SERVICE_USER = paths.SERVICE_USER
@@ -254,9 +255,12 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
             PrivateTmp=no (the private /tmp would hide it).
     """
     stop = vm.shutdown_timeout + STOP_MARGIN_SEC
+    out: list[tuple[str, str]] = []
     if vm.host_shutdown is settings.HostShutdown.SAVE:
         stop += save_seconds(vm.memory)
-    out: list[tuple[str, str]] = [("TimeoutStopSec", _format_seconds(stop))]
+        # The template's ExecStop=+ note-stop step runs only when this is set.
+        out.append(("Environment", f"{HOST_SHUTDOWN_ENV}=save"))
+    out.insert(0, ("TimeoutStopSec", _format_seconds(stop)))
     kinds = set(needs.networks)
     own = f"{SYSTEM_STATE}/{vm.name}/"
     if kinds & {"tap", "bridge"} or any(w and not f.startswith(own) for f, w in needs.files):

@@ -38,6 +38,7 @@ from typing import Any
 
 from qemu_unit import command, paths
 from qemu_unit.errors import QemuUnitError
+from qemu_unit.log import log as logger
 from qemu_unit.vm import control
 
 SNAPSHOTS = paths.SNAPSHOTS_DIR
@@ -399,7 +400,9 @@ def _create_op(context: control.Context, request: dict[str, Any],
     dom = _running(context)
     state = paths.finalize_dirs(context.name).state
     try:
-        made = create(state, dom.XMLDesc(0), str(request.get("snapshot")), Live(dom))
+        # The VM's journal keeps a line of every snapshot taken while it ran.
+        made = create(state, dom.XMLDesc(0), str(request.get("snapshot")), Live(dom),
+                      log=logger.info)
     except QemuUnitError as e:
         raise control.ControlError(str(e)) from None
     return {"snapshot": asdict(made)}

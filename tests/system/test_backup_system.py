@@ -325,3 +325,18 @@ def test_a_host_reboot_keeps_a_guest_process_and_sets_the_clock(ct: Container,
           f"{uptime:.0f} -> {after:.0f} s; "
           f"clock off by {lag:+.1f} s after the agent set it")
     assert abs(lag) < 5, lag
+
+
+def test_a_live_snapshot_is_frozen_through_the_agent(ct: Container, src: str) -> None:
+    # The busybox guest of test_state_system has no agent: its snapshots are
+    # crash-consistent. A real OS with its agent is frozen for the moment of the snapshot.
+    _rc, err = qu(ct, "snapshot", "create", "src", "frozen")
+    assert "snapshot frozen of src (consistent)" in err, err
+    [meta] = json.loads(ct.run(QU["bin"], "snapshot", "list", "src", "--json").stdout)
+    assert meta["consistency"] == "consistent", meta
+    # Thawed again: a write returns (on a frozen file system it would block).
+    assert guest(ct, "timeout 20 sh -c 'echo thawed > /var/tmp/thawed && sync' && "
+                     "cat /var/tmp/thawed").strip() == "thawed"
+    log = ct.journal("-u", "qemu-run@src.service", "-o", "cat")
+    assert "Took snapshot frozen (consistent)" in log, log
+    qu(ct, "snapshot", "delete", "src", "frozen")

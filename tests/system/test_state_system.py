@@ -362,6 +362,9 @@ def test_a_full_disk_fails_the_save_and_the_guest_runs_on(ct: Container) -> None
         assert "Saved state" not in qu(ct, "status", "full").stdout
         ct.systemctl("stop", FULL, timeout=120)
         assert_graceful_stop(ct, "full", first)
+        # No HostShutdown=save: the unit's root step before SIGTERM did not run at all.
+        steps = ct.journal(f"_SYSTEMD_INVOCATION_ID={first}", "-o", "cat")
+        assert "systemd's state" not in steps, steps
     finally:
         ct.systemctl("stop", FULL, check=False, timeout=120)
         ct.run("umount", str(state), check=False)
