@@ -4,7 +4,8 @@ mounts it; a secret sealed to the TPM is kept on it, outside the overlay reset r
 
 One VM (`cloud`) boots through its own boot loader (GPT, ESP, systemd-boot, OVMF) and is
 shared by the tests in order: first boot, restart, reset. Under TCG each boot takes from
-~40 s on an idle machine to minutes on a busy one: the deadlines are generous.
+~40 s on an idle machine to minutes on a busy one: the deadlines are generous. The same
+image with SecureBoot=yes (`locked`) is refused by the firmware: its systemd-boot is unsigned.
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ def prepare(upper: Path) -> None:
     write_vm(upper, "nokey", f"[VM]\n{base}SSHAuthorizedKey={DATA}/root-only.pub\n")
     write_vm(upper, "taken", f"[VM]\n{base}PublishPort=127.0.0.1:{TAKEN_PORT}:22\n")
     write_vm(upper, "badkey", "[VM]\nAccel=tcg\nPublishPort=127.0.0.1:22\n")
+    # The same image (systemd-boot, which Debian 12 ships unsigned) under Secure Boot.
+    write_vm(upper, "locked", f"[VM]\nImage={DATA}/base.qcow2\nAccel=tcg\nFirmware=uefi\n"
+                              "SecureBoot=yes\nEphemeral=yes\nNetwork=none\nMemory=512M\n"
+                              "ShutdownTimeout=0\n")
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +325,21 @@ def test_taken_host_port_is_one_clear_line(ct: Container) -> None:
 def test_bad_value_exits_78(ct: Container) -> None:
     _fails_with(ct, "badkey", "/etc/qemu-run/badkey.vm:3: PublishPort=: invalid host port "
                               "'127.0.0.1': expected a number from 1 to 65535")
+
+
+def test_secure_boot_refuses_an_unsigned_boot_loader(ct: Container) -> None:
+    # OVMF with Microsoft's keys enrolled (SecureBoot=yes) finds the ESP's boot loader,
+    # unsigned systemd-boot, and refuses to run it: nothing of the guest's OS starts.
+    unit = "qemu-run@locked.service"
+    ct.systemctl("start", unit)
+    of = prop(ct, unit, "InvocationID")
+    lines = ct.wait_journal("Access Denied", f"_SYSTEMD_INVOCATION_ID={of}",
+                            "-t", "qemu-unit-console", "-o", "cat", timeout=300)
+    ct.systemctl("stop", unit)
+    refused = [line for line in lines.splitlines() if "Access Denied" in line]
+    print(f"\nSecure Boot: {refused[0].strip()}")
+    assert "failed to load" in refused[0], lines
+    assert "Linux version" not in lines and "systemd-boot" not in lines, lines
 
 
 def test_leaves_no_qemu(ct: Container) -> None:
