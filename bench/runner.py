@@ -59,7 +59,8 @@ STOP_PHASES = ("stop-requested", "shutdown-asked", "guest-shutdown", "guest-stop
 SYSTEMD_ROWS = {
     "systemctl start": "systemctl start -> active",
     "systemctl stop": "systemctl stop, cooperative guest",
-    "ten VMs": "ten VMs, one systemctl start",
+    "ten VMs": "ten VMs, one systemctl start (median of the later rounds)",
+    "ten VMs, first": "ten VMs, their first start",
 }
 PHASE_TEXT = {
     "main": "interpreter start, `qemu_unit.cli` imports",
@@ -324,13 +325,19 @@ def run_systemd(qemu_unit: Path, rounds: int) -> dict[str, float]:
         out["systemctl stop"] = statistics.median(stops)
         for key in phases[0]:
             out[f"journal {key}"] = statistics.median(p[key] for p in phases if key in p)
-        t = time.monotonic()
-        ct.systemctl("start", *(f"qemu-run@{n}" for n in names), timeout=300)
-        out["ten VMs"] = time.monotonic() - t
-        active = ct.run("systemctl", "is-active", *(f"qemu-run@{n}" for n in names),
-                        check=False).stdout.split()
-        assert active == ["active"] * 10, active
-        ct.systemctl("stop", *(f"qemu-run@{n}" for n in names), timeout=300)
+        # The first start of the ten makes their state directories and users; later
+        # rounds start them as a host does at every boot. One sample each was too noisy.
+        tens = []
+        for _ in range(rounds):
+            t = time.monotonic()
+            ct.systemctl("start", *(f"qemu-run@{n}" for n in names), timeout=300)
+            tens.append(time.monotonic() - t)
+            active = ct.run("systemctl", "is-active", *(f"qemu-run@{n}" for n in names),
+                            check=False).stdout.split()
+            assert active == ["active"] * 10, active
+            ct.systemctl("stop", *(f"qemu-run@{n}" for n in names), timeout=300)
+        out["ten VMs, first"] = tens[0]
+        out["ten VMs"] = statistics.median(tens[1:] or tens)
     return out
 
 
