@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,19 @@ def _assemble(esp: Path, root: Path, raw: Path) -> None:
              "status=none")
 
 
+def _publish(raw: Path, dest: Path, *extra: tuple[Path, str]) -> None:
+    """RAW as DEST/disk.qcow2, with the EXTRA files, made visible by one rename."""
+    out = raw.parent / "out"
+    out.mkdir()
+    _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, out / "disk.qcow2")
+    for src, name in extra:
+        shutil.copyfile(src, out / name)
+    for f in out.iterdir():
+        f.chmod(0o644)
+    out.chmod(0o755)
+    out.rename(dest)
+
+
 def _build(dest: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="build-", dir=dest.parent))
     try:
@@ -149,15 +163,7 @@ def _build(dest: Path) -> None:
         _run("mkfs.ext4", "-q", "-L", "root", "-d", tree, root, f"{ROOT_MIB}M")
         raw = work / "disk.raw"
         _assemble(esp, root, raw)
-        out = work / "out"
-        out.mkdir()
-        _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, out / "disk.qcow2")
-        shutil.copyfile(kernel, out / "vmlinuz")
-        shutil.copyfile(initrd, out / "initrd.img")
-        for f in out.iterdir():
-            f.chmod(0o644)
-        out.chmod(0o755)
-        out.rename(dest)
+        _publish(raw, dest, (kernel, "vmlinuz"), (initrd, "initrd.img"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -165,14 +171,63 @@ def _build(dest: Path) -> None:
 @functools.cache
 def build_debian_image() -> DebianImage:
     """The image, built on first use on this machine (about a minute and a half)."""
+    dest = _cached(_recipe(), _build)
+    return DebianImage(dest / "disk.qcow2", dest / "vmlinuz", dest / "initrd.img")
+
+
+def _cached(name: str, build: Callable[[Path], None]) -> Path:
+    """CACHE_ROOT/NAME, made by BUILD(dest) unless a disk.qcow2 is there already."""
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    dest = CACHE_ROOT / _recipe()
+    dest = CACHE_ROOT / name
     with open(CACHE_ROOT / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building it right now
         if not (dest / "disk.qcow2").exists():
-            _build(dest)
+            build(dest)
     os.chmod(CACHE_ROOT, 0o755)
-    return DebianImage(dest / "disk.qcow2", dest / "vmlinuz", dest / "initrd.img")
+    return dest
+
+
+# Debian's Secure Boot chain: shim signed by Microsoft's UEFI CA, GRUB and the kernel signed
+# by Debian's key, which shim trusts.
+SIGNED_PACKAGES = ("shim-signed", "grub-efi-amd64-signed")
+SIGNED_GRUB_CFG = f"set timeout=0\nlinux /vmlinuz {CMDLINE}\ninitrd /initrd.img\nboot\n"
+
+
+def _build_signed(base: DebianImage, dest: Path) -> None:
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=dest.parent))
+    try:
+        _run("apt-get", "download", *SIGNED_PACKAGES, cwd=work)
+        for deb in work.glob("*.deb"):
+            _run("dpkg-deb", "-x", deb, work / "x")
+        esp = work / "esp.img"
+        _run("mkfs.vfat", "-n", "ESP", "-C", esp, str(ESP_KIB))
+        cfg = work / "grub.cfg"
+        cfg.write_text(SIGNED_GRUB_CFG)
+        image = f"-i{esp}"
+        _run("mmd", image, "::/EFI", "::/EFI/BOOT")
+        # The removable-media path: no boot entry needed. Signed GRUB reads grub.cfg
+        # from the directory it was loaded from.
+        for src, name in ((work / "x/usr/lib/shim/shimx64.efi.signed", "EFI/BOOT/BOOTX64.EFI"),
+                          (work / "x/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
+                           "EFI/BOOT/grubx64.efi"),
+                          (cfg, "EFI/BOOT/grub.cfg"), (base.kernel, "vmlinuz"),
+                          (base.initrd, "initrd.img")):
+            _run("mcopy", image, src, f"::/{name}")
+        raw = work / "disk.raw"
+        _run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", base.disk, raw)
+        _run("dd", f"if={esp}", f"of={raw}", "bs=1M", "seek=1", "conv=notrunc,sparse",
+             "status=none")
+        _publish(raw, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@functools.cache
+def build_signed_debian_image() -> Path:
+    """The image with Debian's Secure Boot chain on its ESP instead of (unsigned)
+    systemd-boot: shim, GRUB and the kernel, all signed. Made from the image above."""
+    base = build_debian_image()
+    return _cached(f"{_recipe()}-signed", lambda dest: _build_signed(base, dest)) / "disk.qcow2"
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ mounts it; a secret sealed to the TPM is kept on it, outside the overlay reset r
 One VM (`cloud`) boots through its own boot loader (GPT, ESP, systemd-boot, OVMF) and is
 shared by the tests in order: first boot, restart, reset. Under TCG each boot takes from
 ~40 s on an idle machine to minutes on a busy one: the deadlines are generous. The same
-image with SecureBoot=yes (`locked`) is refused by the firmware: its systemd-boot is unsigned.
+image with SecureBoot=yes (`locked`) is refused by the firmware: its systemd-boot is unsigned;
+with Debian's signed shim, GRUB and kernel on its ESP instead (`signed`) it boots, Secure Boot on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.container import Container
-from tests.support.debian import DebianImage, build_debian_image
+from tests.support.debian import DebianImage, build_debian_image, build_signed_debian_image
 from tests.support.vm import (
     CONFIG_DIR,
     install_qemu_unit,
@@ -119,6 +120,11 @@ def prepare(upper: Path) -> None:
     write_vm(upper, "nokey", f"[VM]\n{base}SSHAuthorizedKey={DATA}/root-only.pub\n")
     write_vm(upper, "taken", f"[VM]\n{base}PublishPort=127.0.0.1:{TAKEN_PORT}:22\n")
     write_vm(upper, "badkey", "[VM]\nAccel=tcg\nPublishPort=127.0.0.1:22\n")
+    shutil.copyfile(build_signed_debian_image(), data / "signed.qcow2")
+    (data / "signed.qcow2").chmod(0o644)
+    write_vm(upper, "signed", f"[VM]\nImage={DATA}/signed.qcow2\nAccel=tcg\nFirmware=uefi\n"
+                              "SecureBoot=yes\nEphemeral=yes\nNetwork=none\nMemory=1G\n"
+                              "ShutdownTimeout=0\n")
     # The same image (systemd-boot, which Debian 12 ships unsigned) under Secure Boot.
     write_vm(upper, "locked", f"[VM]\nImage={DATA}/base.qcow2\nAccel=tcg\nFirmware=uefi\n"
                               "SecureBoot=yes\nEphemeral=yes\nNetwork=none\nMemory=512M\n"
@@ -327,19 +333,35 @@ def test_bad_value_exits_78(ct: Container) -> None:
                               "'127.0.0.1': expected a number from 1 to 65535")
 
 
+def _console_until(ct: Container, vm: str, text: str) -> str:
+    """Start VM, return its console up to the line holding TEXT, stop it."""
+    unit = f"qemu-run@{vm}.service"
+    ct.systemctl("start", unit)
+    of = prop(ct, unit, "InvocationID")
+    lines = ct.wait_journal(text, f"_SYSTEMD_INVOCATION_ID={of}", "-t", "qemu-unit-console",
+                            "-o", "cat", timeout=300)
+    ct.systemctl("stop", unit)
+    return lines
+
+
 def test_secure_boot_refuses_an_unsigned_boot_loader(ct: Container) -> None:
     # OVMF with Microsoft's keys enrolled (SecureBoot=yes) finds the ESP's boot loader,
     # unsigned systemd-boot, and refuses to run it: nothing of the guest's OS starts.
-    unit = "qemu-run@locked.service"
-    ct.systemctl("start", unit)
-    of = prop(ct, unit, "InvocationID")
-    lines = ct.wait_journal("Access Denied", f"_SYSTEMD_INVOCATION_ID={of}",
-                            "-t", "qemu-unit-console", "-o", "cat", timeout=300)
-    ct.systemctl("stop", unit)
+    lines = _console_until(ct, "locked", "Access Denied")
     refused = [line for line in lines.splitlines() if "Access Denied" in line]
     print(f"\nSecure Boot: {refused[0].strip()}")
     assert "failed to load" in refused[0], lines
     assert "Linux version" not in lines and "systemd-boot" not in lines, lines
+
+
+def test_secure_boot_boots_a_signed_chain(ct: Container) -> None:
+    # Debian's signed shim (Microsoft's key), GRUB and kernel (Debian's key, which shim
+    # trusts) under SecureBoot=yes: the chain runs and the guest's kernel reports Secure
+    # Boot on. Up to the kernel's first lines only: the rest is the image's usual boot.
+    lines = _console_until(ct, "signed", "secureboot: Secure boot enabled")
+    assert "Welcome to GRUB!" in lines, lines  # shim verified and started GRUB
+    assert "EFI stub: UEFI Secure Boot is enabled." in lines, lines
+    assert "Kernel is locked down from EFI Secure Boot" in lines, lines
 
 
 def test_leaves_no_qemu(ct: Container) -> None:
