@@ -7,8 +7,10 @@ Both boot the Debian 12 test image (tests/support/debian.py: GPT, systemd-boot, 
 fresh qcow2 overlay with the same NoCloud seed (SSH key, host name), the same isolated user
 network with the same host forward, 1 GiB, 1 vCPU, TCG. qemu-unit runs it as
 qemu-run@bench.service in a real systemd (nspawn) with Ready=agent and is reset before each
-round (a first boot with cloud-init each time); bare QEMU is spawned directly. Each figure is
-from spawn/`systemctl start` to the first `ssh ... hostname` that answers. Rounds alternate.
+round (a first boot with cloud-init each time); bare QEMU is spawned directly. Both have their
+base image, overlay and seed on the same storage (the container's tmpfs upper layer). Each
+figure is from spawn/`systemctl start` to the first `ssh ... hostname` that answers. Rounds
+alternate.
 """
 
 from __future__ import annotations
@@ -61,12 +63,12 @@ def wait_ssh(run: list[str], start: float) -> float:
     raise SystemExit(f"SSH did not answer within {TIMEOUT} s")
 
 
-def bare_round(work: Path, key: Path) -> float:
-    """The same image, seed and network under qemu-system-x86_64 directly."""
-    image = build_debian_image()
+def bare_round(work: Path, key: Path, base: Path) -> float:
+    """The same image, seed and network under qemu-system-x86_64 directly; its files in
+    WORK, on the same storage as qemu-unit's (the container's tmpfs), over the same BASE."""
     overlay, vars_, iso = work / "bare.qcow2", work / "VARS.fd", work / "seed.iso"
     overlay.unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk),
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base),
                     "-F", "qcow2", str(overlay)], check=True)
     shutil.copyfile(OVMF_VARS, vars_)
     seed.write_iso(seed.Seed("iid-bench-bare", HOSTNAME, (Path(f"{key}.pub").read_text(),)),
@@ -139,11 +141,16 @@ def main() -> None:
     try:
         with Container("bench-cloud", prepare, stop_timeout=30) as ct:
             install_qemu_unit(ct, test_install())
+            # Like for like: bare QEMU's base, overlay, variables and seed in the same
+            # tmpfs as the unit's (the container's upper layer), not on the host's disk.
+            bare_work = ct.upper / "srv/bare"
+            bare_work.mkdir(parents=True)
+            base = ct.upper / DATA.relative_to("/") / "base.qcow2"
             for i in range(args.rounds):
                 to_ssh, to_active = unit_round(ct, key, port)
                 unit.append(to_ssh)
                 active.append(to_active)
-                bare.append(bare_round(work, key))
+                bare.append(bare_round(bare_work, key, base))
                 print(f"round {i + 1}: qemu-unit {to_ssh:.1f} s to SSH ({to_active:.1f} s to "
                       f"active), bare QEMU {bare[-1]:.1f} s", flush=True)
     finally:
