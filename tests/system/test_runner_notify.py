@@ -135,6 +135,8 @@ def started(d: Path, name: str, notify: NotifySocket,
         "STATE_DIRECTORY": str(d / "state"),
         "RUNTIME_DIRECTORY": str(runtime),
         "CACHE_DIRECTORY": str(BASE / "cache"),
+        # As root the runner would make /var/log/qemu-run/NAME: keep the host clean.
+        "LOGS_DIRECTORY": str(d / "logs"),
         **env,
     }
     proc = subprocess.Popen(
