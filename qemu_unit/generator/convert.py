@@ -254,13 +254,12 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
             /run/user needs ProtectHome=read-only, under /tmp or /var/tmp
             PrivateTmp=no (the private /tmp would hide it).
     """
-    stop = vm.shutdown_timeout + STOP_MARGIN_SEC
-    out: list[tuple[str, str]] = []
-    if vm.host_shutdown is settings.HostShutdown.SAVE:
-        stop += save_seconds(vm.memory)
+    save = vm.host_shutdown is settings.HostShutdown.SAVE
+    stop = vm.shutdown_timeout + STOP_MARGIN_SEC + (save_seconds(vm.memory) if save else 0)
+    out: list[tuple[str, str]] = [("TimeoutStopSec", _format_seconds(stop))]
+    if save:
         # The template's ExecStop=+ note-stop step runs only when this is set.
         out.append(("Environment", f"{HOST_SHUTDOWN_ENV}=save"))
-    out.insert(0, ("TimeoutStopSec", _format_seconds(stop)))
     kinds = set(needs.networks)
     own = f"{SYSTEM_STATE}/{vm.name}/"
     if kinds & {"tap", "bridge"} or any(w and not f.startswith(own) for f, w in needs.files):

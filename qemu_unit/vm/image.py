@@ -197,12 +197,11 @@ def reset(name: str, state: Path, root: Path) -> list[Path]:
         shutil.rmtree(tpm)
         removed.append(tpm)
     # Backup checkpoints: their bitmaps were in the overlay just removed.
-    checkpoints = state / CHECKPOINTS_DIR
-    if checkpoints.is_dir():
-        shutil.rmtree(checkpoints)
-        removed.append(checkpoints)
+    from qemu_unit.vm import backup, saved
+
+    if backup.forget_all_checkpoints(state):
+        removed.append(state / CHECKPOINTS_DIR)
     # A saved state (HostShutdown=save) holds the memory of a guest on the disk just
     # removed: restoring it over a fresh one would corrupt the new guest.
-    from qemu_unit.vm import saved
 
     return removed + saved.discard(state)
