@@ -8,8 +8,10 @@
 - stop latency with a cooperative guest: SIGTERM -> runner exit vs. the bare
   script's ACPI request -> STOPPED event (the guest's own power-off);
 - the runner's RSS once the VM runs;
-- under a real systemd (nspawn): `systemctl start` -> active, and ten VMs in one
-  `systemctl start`.
+- under a real systemd (nspawn): `systemctl start` -> active, `systemctl stop`, and ten VMs
+  in one `systemctl start`, each against the same bare libvirt-python script run as a
+  plain `Type=notify` service (`bare-ref@.service`: READY=1 after createXML, SIGTERM ->
+  ACPI power button -> exit on STOPPED): the floor systemd, libvirt and QEMU set.
 """
 
 from __future__ import annotations
@@ -62,6 +64,21 @@ SYSTEMD_ROWS = {
     "ten VMs": "ten VMs, one systemctl start (median of the later rounds)",
     "ten VMs, first": "ten VMs, their first start",
 }
+# The reference service: the bare script under systemd, nothing of qemu-unit. A state
+# directory per instance keeps each embed root's capability cache warm between rounds.
+BARE_UNIT = """[Unit]
+Description=bare libvirt-python reference %i
+[Service]
+Type=notify
+NotifyAccess=main
+User=qemu-run
+Group=qemu-run
+StateDirectory=qub-bare/%i
+Environment=HOME=/var/lib/qub-bare/%i
+ExecStart=/usr/bin/python3 {script} /var/lib/qub-bare/%i {base}/bare-%i.xml {sock}
+KillMode=mixed
+Slice=machine.slice
+"""
 PHASE_TEXT = {
     "main": "interpreter start, `qemu_unit.cli` imports",
     "imported": "runner imports (libvirt, vm.*)",
@@ -291,8 +308,21 @@ def journal_phases(ct: Container, cursor: str, unit: str) -> dict[str, float]:
     return out
 
 
-def run_systemd(qemu_unit: Path, rounds: int) -> dict[str, float]:
+def bare_units(vm: settings.VMConfig, names: list[str]) -> str:
+    """The reference unit's text; its domain XML per instance under BASE (written before
+    the container mounts the host root beneath it)."""
+    for n in names:
+        root = Path(f"/var/lib/qub-bare/{n}")
+        (BASE / f"bare-{n}.xml").write_text(domain.serialize(build_at(vm, root)))
+        (BASE / f"bare-{n}.xml").chmod(0o644)
+    sock = paths.Dirs(state=BASE, root=Path("/var/lib/qub-bare/%i"), cache=BASE,
+                      logs=BASE).console_socket
+    return BARE_UNIT.format(script=REPO / "bench/bare_libvirt.py", base=BASE, sock=sock)
+
+
+def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str, float]:
     names = [f"b{i}" for i in range(10)]
+    bare_unit = bare_units(vm, ["bench", *names])
 
     def prepare(upper: Path) -> None:
         stage_guest(upper)
@@ -302,42 +332,49 @@ def run_systemd(qemu_unit: Path, rounds: int) -> dict[str, float]:
     out: dict[str, float] = {}
     with Container("bench", prepare) as ct:
         install_qemu_unit(ct, qemu_unit)
+        put_file(ct, "/etc/systemd/system/bare-ref@.service", bare_unit)
         # The runner's trace lines (-v) for this one VM: the journal lines them up with
         # systemd's own messages on one clock.
         put_file(ct, "/etc/systemd/system/qemu-run@bench.service.d/90-trace.conf",
                  f"[Service]\nExecStart=\nExecStart={qemu_unit} -v run %i\n")
         ct.systemctl("daemon-reload")
-        ct.systemctl("start", "qemu-run@bench")  # warms the host's capability cache
-        ct.systemctl("stop", "qemu-run@bench")
-        starts, stops, phases = [], [], []
+        # Warm-up: the host's capability cache, and every reference root's own probe.
+        ct.systemctl("start", "qemu-run@bench", *(f"bare-ref@{n}" for n in ["bench", *names]),
+                     timeout=300)
+        ct.systemctl("stop", "qemu-run@bench", *(f"bare-ref@{n}" for n in ["bench", *names]),
+                     timeout=300)
+        samples: dict[str, list[float]] = {}
+        phases = []
         for _ in range(rounds):
-            cursor = journal_cursor(ct)
-            t = time.monotonic()
-            ct.systemctl("start", "qemu-run@bench")
-            starts.append(time.monotonic() - t)
-            wait_for("guest boot", lambda c=cursor: BOOTED in ct.journal(  # type: ignore
-                "-u", "qemu-run@bench", "-o", "cat", f"--after-cursor={c}"))
-            t = time.monotonic()
-            ct.systemctl("stop", "qemu-run@bench")
-            stops.append(time.monotonic() - t)
-            phases.append(journal_phases(ct, cursor, "qemu-run@bench.service"))
-        out["systemctl start"] = statistics.median(starts)
-        out["systemctl stop"] = statistics.median(stops)
-        for key in phases[0]:
-            out[f"journal {key}"] = statistics.median(p[key] for p in phases if key in p)
+            for prefix, unit in (("", "qemu-run@bench"), ("bare ", "bare-ref@bench")):
+                cursor = journal_cursor(ct)
+                t = time.monotonic()
+                ct.systemctl("start", unit)
+                samples.setdefault(f"{prefix}systemctl start", []).append(time.monotonic() - t)
+                wait_for("guest boot", lambda c=cursor, u=unit: BOOTED in ct.journal(  # type: ignore
+                    "-u", u, "-o", "cat", f"--after-cursor={c}"))
+                t = time.monotonic()
+                ct.systemctl("stop", unit)
+                samples.setdefault(f"{prefix}systemctl stop", []).append(time.monotonic() - t)
+                if not prefix:
+                    phases.append(journal_phases(ct, cursor, f"{unit}.service"))
         # The first start of the ten makes their state directories and users; later
         # rounds start them as a host does at every boot. One sample each was too noisy.
-        tens = []
         for _ in range(rounds):
-            t = time.monotonic()
-            ct.systemctl("start", *(f"qemu-run@{n}" for n in names), timeout=300)
-            tens.append(time.monotonic() - t)
-            active = ct.run("systemctl", "is-active", *(f"qemu-run@{n}" for n in names),
-                            check=False).stdout.split()
-            assert active == ["active"] * 10, active
-            ct.systemctl("stop", *(f"qemu-run@{n}" for n in names), timeout=300)
-        out["ten VMs, first"] = tens[0]
-        out["ten VMs"] = statistics.median(tens[1:] or tens)
+            for prefix, template in (("", "qemu-run@"), ("bare ", "bare-ref@")):
+                units = [f"{template}{n}" for n in names]
+                t = time.monotonic()
+                ct.systemctl("start", *units, timeout=300)
+                samples.setdefault(f"{prefix}ten VMs", []).append(time.monotonic() - t)
+                active = ct.run("systemctl", "is-active", *units, check=False).stdout.split()
+                assert active == ["active"] * 10, active
+                ct.systemctl("stop", *units, timeout=300)
+        for key, values in samples.items():
+            out[key] = statistics.median(values[1:] if key.endswith("ten VMs") and
+                                         len(values) > 1 else values)
+        out["ten VMs, first"] = samples["ten VMs"][0]
+        for key in phases[0]:
+            out[f"journal {key}"] = statistics.median(p[key] for p in phases if key in p)
     return out
 
 
@@ -370,7 +407,7 @@ def main() -> int:
     ours, bare, vqr = (med(k, "ready") for k in ("qemu-unit", "libvirt", "vqr"))
     stop_ours, stop_bare, stop_vqr = (med(k, "stop") for k in ("qemu-unit", "libvirt", "vqr"))
     rss, rss_bare = med("qemu-unit", "rss"), med("libvirt", "rss")
-    sysd = {} if args.no_systemd else run_systemd(qemu_unit, args.rounds)
+    sysd = {} if args.no_systemd else run_systemd(qemu_unit, vm, args.rounds)
     print(f"\nmedians of {args.rounds} rounds, TCG, warm capability cache\n")
     print("| measure | qemu-unit | bare libvirt-python | virt-qemu-run | ratio |")
     print("|---|---|---|---|---|")
@@ -383,7 +420,10 @@ def main() -> int:
           f"{rss / rss_bare:.2f}x libvirt |")
     for key, text in SYSTEMD_ROWS.items():
         if key in sysd:
-            print(f"| {text} | {sysd[key]:.3f} s | | | |")
+            ref = sysd.get(f"bare {key}")
+            tail = (f"{ref:.3f} s (as a service) | | {sysd[key] / ref:.2f}x libvirt |"
+                    if ref else "| | |")
+            print(f"| {text} | {sysd[key]:.3f} s | {tail}")
     print("\nwhere the runner's time goes (`qemu-unit -v run`, its trace lines; medians)\n")
     print("| phase | from the previous point |")
     print("|---|---|")
