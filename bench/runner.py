@@ -320,6 +320,14 @@ def bare_units(vm: settings.VMConfig, names: list[str]) -> str:
     return BARE_UNIT.format(script=REPO / "bench/bare_libvirt.py", base=BASE, sock=sock)
 
 
+def wait_booted(ct: Container, cursor: str, units: list[str]) -> None:
+    """Until every unit's guest listens to the power button (the bare script presses it
+    once; a guest still booting would miss it and its stop would run into the timeout)."""
+    for unit in units:
+        wait_for(f"{unit}'s guest boot", lambda u=unit: BOOTED in ct.journal(  # type: ignore
+            "-u", u, "-o", "cat", f"--after-cursor={cursor}"), timeout=120)
+
+
 def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str, float]:
     names = [f"b{i}" for i in range(10)]
     bare_unit = bare_units(vm, ["bench", *names])
@@ -339,10 +347,11 @@ def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str
                  f"[Service]\nExecStart=\nExecStart={qemu_unit} -v run %i\n")
         ct.systemctl("daemon-reload")
         # Warm-up: the host's capability cache, and every reference root's own probe.
-        ct.systemctl("start", "qemu-run@bench", *(f"bare-ref@{n}" for n in ["bench", *names]),
-                     timeout=300)
-        ct.systemctl("stop", "qemu-run@bench", *(f"bare-ref@{n}" for n in ["bench", *names]),
-                     timeout=300)
+        warm = ["qemu-run@bench", *(f"bare-ref@{n}" for n in ["bench", *names])]
+        cursor = journal_cursor(ct)
+        ct.systemctl("start", *warm, timeout=300)
+        wait_booted(ct, cursor, warm)
+        ct.systemctl("stop", *warm, timeout=300)
         samples: dict[str, list[float]] = {}
         phases = []
         for _ in range(rounds):
@@ -351,8 +360,7 @@ def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str
                 t = time.monotonic()
                 ct.systemctl("start", unit)
                 samples.setdefault(f"{prefix}systemctl start", []).append(time.monotonic() - t)
-                wait_for("guest boot", lambda c=cursor, u=unit: BOOTED in ct.journal(  # type: ignore
-                    "-u", u, "-o", "cat", f"--after-cursor={c}"))
+                wait_booted(ct, cursor, [unit])
                 t = time.monotonic()
                 ct.systemctl("stop", unit)
                 samples.setdefault(f"{prefix}systemctl stop", []).append(time.monotonic() - t)
@@ -363,11 +371,13 @@ def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str
         for _ in range(rounds):
             for prefix, template in (("", "qemu-run@"), ("bare ", "bare-ref@")):
                 units = [f"{template}{n}" for n in names]
+                cursor = journal_cursor(ct)
                 t = time.monotonic()
                 ct.systemctl("start", *units, timeout=300)
                 samples.setdefault(f"{prefix}ten VMs", []).append(time.monotonic() - t)
                 active = ct.run("systemctl", "is-active", *units, check=False).stdout.split()
                 assert active == ["active"] * 10, active
+                wait_booted(ct, cursor, units)
                 ct.systemctl("stop", *units, timeout=300)
         for key, values in samples.items():
             out[key] = statistics.median(values[1:] if key.endswith("ten VMs") and

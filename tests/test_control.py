@@ -130,6 +130,43 @@ def test_not_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert e.value.exit_status == client.EXIT_NOT_RUNNING
 
 
+def test_a_request_while_ops_load_waits_for_its_handler(server: control.Server) -> None:
+    """The runner imports the modules registering ops while createXML runs; a request in
+    that window is answered by its handler once loaded, not refused as unknown."""
+    import threading
+
+    control.HANDLERS_LOADED.clear()
+    answers: list[dict[str, Any]] = []
+    asking = threading.Thread(target=lambda: answers.append(
+        client.call(NAME, {"op": "test-late"})))
+    try:
+        asking.start()
+        asking.join(0.3)
+        assert asking.is_alive() and not answers  # waiting, not "unknown op"
+        control.handler("test-late")(lambda *_: {"late": True})
+    finally:
+        control.HANDLERS_LOADED.set()
+        asking.join(5)
+        control.HANDLERS.pop("test-late", None)
+    assert answers == [{"ok": True, "late": True}]
+
+
+def test_the_runner_imports_its_op_modules_in_the_shadow_of_create_xml() -> None:
+    import subprocess
+    import sys
+
+    # A fresh interpreter: the runner alone must not import them (they would then cost
+    # their time before createXML); load_late_modules does, and opens the gate.
+    code = ("import sys, qemu_unit.vm.runner as r; from qemu_unit.vm import control;"
+            "print(sorted(m for m in r.LATE_MODULES if m in sys.modules));"
+            "control.HANDLERS_LOADED.clear(); r.load_late_modules();"
+            "print(control.HANDLERS_LOADED.is_set(), 'exec' in control.HANDLERS,"
+            " 'backup' in control.HANDLERS, 'snapshot-create' in control.HANDLERS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ["[]", "True True True True"]
+
+
 def test_an_op_is_registered_once() -> None:
     with pytest.raises(ValueError):
         control.handler("ping")(lambda *_: None)

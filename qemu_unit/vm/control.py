@@ -71,6 +71,11 @@ class Context:
 
 Handler = Callable[[Context, dict[str, Any], "Connection"], "dict[str, Any] | None"]
 HANDLERS: dict[str, Handler] = {}
+# Cleared while the runner imports the modules that register ops in the shadow of
+# createXML (runner.load_late_modules): a request in that window waits for its handler.
+HANDLERS_LOADED = threading.Event()
+HANDLERS_LOADED.set()
+LOAD_WAIT = 30.0
 
 
 def handler(op: str) -> Callable[[Handler], Handler]:
@@ -158,6 +163,7 @@ def serve_one(context: Context, conn: Connection) -> None:
         if request is None:
             return
         op = request.get("op")
+        HANDLERS_LOADED.wait(LOAD_WAIT)
         function = HANDLERS.get(op) if isinstance(op, str) else None
         if function is None:
             raise ControlError(f"unknown op {op!r}", "unknown-op")
