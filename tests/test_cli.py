@@ -125,3 +125,21 @@ def test_the_one_command_parser_reads_argv_as_the_whole_one(argv: list[str]) -> 
     assert command is not None
     assert (arguments.build_parser(command).parse_args(argv)
             == arguments.build_parser().parse_args(argv))
+
+
+def test_run_leaves_without_the_interpreter_teardown_but_with_its_message_and_status(
+    tmp_path: Path,
+) -> None:
+    """`run` ends with os._exit (the stop need not wait for Python's teardown): the exit
+    status and the last line still come out, buffered stdio flushed first."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys; atexit.register(lambda: print('teardown ran'));"
+            "sys.stdout.write('buffered, unflushed\\n');"
+            "from qemu_unit.cli import main; main()")
+    out = subprocess.run([sys.executable, "-c", code, "run", "--config-dir", str(tmp_path),
+                          "missing"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 78
+    assert "no missing.vm or missing.xml" in out.stderr
+    assert out.stdout == "buffered, unflushed\n"  # flushed; the atexit handler never ran
