@@ -300,7 +300,8 @@ def journal_phases(ct: Container, cursor: str, unit: str) -> dict[str, float]:
     for origin, keys in (("systemd: Starting", ("main", "created", "ready",
                                                 "systemd: Started (active)",
                                                 "machined registration done")),
-                         ("systemd: Stopping", ("stop-requested", "guest-stopped", "exit",
+                         ("systemd: Stopping", ("stop-requested", "guest-shutdown",
+                                                "guest-stopped", "exit",
                                                 "systemd: Stopped"))):
         for key in keys:
             if origin in marks and key in marks:
