@@ -120,7 +120,7 @@ def test_uuid_comes_from_the_status_file_checked(tmp_path: Path) -> None:
 def test_installed_unit_registers_through_this_installation() -> None:
     text = (Path(__file__).parents[1] / "units" / "qemu-run@.service").read_text()
     rendered = install.render_unit(text, "/opt/venv/bin/qemu-unit", "/opt/venv/bin/python")
-    assert ("ExecStartPost=-+/bin/sh -c 'nice -n 10 /opt/venv/bin/python -I -m qemu_unit "
+    assert ("ExecStartPost=-+/bin/sh -c '/opt/venv/bin/python -I -m qemu_unit "
             "register-machine \"$1\" &' register %i" in rendered)
     assert "ExecStart=/opt/venv/bin/qemu-unit run %i" in rendered
     assert "/usr/bin/qemu-unit" not in rendered and "/usr/bin/python3" not in rendered
