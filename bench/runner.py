@@ -79,6 +79,22 @@ ExecStart=/usr/bin/python3 {script} /var/lib/qub-bare/%i {base}/bare-%i.xml {soc
 KillMode=mixed
 Slice=machine.slice
 """
+# A diagnostic: qemu-unit's runner as a plain service, without the template's sandbox
+# (DynamicUser=, namespaces, system call filter): ours minus this is what the sandbox costs.
+PLAIN_UNIT = """[Unit]
+Description=qemu-unit's runner without the template's sandbox %i
+[Service]
+Type=notify
+NotifyAccess=main
+User=qemu-run
+Group=qemu-run
+StateDirectory=qub-plain/%i
+RuntimeDirectory=qub-plain/%i
+LogsDirectory=qub-plain/%i
+ExecStart={qemu_unit} -v run %i
+KillMode=mixed
+Slice=machine.slice
+"""
 PHASE_TEXT = {
     "main": "interpreter start, `qemu_unit.cli` imports",
     "imported": "runner imports (libvirt, vm.*)",
@@ -342,13 +358,16 @@ def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str
     with Container("bench", prepare) as ct:
         install_qemu_unit(ct, qemu_unit)
         put_file(ct, "/etc/systemd/system/bare-ref@.service", bare_unit)
+        put_file(ct, "/etc/systemd/system/plain-ref@.service",
+                 PLAIN_UNIT.format(qemu_unit=qemu_unit))
         # The runner's trace lines (-v) for this one VM: the journal lines them up with
         # systemd's own messages on one clock.
         put_file(ct, "/etc/systemd/system/qemu-run@bench.service.d/90-trace.conf",
                  f"[Service]\nExecStart=\nExecStart={qemu_unit} -v run %i\n")
         ct.systemctl("daemon-reload")
         # Warm-up: the host's capability cache, and every reference root's own probe.
-        warm = ["qemu-run@bench", *(f"bare-ref@{n}" for n in ["bench", *names])]
+        warm = ["qemu-run@bench", "plain-ref@bench",
+                *(f"bare-ref@{n}" for n in ["bench", *names])]
         cursor = journal_cursor(ct)
         ct.systemctl("start", *warm, timeout=300)
         wait_booted(ct, cursor, warm)
@@ -356,7 +375,8 @@ def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str
         samples: dict[str, list[float]] = {}
         phases = []
         for _ in range(rounds):
-            for prefix, unit in (("", "qemu-run@bench"), ("bare ", "bare-ref@bench")):
+            for prefix, unit in (("", "qemu-run@bench"), ("bare ", "bare-ref@bench"),
+                                 ("plain ", "plain-ref@bench")):
                 cursor = journal_cursor(ct)
                 t = time.monotonic()
                 ct.systemctl("start", unit)
@@ -435,6 +455,9 @@ def main() -> int:
             tail = (f"{ref:.3f} s (as a service) | | {sysd[key] / ref:.2f}x libvirt |"
                     if ref else "| | |")
             print(f"| {text} | {sysd[key]:.3f} s | {tail}")
+            if f"plain {key}" in sysd:
+                print(f"| {text}, the runner without the unit's sandbox | "
+                      f"{sysd[f'plain {key}']:.3f} s | | | |")
     print("\nwhere the runner's time goes (`qemu-unit -v run`, its trace lines; medians)\n")
     print("| phase | from the previous point |")
     print("|---|---|")
