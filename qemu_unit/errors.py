@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
-from typing import Protocol
 
+# typing costs ~3 ms at every boot's generator run: its names here are for mypy only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
 
-class Origin(Protocol):
-    """Where a value was written: unitfile.Entry is one (file, line, key)."""
+    class Origin(Protocol):
+        """Where a value was written: unitfile.Entry is one (file, line, key)."""
 
-    @property
-    def path(self) -> str: ...
-    @property
-    def line(self) -> int: ...
-    @property
-    def key(self) -> str: ...
+        @property
+        def path(self) -> str: ...
+        @property
+        def line(self) -> int: ...
+        @property
+        def key(self) -> str: ...
 
 
 class QemuUnitError(Exception):

@@ -6,6 +6,7 @@ The rule itself against a real guest: tests/system/test_guestnet_system.py.
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,16 +177,31 @@ def test_no_firewall_for_a_users_vm() -> None:
     assert not [v for k, v in service("[VM]\n", user=True) if k == "Environment"]
 
 
-def test_template_runs_the_steps_only_with_the_mode_set() -> None:
+def test_only_vms_with_the_mode_set_have_the_firewall_steps() -> None:
+    """The generator writes the root steps into the drop-ins of the VMs that need them; the
+    template has none (a step there would cost every VM's start and stop a process)."""
+    from qemu_unit.config import settings, unitfile
+    from qemu_unit.generator import convert
+
     template = (Path(__file__).parents[1] / "units" / paths.TEMPLATE_UNIT).read_text()
-    steps = [line for line in template.splitlines() if "guest-firewall" in line
-             and line.startswith("Exec")]
-    assert steps == [
-        "ExecStartPre=+/bin/sh -c '[ -z \"$$QEMU_UNIT_HOST_ACCESS\" ] || exec /usr/bin/python3 "
-        "-I -m qemu_unit guest-firewall start \"$1\"' guest-firewall %i",
-        "ExecStopPost=-+/bin/sh -c '[ -z \"$$QEMU_UNIT_HOST_ACCESS\" ] || exec /usr/bin/python3 "
-        "-I -m qemu_unit guest-firewall stop \"$1\"' guest-firewall %i",
+    assert not [line for line in template.splitlines()
+                if line.startswith("Exec") and "guest-firewall" in line]
+
+    def steps(text: str) -> list[tuple[str, str]]:
+        entries = tuple(unitfile.parse(text, "/etc/qemu-run/web.vm"))
+        vm = settings.parse_vm("web", unitfile.UnitFile("/etc/qemu-run/web.vm", entries))
+        return [(k, v) for k, v in convert.implied_service(vm, convert.host_needs(vm))
+                if k.startswith("Exec") or k == "Environment"]
+
+    python = f"{sys.executable} -I -m qemu_unit"
+    assert steps("[VM]\nNetwork=user\n") == [
+        ("Environment", f"{paths.HOST_ACCESS_ENV}=none"),
+        ("ExecStartPre", f"+{python} guest-firewall start %i"),
+        ("ExecStopPost", f"-+{python} guest-firewall stop %i"),
     ]
+    assert steps("[VM]\nNetwork=none\n") == []
+    # restrict=on: the guest reaches nothing of the host, no firewall to load.
+    assert steps("[VM]\nNetwork=user\nRestrictNetwork=yes\n") == []
 
 
 def _runtime(tmp_path: Path) -> Path:

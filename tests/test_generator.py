@@ -113,7 +113,8 @@ def golden_cases() -> list[str]:
 
 
 def _placeholder(text: str, input_dir: Path) -> str:
-    return text.replace(str(input_dir), "@INPUT@")
+    # The root steps name the generator's own interpreter (the installation's).
+    return text.replace(str(input_dir), "@INPUT@").replace(f"{PYTHON} -I -m", "@PYTHON@ -I -m")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +30,10 @@ PULL_ARGS_ENV = "QEMU_UNIT_PULL_ARGS"
 # What a guest on a user network reaches of the host (vm/firewall.py reads it).
 HOST_ACCESS_ENV = paths.HOST_ACCESS_ENV
 HOST_SHUTDOWN_ENV = paths.HOST_SHUTDOWN_ENV
+# The root steps some VMs need (the guest firewall, the stop note), written only into
+# their drop-ins: this installation's interpreter (the generator's own, like the
+# template's register step), isolated (-I: root ignores the VM user's HOME and PYTHON*).
+ROOT_STEP = f"{escape_specifiers(sys.executable)} -I -m qemu_unit"
 # The static user of VMs that cannot have one of their own (tap and bridge networks,
 # disks written outside the state directory).
 SERVICE_USER = paths.SERVICE_USER
@@ -258,8 +263,10 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
     stop = vm.shutdown_timeout + STOP_MARGIN_SEC + (save_seconds(vm.memory) if save else 0)
     out: list[tuple[str, str]] = [("TimeoutStopSec", _format_seconds(stop))]
     if save:
-        # The template's ExecStop=+ note-stop step runs only when this is set.
-        out.append(("Environment", f"{HOST_SHUTDOWN_ENV}=save"))
+        # Before the runner's SIGTERM, root asks systemd whether the host is shutting down
+        # and leaves the answer for the runner (vm/saved.py).
+        out += [("Environment", f"{HOST_SHUTDOWN_ENV}=save"),
+                ("ExecStop", f"-+{ROOT_STEP} note-stop %i")]
     kinds = set(needs.networks)
     own = f"{SYSTEM_STATE}/{vm.name}/"
     if kinds & {"tap", "bridge"} or any(w and not f.startswith(own) for f, w in needs.files):
@@ -274,9 +281,12 @@ def implied_service(vm: settings.VMConfig, needs: HostNeeds) -> list[tuple[str, 
         # The empty assignment resets the template's IPAddressDeny=any.
         out += [("PrivateNetwork", "no"), ("IPAddressDeny", "")]
     if "user" in kinds and not vm.restrict_network:
-        # The template's guest-firewall steps run when this is set (vm/firewall.py).
+        # The guest firewall, loaded as root before the runner starts (vm/firewall.py); the
+        # runner refuses to start the guest without it when this variable is set.
         access = "loopback" if vm.allow_host_loopback else "none"
-        out.append(("Environment", f"{HOST_ACCESS_ENV}={access}"))
+        out += [("Environment", f"{HOST_ACCESS_ENV}={access}"),
+                ("ExecStartPre", f"+{ROOT_STEP} guest-firewall start %i"),
+                ("ExecStopPost", f"-+{ROOT_STEP} guest-firewall stop %i")]
     if kinds & {"tap", "bridge"}:
         out.append(("DeviceAllow", "/dev/net/tun rw"))
     if "bridge" in kinds:
