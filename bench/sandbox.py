@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""What the unit's sandbox costs at `systemctl start` and `systemctl stop` (run as root):
+
+    python3 bench/sandbox.py [--rounds N]
+
+One VM (the test guest, TCG, no network) under a real systemd (nspawn), started and
+stopped ROUNDS times with the template as installed and with one group of its sandbox
+settings switched off by a drop-in, the variants taking turns within each round. The
+differences to the full unit are what each group costs; nothing here is a proposal to
+drop one (`systemd-analyze security` exposure 0.9 is the unit's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import runner as reference  # noqa: E402  (bench/runner.py: journal cursor, boot wait)
+
+from tests.support.container import Container  # noqa: E402
+from tests.support.venv import test_install  # noqa: E402
+from tests.support.vm import (  # noqa: E402
+    install_qemu_unit,
+    put_file,
+    stage_guest,
+    vm_text,
+    write_vm,
+)
+
+UNIT = "qemu-run@bench"
+DROPIN = f"/etc/systemd/system/{UNIT}.service.d/95-bench-sandbox.conf"
+VARIANTS = {
+    "the unit as installed": "",
+    "no seccomp filters (SystemCallFilter=, RestrictAddressFamilies=, Restrict*=, "
+    "LockPersonality=, SystemCallArchitectures=)":
+        "SystemCallFilter=\nRestrictAddressFamilies=\nRestrictNamespaces=no\n"
+        "LockPersonality=no\nRestrictRealtime=no\nRestrictSUIDSGID=no\n"
+        "SystemCallArchitectures=\n",
+    "no network namespace, no IP firewall (PrivateNetwork=no, IPAddressDeny=)":
+        "PrivateNetwork=no\nIPAddressDeny=\n",
+    "no user namespace (PrivateUsers=no)": "PrivateUsers=no\n",
+    "no kernel/proc protections (Protect{KernelTunables,KernelModules,KernelLogs,"
+    "ControlGroups,Clock,Hostname}=no, ProtectProc=default)":
+        "ProtectKernelTunables=no\nProtectKernelModules=no\nProtectKernelLogs=no\n"
+        "ProtectControlGroups=no\nProtectClock=no\nProtectHostname=no\nProtectProc=default\n",
+    "no ExecStartPost= (the background machined registration)": "ExecStartPost=\n",
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/sandbox.py: run as root", file=sys.stderr)
+        return 1
+
+    def prepare(upper: Path) -> None:
+        stage_guest(upper)
+        write_vm(upper, "bench", vm_text("wait"))
+
+    samples: dict[str, list[tuple[float, float]]] = {}
+    with Container("benchsbx", prepare) as ct:
+        install_qemu_unit(ct, test_install())
+        ct.systemctl("daemon-reload")
+        cursor = reference.journal_cursor(ct)
+        ct.systemctl("start", UNIT)  # warms the capability cache
+        reference.wait_booted(ct, cursor, [UNIT])
+        ct.systemctl("stop", UNIT)
+        for _ in range(args.rounds):
+            for name, settings in VARIANTS.items():
+                put_file(ct, DROPIN, f"[Service]\n{settings}")
+                ct.systemctl("daemon-reload")
+                cursor = reference.journal_cursor(ct)
+                t = time.monotonic()
+                ct.systemctl("start", UNIT)
+                start = time.monotonic() - t
+                reference.wait_booted(ct, cursor, [UNIT])
+                t = time.monotonic()
+                ct.systemctl("stop", UNIT)
+                samples.setdefault(name, []).append((start, time.monotonic() - t))
+    full = samples["the unit as installed"]
+    base = (statistics.median(s for s, _ in full), statistics.median(s for _, s in full))
+    print(f"\nmedians of {args.rounds} rounds, TCG, one VM without network\n")
+    print("| variant | systemctl start | systemctl stop |")
+    print("|---|---|---|")
+    for name, values in samples.items():
+        start = statistics.median(s for s, _ in values)
+        stop = statistics.median(s for _, s in values)
+        if values is full:
+            print(f"| {name} | {start:.3f} s | {stop:.3f} s |")
+        else:
+            print(f"| {name} | {start:.3f} s ({start - base[0]:+.3f}) | "
+                  f"{stop:.3f} s ({stop - base[1]:+.3f}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
