@@ -438,6 +438,8 @@ def main() -> int:
     ours, bare, vqr = (med(k, "ready") for k in ("qemu-unit", "libvirt", "vqr"))
     stop_ours, stop_bare, stop_vqr = (med(k, "stop") for k in ("qemu-unit", "libvirt", "vqr"))
     rss, rss_bare = med("qemu-unit", "rss"), med("libvirt", "rss")
+    for scratch in ("/run/qub-ours", "/run/qub-bare", "/run/qub-vqr"):
+        shutil.rmtree(scratch, ignore_errors=True)  # the direct runs' roots
     sysd = {} if args.no_systemd else run_systemd(qemu_unit, vm, args.rounds)
     print(f"\nmedians of {args.rounds} rounds, TCG, warm capability cache\n")
     print("| measure | qemu-unit | bare libvirt-python | virt-qemu-run | ratio |")
