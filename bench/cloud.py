@@ -11,6 +11,14 @@ round (a first boot with cloud-init each time); bare QEMU is spawned directly. B
 base image, overlay and seed on the same storage (the container's tmpfs upper layer). Each
 figure is from spawn/`systemctl start` to the first `ssh ... hostname` that answers. Rounds
 alternate.
+
+    python3 bench/cloud.py --rounds N --variants
+
+also boots the unit, in every round, with each of what it adds to the guest switched off by a
+drop-in of the `.vm` (VARIANTS): the console copied line by line to the journal
+(`Console=none`: the serial port is not connected) and readiness from the guest agent
+(`Ready=started`: nobody polls the agent while the guest boots); the difference to the unit
+as configured is what each costs.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from qemu_unit.vm import seed  # noqa: E402
 from tests.support.container import Container  # noqa: E402
 from tests.support.debian import build_debian_image  # noqa: E402
 from tests.support.venv import test_install  # noqa: E402
-from tests.support.vm import install_qemu_unit, write_vm  # noqa: E402
+from tests.support.vm import install_qemu_unit, put_file, write_vm  # noqa: E402
 
 DATA = Path("/srv/qemu-unit-bench")
 BENCH_DIR = Path("/var/lib/qemu-unit-bench/cloud")
@@ -40,6 +48,11 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 HOSTNAME = "bench"
 TIMEOUT = 1200.0
+VARIANT_DROPIN = "/etc/qemu-run/bench.vm.d/90-variant.conf"
+VARIANTS = {
+    "Console=none": "[VM]\nConsole=none\n",
+    "Ready=started": "[VM]\nReady=started\n",
+}
 
 
 def free_port() -> int:
@@ -114,6 +127,8 @@ def unit_round(ct: Container, key: Path, port: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--variants", action="store_true",
+                        help="also the unit without the console, without agent readiness")
     args = parser.parse_args()
     image = build_debian_image()
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
@@ -137,6 +152,7 @@ def main() -> None:
 
     bare: list[float] = []
     unit: list[float] = []
+    variants: dict[str, list[float]] = {}
     active: list[float] = []
     try:
         with Container("bench-cloud", prepare, stop_timeout=30) as ct:
@@ -153,11 +169,24 @@ def main() -> None:
                 bare.append(bare_round(bare_work, key, base))
                 print(f"round {i + 1}: qemu-unit {to_ssh:.1f} s to SSH ({to_active:.1f} s to "
                       f"active), bare QEMU {bare[-1]:.1f} s", flush=True)
+                for name, text in VARIANTS.items() if args.variants else ():
+                    put_file(ct, VARIANT_DROPIN, text)
+                    ct.systemctl("daemon-reload")
+                    to_ssh, _ = unit_round(ct, key, port)
+                    variants.setdefault(name, []).append(to_ssh)
+                    ct.run("rm", "-f", VARIANT_DROPIN)
+                    ct.systemctl("daemon-reload")
+                    print(f"round {i + 1}: qemu-unit with {name} {to_ssh:.1f} s to SSH",
+                          flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     u, b = statistics.median(unit), statistics.median(bare)
     print(f"systemctl start -> SSH: qemu-unit {u:.1f} s, bare QEMU {b:.1f} s, ratio {u / b:.2f}x; "
           f"systemctl start -> active (Ready=agent): {statistics.median(active):.1f} s")
+    for name, values in variants.items():
+        v = statistics.median(values)
+        print(f"with {name}: {v:.1f} s to SSH ({v - u:+.1f} s against the unit as configured, "
+              f"{v / b:.2f}x bare QEMU)")
 
 
 if __name__ == "__main__":
