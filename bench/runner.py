@@ -64,37 +64,26 @@ SYSTEMD_ROWS = {
     "ten VMs": "ten VMs, one systemctl start (median of the later rounds)",
     "ten VMs, first": "ten VMs, their first start",
 }
+
+
+def plain_service(description: str, lines: str) -> str:
+    """A Type=notify service as the static qemu-run user, nothing of the VM template's sandbox:
+    the references below differ only in their directories and ExecStart=."""
+    return (f"[Unit]\nDescription={description} %i\n[Service]\nType=notify\n"
+            f"NotifyAccess=main\nUser=qemu-run\nGroup=qemu-run\n{lines}"
+            "KillMode=mixed\nSlice=machine.slice\n")
+
+
 # The reference service: the bare script under systemd, nothing of qemu-unit. A state
 # directory per instance keeps each embed root's capability cache warm between rounds.
-BARE_UNIT = """[Unit]
-Description=bare libvirt-python reference %i
-[Service]
-Type=notify
-NotifyAccess=main
-User=qemu-run
-Group=qemu-run
-StateDirectory=qub-bare/%i
-Environment=HOME=/var/lib/qub-bare/%i
-ExecStart=/usr/bin/python3 {script} /var/lib/qub-bare/%i {base}/bare-%i.xml {sock}
-KillMode=mixed
-Slice=machine.slice
-"""
+BARE_UNIT = plain_service("bare libvirt-python reference", (
+    "StateDirectory=qub-bare/%i\nEnvironment=HOME=/var/lib/qub-bare/%i\n"
+    "ExecStart=/usr/bin/python3 {script} /var/lib/qub-bare/%i {base}/bare-%i.xml {sock}\n"))
 # A diagnostic: qemu-unit's runner as a plain service, without the template's sandbox
 # (DynamicUser=, namespaces, system call filter): ours minus this is what the sandbox costs.
-PLAIN_UNIT = """[Unit]
-Description=qemu-unit's runner without the template's sandbox %i
-[Service]
-Type=notify
-NotifyAccess=main
-User=qemu-run
-Group=qemu-run
-StateDirectory=qub-plain/%i
-RuntimeDirectory=qub-plain/%i
-LogsDirectory=qub-plain/%i
-ExecStart={qemu_unit} -v run %i
-KillMode=mixed
-Slice=machine.slice
-"""
+PLAIN_UNIT = plain_service("qemu-unit's runner without the template's sandbox", (
+    "StateDirectory=qub-plain/%i\nRuntimeDirectory=qub-plain/%i\nLogsDirectory=qub-plain/%i\n"
+    "ExecStart={qemu_unit} -v run %i\n"))
 PHASE_TEXT = {
     "main": "interpreter start, `qemu_unit.cli` imports",
     "imported": "runner imports (libvirt, vm.*)",

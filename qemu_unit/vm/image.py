@@ -203,5 +203,4 @@ def reset(name: str, state: Path, root: Path) -> list[Path]:
         removed.append(state / CHECKPOINTS_DIR)
     # A saved state (HostShutdown=save) holds the memory of a guest on the disk just
     # removed: restoring it over a fresh one would corrupt the new guest.
-
     return removed + saved.discard(state)

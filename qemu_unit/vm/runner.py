@@ -65,15 +65,6 @@ logger = log.log
 # (control.HANDLERS_LOADED). ~7 ms off every start.
 LATE_MODULES = ("qemu_unit.vm.backup", "qemu_unit.vm.snapshot", "qemu_unit.vm.guest",
                 "qemu_unit.vm.health")
-
-
-def load_late_modules() -> None:
-    try:
-        for module in LATE_MODULES:
-            importlib.import_module(module)
-    finally:
-        control.HANDLERS_LOADED.set()
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 4)
 # A guest still booting misses a power-button press; pressing again is harmless.
 SHUTDOWN_RETRY = 5.0
@@ -94,6 +85,15 @@ stdio_handler = "file"
 
 
 # -- libvirt --------------------------------------------------------------------------------
+
+
+def load_late_modules() -> None:
+    try:
+        for module in LATE_MODULES:
+            importlib.import_module(module)
+    finally:
+        control.HANDLERS_LOADED.set()
+
 
 _loop_started = False
 
