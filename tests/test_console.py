@@ -98,6 +98,17 @@ def test_close_wakes_the_attach_thread(tmp_path: Path) -> None:
     assert not [t.name for t in threading.enumerate() if t.name.startswith("console")]
 
 
+
+def test_attach_thread_that_starts_after_close_returns(tmp_path: Path) -> None:
+    """A runner stopped right after the start: close() may close the attach socket before
+    the attach thread registers it; the thread then returns instead of raising
+    ValueError (a file descriptor of -1) into the journal."""
+    console = Console(tmp_path / "c.sock", lambda _line: None, attach_path=tmp_path / "a.sock")
+    console.listen()
+    console.close(drain_timeout=60)
+    console._serve_clients()  # what the thread runs, run once more after close()
+
+
 # -- the file copy, the rate limit, a stalled journal, attached clients ------------------------
 
 

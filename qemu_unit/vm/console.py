@@ -446,8 +446,11 @@ class Console:
     def _serve_clients(self) -> None:
         assert self._attach is not None
         with selectors.DefaultSelector() as sel:
-            sel.register(self._attach, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
+            try:
+                sel.register(self._attach, selectors.EVENT_READ)
+                sel.register(self._wake_r, selectors.EVENT_READ)
+            except ValueError:
+                return  # close() ran before this thread got here: nothing to serve
             while True:
                 for key, _ in sel.select():
                     if key.fileobj == self._wake_r:
