@@ -206,21 +206,31 @@ class Writer:
     """
 
     def __init__(self, outdir: Path) -> None:
-        self.outdir = Path(outdir)
+        self._root = str(outdir)
+        # Directories known to exist: most VMs share TARGET.wants/, and each mkdir()
+        # saved is a system call at every boot.
+        self._made: set[str] = set()
 
-    def _path(self, rel: str) -> Path:
-        """OUTDIR/REL, once the directory it goes in exists."""
-        path = self.outdir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+    def _path(self, rel: str) -> str:
+        """OUTDIR/REL, once the directory it goes in exists (plain strings: ~30% of the
+        writing was pathlib's)."""
+        directory, _, _ = rel.rpartition("/")
+        if directory and directory not in self._made:
+            os.makedirs(os.path.join(self._root, directory), exist_ok=True)
+            self._made.add(directory)
+        return os.path.join(self._root, rel)
 
     def write(self, generated: Generated) -> None:
         for rel, text in generated.files:
-            self._path(rel).write_text(text, encoding="utf-8")
+            with open(self._path(rel), "w", encoding="utf-8") as f:
+                f.write(text)
         for rel, target in generated.symlinks:
             link = self._path(rel)
-            link.unlink(missing_ok=True)
-            link.symlink_to(target)
+            try:
+                os.symlink(target, link)
+            except FileExistsError:
+                os.unlink(link)
+                os.symlink(target, link)
 
 
 def render_dryrun(generated: Generated, out: TextIO) -> None:
