@@ -34,6 +34,9 @@ class FakeBus:
                 del self.machines[args[6]]
                 return {"type": "o", "data": []}
             if method == "RegisterMachine":
+                if args[6] in self.machines:
+                    raise QemuUnitError(f"Machine '{args[6]}' already exists")
+                self.machines[args[6]] = {"Unit": "qemu-run@web.service", "Leader": int(args[-2])}
                 return {"type": "o", "data": [f"/m/{args[6]}"]}
         if args[0] == "get-property":
             return {"type": "?", "data": self.machines[args[2].rsplit("/", 1)[1]][args[4]]}
@@ -67,13 +70,35 @@ def test_register_without_uuid_sends_an_empty_id(bus: FakeBus) -> None:
 def test_stale_registration_of_our_unit_is_replaced(bus: FakeBus) -> None:
     bus.machines["web"] = {"Unit": "qemu-run@web.service", "Leader": 99}
     machine.register("web", 4242, UUID)
-    assert bus.methods() == ["GetMachine", "UnregisterMachine", "RegisterMachine"]
+    assert bus.methods() == ["RegisterMachine", "GetMachine", "UnregisterMachine",
+                             "RegisterMachine"]
+    assert bus.machines["web"]["Leader"] == 4242
 
 
 def test_current_registration_is_kept(bus: FakeBus) -> None:
     bus.machines["web"] = {"Unit": "qemu-run@web.service", "Leader": 4242}
     machine.register("web", 4242, UUID)
-    assert bus.methods() == ["GetMachine"]
+    assert bus.methods() == ["RegisterMachine", "GetMachine"]
+
+
+def test_a_new_name_takes_one_call(bus: FakeBus) -> None:
+    assert machine.register("web", 4242, UUID) == "/m/web"
+    assert bus.methods() == ["RegisterMachine"]
+
+
+def test_a_refusal_for_another_reason_is_reported(
+    bus: FakeBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: str) -> Any:
+        bus.calls.append(args)
+        if args[4] == "RegisterMachine":
+            raise QemuUnitError("Access denied")
+        raise QemuUnitError(f"No machine '{args[6]}' known")
+
+    monkeypatch.setattr(machine, "_busctl", refuse)
+    with pytest.raises(QemuUnitError, match="Access denied"):
+        machine.register("web", 4242, UUID)
+    assert bus.methods() == ["RegisterMachine", "GetMachine"]
 
 
 def test_foreign_machine_of_the_same_name_is_left_alone(bus: FakeBus) -> None:

@@ -65,28 +65,35 @@ def read_uuid(root: Path) -> str | None:
         return None
 
 
-def register(name: str, leader: int, uuid: str | None) -> str:
-    """Register NAME with LEADER as a machine of class vm; a registration left by an
-    earlier runner of the same unit is replaced. Returns machined's object path."""
-    unit = unit_name(name)
-    try:
-        path = _busctl("call", *BUS, "GetMachine", "s", name)["data"][0]
-    except QemuUnitError:
-        path = None  # the usual case: no machine of that name
-    if path is not None:
-        owner = _machine_property(path, "Unit")
-        if owner != unit:
-            raise QemuUnitError(f"machine name {name!r} is taken by {owner or 'another machine'}")
-        if _machine_property(path, "Leader") == leader:
-            return str(path)
-        # Restart=: machined keeps a machine while its unit is active, leader gone or not.
-        _busctl("call", *BUS, "UnregisterMachine", "s", name)
+def _register(name: str, leader: int, uuid: str | None) -> str:
     id_bytes = list(uuidlib.UUID(uuid).bytes) if uuid else []
     answer = _busctl(
         "call", *BUS, "RegisterMachine", "sayssus",
         name, str(len(id_bytes)), *map(str, id_bytes), SERVICE, CLASS, str(leader), "",
     )  # fmt: skip
     return str(answer["data"][0])
+
+
+def register(name: str, leader: int, uuid: str | None) -> str:
+    """Register NAME with LEADER as a machine of class vm; a registration left by an
+    earlier runner of the same unit is replaced. Returns machined's object path."""
+    try:
+        # The usual case, no machine of that name: one call (each busctl is a process
+        # at every start, and ten VMs start side by side at boot).
+        return _register(name, leader, uuid)
+    except QemuUnitError as refused:
+        try:
+            path = _busctl("call", *BUS, "GetMachine", "s", name)["data"][0]
+        except QemuUnitError:
+            raise refused from None  # not a name taken: machined's reason stands
+    owner = _machine_property(path, "Unit")
+    if owner != unit_name(name):
+        raise QemuUnitError(f"machine name {name!r} is taken by {owner or 'another machine'}")
+    if _machine_property(path, "Leader") == leader:
+        return str(path)
+    # Restart=: machined keeps a machine while its unit is active, leader gone or not.
+    _busctl("call", *BUS, "UnregisterMachine", "s", name)
+    return _register(name, leader, uuid)
 
 
 def register_from_unit(name: str, roots: Path = SYSTEM_RUNTIME) -> int:
