@@ -193,6 +193,25 @@ def test_run_says_the_same_with_and_without_argparse(tmp_path: Path, extra: list
                           f"{tmp_path}\n")
 
 
+def test_the_units_run_imports_what_it_needs_before_create_xml_only() -> None:
+    """What `run` does without before createXML stays out of sys.modules until the runner
+    loads it while createXML runs (LATE_MODULES)."""
+    import subprocess
+    import sys
+
+    lazy = ("argparse", "gettext", "json", "subprocess", "hashlib", "tempfile",
+            "qemu_unit.command", "qemu_unit.vm.status")
+    code = ("import sys; from qemu_unit.cli import commands; from qemu_unit.vm import runner;"
+            "assert commands.systemd_run(['--user', 'run', 'web']) is not None;"
+            "commands.log.setup();"
+            f"print(sorted(m for m in {lazy!r} if m in sys.modules));"
+            "runner.load_late_modules();"
+            "print(sorted(m for m in ('json', 'qemu_unit.vm.status') if m not in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60, env={**os.environ, "JOURNAL_STREAM": ""})
+    assert out.stdout == "[]\n[]\n"
+
+
 def test_run_leaves_without_the_interpreter_teardown_but_with_its_message_and_status(
     tmp_path: Path,
 ) -> None:
