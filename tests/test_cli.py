@@ -193,22 +193,27 @@ def test_run_says_the_same_with_and_without_argparse(tmp_path: Path, extra: list
                           f"{tmp_path}\n")
 
 
-def test_the_units_run_imports_what_it_needs_before_create_xml_only() -> None:
+def test_the_units_run_imports_what_it_needs_before_create_xml_only(tmp_path: Path) -> None:
     """What `run` does without before createXML stays out of sys.modules until the runner
-    loads it while createXML runs (LATE_MODULES)."""
+    loads it while createXML runs (LATE_MODULES); stderr is the journal, as in the unit."""
     import subprocess
     import sys
 
     lazy = ("argparse", "gettext", "json", "subprocess", "hashlib", "tempfile",
-            "qemu_unit.command", "qemu_unit.vm.status")
+            "systemd.journal", "qemu_unit.command", "qemu_unit.vm.status")
     code = ("import sys; from qemu_unit.cli import commands; from qemu_unit.vm import runner;"
             "assert commands.systemd_run(['--user', 'run', 'web']) is not None;"
-            "commands.log.setup();"
+            "commands.log.setup(); assert commands.log.journal_connected();"
             f"print(sorted(m for m in {lazy!r} if m in sys.modules));"
             "runner.load_late_modules();"
-            "print(sorted(m for m in ('json', 'qemu_unit.vm.status') if m not in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60, env={**os.environ, "JOURNAL_STREAM": ""})
+            "print(sorted(m for m in ('json', 'systemd.journal', 'qemu_unit.vm.status')"
+            " if m not in sys.modules))")
+    with open(tmp_path / "stderr", "w") as stderr:
+        st = os.fstat(stderr.fileno())
+        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=stderr, text=True, timeout=60,
+                             env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    assert out.returncode == 0, (tmp_path / "stderr").read_text()
     assert out.stdout == "[]\n[]\n"
 
 
