@@ -205,6 +205,8 @@ def test_the_units_run_imports_what_it_needs_before_create_xml_only(tmp_path: Pa
             "assert commands.systemd_run(['--user', 'run', 'web']) is not None;"
             "commands.log.setup(); assert commands.log.journal_connected();"
             f"print(sorted(m for m in {lazy!r} if m in sys.modules));"
+            "from qemu_unit.vm import image;"  # Image= VMs: qemu-img only for a new overlay
+            "print('subprocess' in sys.modules);"
             "runner.load_late_modules();"
             "print(sorted(m for m in ('json', 'systemd.journal', 'qemu_unit.vm.status')"
             " if m not in sys.modules))")
@@ -214,7 +216,7 @@ def test_the_units_run_imports_what_it_needs_before_create_xml_only(tmp_path: Pa
                              stderr=stderr, text=True, timeout=60,
                              env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     assert out.returncode == 0, (tmp_path / "stderr").read_text()
-    assert out.stdout == "[]\n[]\n"
+    assert out.stdout == "[]\nFalse\n[]\n"
 
 
 def test_run_leaves_without_the_interpreter_teardown_but_with_its_message_and_status(
