@@ -110,10 +110,12 @@ class Background(logging.Handler):
     """Hands records to TARGET from a thread of its own: logging never waits for TARGET.
 
     At most MAX_QUEUED_RECORDS wait; more are counted, and once TARGET takes records
-    again one warning says how many were lost.
+    again one warning says how many were lost. TARGET may be a function that makes it:
+    the thread calls it at the first record.
     """
 
-    def __init__(self, target: logging.Handler, limit: int = MAX_QUEUED_RECORDS) -> None:
+    def __init__(self, target: logging.Handler | Callable[[], logging.Handler],
+                 limit: int = MAX_QUEUED_RECORDS) -> None:
         super().__init__()
         self.target = target
         self.limit = limit
@@ -135,6 +137,7 @@ class Background(logging.Handler):
             self._cond.notify()
 
     def _run(self) -> None:
+        target = self.target
         while True:
             with self._cond:
                 while not self._queue:
@@ -144,13 +147,15 @@ class Background(logging.Handler):
                 self._busy = True
                 record = self._queue.popleft()
                 dropped, self.dropped = self.dropped, 0
+            if not isinstance(target, logging.Handler):
+                target = self.target = target()
             if dropped:
                 lost = logging.LogRecord(record.name, logging.WARNING, __file__, 0,
                                          f"{dropped} runner messages were lost: the journal "
                                          f"did not take them", None, None)
                 lost.__dict__.update(FIELDS.fields)
-                self.target.handle(lost)
-            self.target.handle(record)
+                target.handle(lost)
+            target.handle(record)
 
     def wait_sent(self, timeout: float) -> bool:
         """Wait until every queued record went out, at most TIMEOUT seconds."""
@@ -174,7 +179,9 @@ def journal_handler(path: str = JOURNAL_SOCKET) -> logging.Handler:
 def setup(verbose: bool = False) -> None:
     handler: logging.Handler
     if journal_connected():
-        handler = Background(journal_handler())
+        # Made by the journal thread: importing systemd.journal (~4 ms) need not hold up
+        # the runner's start (it loads it while createXML runs, LATE_MODULES).
+        handler = Background(journal_handler)
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("qemu-unit: %(message)s"))

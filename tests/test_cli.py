@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qemu_unit.cli import arguments
 from qemu_unit.cli import commands as cli
@@ -125,6 +129,94 @@ def test_the_one_command_parser_reads_argv_as_the_whole_one(argv: list[str]) -> 
     assert command is not None
     assert (arguments.build_parser(command).parse_args(argv)
             == arguments.build_parser().parse_args(argv))
+
+
+def _argparse(argv: list[str]) -> dict[str, object] | None:
+    """What the whole parser makes of ARGV; None when it refuses it or prints help."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return vars(arguments.build_parser().parse_args(argv))
+    except SystemExit:
+        return None
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "web"], ["--user", "run", "web"], ["-v", "run", "web"], ["--verbose", "run", "web"],
+    ["-v", "--user", "run", "web"], ["--user", "--verbose", "run", "web"],
+    ["-v", "-v", "run", "web"], ["run", "run"], ["run", "web@1"], ["run", ""],
+])
+def test_the_units_run_command_line_is_read_as_argparse_reads_it(argv: list[str]) -> None:
+    """The unit's `[--user] run NAME` (and -v) skips argparse: the same namespace."""
+    fast = arguments.systemd_run(argv)
+    assert fast is not None
+    assert vars(fast) == _argparse(argv) == vars(arguments.build_parser("run").parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["run"], ["-v"], ["run", "--help"], ["run", "-h"], ["--help", "run", "web"],
+    ["-h", "run", "web"], ["run", "web", "-v"], ["run", "web", "--user"],
+    ["run", "web", "--shutdown-timeout", "5"], ["run", "--shutdown-timeout", "5", "web"],
+    ["run", "--config-dir", "/d", "web"], ["--verb", "run", "web"], ["--use", "run", "web"],
+    ["-vv", "run", "web"], ["-x", "run", "web"], ["run", "-web"], ["run", "-1"],
+    ["run", "--", "web"], ["--", "run", "web"], ["status", "web"], ["status", "run", "web"],
+    ["console", "run"], ["run", "a", "b"], ["web", "run", "web"],
+])
+def test_every_other_command_line_is_left_to_argparse(argv: list[str]) -> None:
+    assert arguments.systemd_run(argv) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(
+    ["run", "web", "", "-v", "--verbose", "--user", "-h", "--help", "--", "-1", "-vv", "--verb",
+     "--shutdown-timeout", "5", "--config-dir", "/d", "status", "list", "a b", "-x y"]),
+    max_size=5))
+def test_what_the_fast_path_reads_argparse_reads_alike(argv: list[str]) -> None:
+    fast = arguments.systemd_run(argv)
+    if fast is not None:
+        assert vars(fast) == _argparse(argv)
+
+
+@pytest.mark.parametrize("extra", [[], ["--shutdown-timeout", "5"]])
+def test_run_says_the_same_with_and_without_argparse(tmp_path: Path, extra: list[str]) -> None:
+    """`run NAME` (the fast path) and `run NAME --shutdown-timeout 5` (argparse): the same
+    message and exit status."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from qemu_unit.cli import main; status = main(sys.argv[1:]);"
+            "print(status, 'argparse' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, "run", "missing", *extra],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "QEMU_RUN_PATH": str(tmp_path)})
+    assert out.stdout == f"78 {bool(extra)}\n"
+    assert out.stderr == (f"qemu-unit: no missing.vm or missing.xml in the search path "
+                          f"{tmp_path}\n")
+
+
+def test_the_units_run_imports_what_it_needs_before_create_xml_only(tmp_path: Path) -> None:
+    """What `run` does without before createXML stays out of sys.modules until the runner
+    loads it while createXML runs (LATE_MODULES); stderr is the journal, as in the unit."""
+    import subprocess
+    import sys
+
+    lazy = ("argparse", "gettext", "json", "subprocess", "hashlib", "tempfile",
+            "systemd.journal", "qemu_unit.command", "qemu_unit.vm.status")
+    code = ("import sys; from qemu_unit.cli import commands; from qemu_unit.vm import runner;"
+            "assert commands.systemd_run(['--user', 'run', 'web']) is not None;"
+            "commands.log.setup(); assert commands.log.journal_connected();"
+            f"print(sorted(m for m in {lazy!r} if m in sys.modules));"
+            "from qemu_unit.vm import image;"  # Image= VMs: qemu-img only for a new overlay
+            "print('subprocess' in sys.modules);"
+            "runner.load_late_modules();"
+            "print(sorted(m for m in ('json', 'systemd.journal', 'qemu_unit.vm.status')"
+            " if m not in sys.modules))")
+    with open(tmp_path / "stderr", "w") as stderr:
+        st = os.fstat(stderr.fileno())
+        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=stderr, text=True, timeout=60,
+                             env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    assert out.returncode == 0, (tmp_path / "stderr").read_text()
+    assert out.stdout == "[]\nFalse\n[]\n"
 
 
 def test_run_leaves_without_the_interpreter_teardown_but_with_its_message_and_status(

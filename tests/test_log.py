@@ -146,3 +146,32 @@ def test_runner_logging_never_waits_for_the_journal_and_counts_what_it_lost() ->
     assert messages == ["first one", "5 runner messages were lost: the journal did not take "
                         "them", *(f"record {i}" for i in range(50))]
     assert stuck.got[1].levelno == logging.WARNING
+
+
+def test_a_background_handler_made_with_a_function_calls_it_at_the_first_record() -> None:
+    """setup() under the journal: systemd.journal is imported by the journal thread at the
+    first record, not before the runner's createXML."""
+    made: list[str] = []
+    got: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record)
+
+    def make() -> logging.Handler:
+        made.append(threading.current_thread().name)
+        return Keep()
+
+    background = log.Background(make)
+    logger = logging.getLogger("qemu_unit.test_background_lazy")
+    logger.propagate = False
+    logger.addHandler(background)
+    try:
+        assert background.wait_sent(timeout=10) and made == []
+        logger.warning("one")
+        logger.warning("two")
+        assert background.wait_sent(timeout=10)
+    finally:
+        logger.removeHandler(background)
+    assert made == ["log-journal"]
+    assert [r.getMessage() for r in got] == ["one", "two"]

@@ -6,13 +6,18 @@ cli.py runs it; manpages.py renders qemu-unit(1) from it without importing cli
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
 
 from qemu_unit.config.source import DEFAULT_PATH, PATH_ENV
 from qemu_unit.paths import CONFIG_DIR
+
+# argparse is imported by build_parser: the unit's `run` does without it (systemd_run).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 PROG = "qemu-unit"
 DESCRIPTION = (
@@ -44,6 +49,26 @@ class _Only:
         return self.sub.add_parser(name, **kwargs) if name == self.only else _Unused()
 
 
+# The top-level options as the unit's ExecStart= may carry them (all store_true).
+_RUN_FLAGS = {"-v": "verbose", "--verbose": "verbose", "--user": "user"}
+
+
+def systemd_run(argv: Sequence[str]) -> argparse.Namespace | None:
+    """ARGV as build_parser() reads it when it is `[-v|--verbose|--user]... run NAME`, the
+    unit's ExecStart=; None for anything else (build_parser's to read). Importing argparse
+    and building even `run`'s parser took ~4 ms of every start of the runner."""
+    if len(argv) < 2 or argv[-2] != "run" or argv[-1].startswith("-"):
+        return None
+    options = argv[:-2]
+    if not all(o in _RUN_FLAGS for o in options):
+        return None
+    flags = {_RUN_FLAGS[o] for o in options}
+    # The commands read attributes only: a SimpleNamespace does for argparse's.
+    return SimpleNamespace(  # type: ignore[return-value]
+        verbose="verbose" in flags, user="user" in flags, command="run", name=argv[-1],
+        shutdown_timeout=None, config_dir=None)
+
+
 def command_of(argv: Sequence[str]) -> str | None:
     """The command ARGV names: its first word that is not an option (the top-level
     options take no value)."""
@@ -53,6 +78,8 @@ def command_of(argv: Sequence[str]) -> str | None:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; ONLY: just that command's parser (None: all, for --help,
     an unknown command and the man page)."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument(

@@ -3,9 +3,7 @@ into exit statuses."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -13,12 +11,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qemu_unit import command, log, paths
-from qemu_unit.cli.arguments import build_parser, command_of
+from qemu_unit import log, paths
+from qemu_unit.cli.arguments import build_parser, command_of, systemd_run
 from qemu_unit.errors import ConfigError, QemuUnitError
 
+# At module level only what `run` needs anyway: each module more delays every VM's start;
+# the other commands import what they use.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
+
     from qemu_unit.config import settings
 
 
@@ -282,6 +284,8 @@ def _wait_unit_stopped(name: str, user: bool, deadline: float) -> None:
     noticed yet (still "active" for a moment, then ExecStop=): a `systemctl start` right
     after `qemu-unit save` would find it active, do nothing, and the VM would stay stopped.
     Nothing to wait for when the unit is not known to systemd (`qemu-unit run` by hand)."""
+    from qemu_unit import command
+
     unit = paths.unit_name(name)
     while time.monotonic() < deadline:
         try:
@@ -321,6 +325,7 @@ def _rendered(args: argparse.Namespace) -> tuple[settings.VMConfig, str]:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    import json
     from dataclasses import asdict
 
     from qemu_unit.cli import control
@@ -408,6 +413,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"wrote {path}", file=sys.stderr)
     if not (args.run or args.run_for):
         return 0
+    import argparse
+
     run_args = argparse.Namespace(
         name="demo", shutdown_timeout=None, config_dir=[args.config_dir], user=args.user
     )
@@ -512,8 +519,10 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
-    command = command_of(words)
-    args = build_parser(command if command in COMMANDS else None).parse_args(words)
+    args = systemd_run(words)
+    if args is None:
+        command = command_of(words)
+        args = build_parser(command if command in COMMANDS else None).parse_args(words)
     log.setup(verbose=args.verbose)
     log.trace("main")
     if args.user and os.geteuid() == 0:

@@ -23,7 +23,6 @@ final line's fields or raises `ControlError`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import threading
@@ -122,6 +121,8 @@ class Connection:
         line, _, self._buf = self._buf.partition(b"\n")
         if len(line) > MAX_LINE:
             raise ControlError(f"a request line is longer than {MAX_LINE} bytes", "protocol")
+        import json  # not before createXML: the runner loads it then (LATE_MODULES)
+
         try:
             value = json.loads(line)
         except ValueError:
@@ -152,6 +153,8 @@ class Connection:
 
     def _write(self, message: dict[str, Any]) -> None:
         self.sock.settimeout(CLIENT_TIMEOUT)
+        import json
+
         self.sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from qemu_unit.vm.status import Health
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    # The runner imports the status module only once createXML runs (LATE_MODULES).
+    from qemu_unit.vm.status import Health
 
 
 @dataclass(frozen=True)

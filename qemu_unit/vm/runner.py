@@ -39,7 +39,6 @@ from qemu_unit.vm import (
     domain,
     host,
     saved,
-    status,
 )
 from qemu_unit.vm.console import Console, Policy
 from qemu_unit.vm.events import (
@@ -57,14 +56,16 @@ from qemu_unit.vm.events import (
 from qemu_unit.vm.notify import Notifier
 
 if TYPE_CHECKING:
-    from qemu_unit.vm import health
+    from qemu_unit.vm import health, status
 
 logger = log.log
 # Imported while createXML runs (it releases the GIL and QEMU starts on the other core):
 # nothing before READY=1 needs them but their control ops, which wait for them
-# (control.HANDLERS_LOADED). ~7 ms off every start.
+# (control.HANDLERS_LOADED). ~7 ms off every start; status and json (control's requests
+# import it when they come first) ~3 ms more, systemd.journal (log.setup's journal
+# handler, made at the first record) ~4 ms.
 LATE_MODULES = ("qemu_unit.vm.backup", "qemu_unit.vm.snapshot", "qemu_unit.vm.guest",
-                "qemu_unit.vm.health")
+                "qemu_unit.vm.health", "qemu_unit.vm.status", "json", "systemd.journal")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 4)
 # A guest still booting misses a power-button press; pressing again is harmless.
 SHUTDOWN_RETRY = 5.0
@@ -355,7 +356,7 @@ class Runner:
                     from qemu_unit.vm import credentials
 
                     credentials.remove(dirs.root)
-                from qemu_unit.vm import backup, health  # loaded during createXML
+                from qemu_unit.vm import backup, health, status  # loaded during createXML
 
                 # The embed root forgot them at the last stop; their bitmaps are in the disks.
                 backup.redefine_checkpoints(self.dom, dirs.state, logger.warning)
@@ -733,6 +734,8 @@ class Runner:
         STATUS=, Ready=healthy and HealthOnFailure=. True when this made the unit ready."""
         if self.record is not None:
             self.record = dataclasses.replace(self.record, health=now)
+            from qemu_unit.vm import status
+
             with contextlib.suppress(OSError):
                 status.write(dirs.root, self.record)
         if now.status == before:

@@ -1,0 +1,94 @@
+"""What `qemu-unit run` costs before its first real step, against the floor of any Python
+runner that reads a .vm (README, "Where the rest goes").
+
+    /usr/bin/python3 bench/imports.py [--runs N] [TREE...]
+
+TREE: a checkout (or `git archive` of one) to compare; default this one. Each round runs
+every TREE in turn, in fresh `/usr/bin/python3 -I` processes:
+- imports: -X importtime of importing the CLI and the runner, the -c imports' total;
+- process: the wall time of the same imports;
+- run: the wall time of what `run NAME` does before it looks for the VM, under the
+  unit: those imports, main()'s reading of argv, log.setup() with stderr as the journal;
+and once the floor, `import re, enum, dataclasses, pathlib, libvirt`. Medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = "/usr/bin/python3"
+FLOOR = "import re, enum, dataclasses, pathlib, libvirt"
+IMPORTS = "from qemu_unit.cli import commands; from qemu_unit.vm import runner"
+# main()'s own reading of argv, in trees with and without the fast path.
+RUN = ("from qemu_unit.cli import commands; w = ['run', 'web'];"
+       "a = getattr(commands, 'systemd_run', lambda w: None)(w) or "
+       "commands.build_parser(commands.command_of(w)).parse_args(w);"
+       "commands.log.setup(verbose=a.verbose); assert commands.log.journal_connected();"
+       "from qemu_unit.vm import runner")
+
+
+def on_path(tree: Path, code: str) -> str:
+    return f"import sys; sys.path.insert(0, {os.fspath(tree)!r}); {code}"
+
+
+def import_total(code: str) -> int:
+    """Microseconds: the cumulative times of the imports -c makes (after site's)."""
+    err = subprocess.run([PYTHON, "-I", "-X", "importtime", "-c", code], capture_output=True,
+                         text=True, check=True).stderr
+    total, started = 0, False
+    for line in err.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        _self, cumulative, name = line.removeprefix("import time:").split("|")
+        if name.strip() == "site" and not name.startswith("  "):
+            started = True
+        elif started and not name.startswith("  "):
+            total += int(cumulative)
+    return total
+
+
+def wall(code: str, env: dict[str, str] | None = None, stderr: IO[str] | None = None) -> float:
+    started = time.perf_counter()
+    subprocess.run([PYTHON, "-I", "-c", code], check=True, env=env, stderr=stderr)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=31)
+    parser.add_argument("trees", nargs="*", type=Path, default=[REPO])
+    args = parser.parse_args()
+    with open(os.devnull, "w") as null:
+        st = os.fstat(null.fileno())
+        journal = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        results: dict[str, list[float]] = {}
+        for round_ in range(args.runs + 3):  # 3 warm-up rounds
+            got = {"floor": wall(FLOOR)}
+            for tree in args.trees:
+                got[f"{tree} imports"] = import_total(on_path(tree, IMPORTS)) / 1e3
+                got[f"{tree} process"] = wall(on_path(tree, IMPORTS)) * 1e3
+                got[f"{tree} run"] = wall(on_path(tree, RUN), env=journal, stderr=null) * 1e3
+            got["floor"] *= 1e3
+            for key, value in got.items():
+                if round_ >= 3:
+                    results.setdefault(key, []).append(value)
+    floor = statistics.median(results["floor"])
+    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.getloadavg()[0]:.2f} load, "
+          f"medians of {args.runs}")
+    print(f"floor ({FLOOR}): {floor:.1f} ms")
+    for key, values in results.items():
+        if key != "floor":
+            median = statistics.median(values)
+            ratio = "" if key.endswith("imports") else f" ({median / floor:.2f}x the floor)"
+            print(f"{key}: {median:.1f} ms{ratio}")
+
+
+if __name__ == "__main__":
+    main()
