@@ -83,7 +83,8 @@ def work(part):
                 f.writelines(f"{k}={v}\\n" for k, v in sections.get(head, ()))
         for key, value in sections.get("Install", ()):
             for target in value.split():
-                wants = os.path.join(out, f"{target}.{'wants' if key == 'WantedBy' else 'requires'}")
+                kind = "wants" if key == "WantedBy" else "requires"
+                wants = os.path.join(out, f"{target}.{kind}")
                 if wants not in made:
                     os.makedirs(wants, exist_ok=True)
                     made.add(wants)

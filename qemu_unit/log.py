@@ -148,7 +148,16 @@ class Background(logging.Handler):
                 record = self._queue.popleft()
                 dropped, self.dropped = self.dropped, 0
             if not isinstance(target, logging.Handler):
-                target = self.target = target()
+                try:
+                    target = target()
+                except Exception as e:
+                    # systemd-python broken: stderr is the journal's stream too.
+                    target = logging.StreamHandler(sys.stderr)
+                    target.handle(logging.LogRecord(
+                        record.name, logging.WARNING, __file__, 0,
+                        f"no journal handler ({type(e).__name__}: {e}): logging to stderr",
+                        None, None))
+                self.target = target
             if dropped:
                 lost = logging.LogRecord(record.name, logging.WARNING, __file__, 0,
                                          f"{dropped} runner messages were lost: the journal "

@@ -16,6 +16,8 @@ import textwrap
 import threading
 from pathlib import Path
 
+import pytest
+
 from qemu_unit import log
 
 
@@ -175,3 +177,26 @@ def test_a_background_handler_made_with_a_function_calls_it_at_the_first_record(
         logger.removeHandler(background)
     assert made == ["log-journal"]
     assert [r.getMessage() for r in got] == ["one", "two"]
+
+
+def test_a_background_handler_that_cannot_be_made_logs_to_stderr(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A broken systemd-python: the records still reach stderr (the journal's stream under
+    systemd) instead of dying with the journal thread."""
+
+    def make() -> logging.Handler:
+        raise ImportError("no module named systemd")
+
+    background = log.Background(make)
+    logger = logging.getLogger("qemu_unit.test_background_broken")
+    logger.propagate = False
+    logger.addHandler(background)
+    try:
+        logger.warning("still here")
+        assert background.wait_sent(timeout=10)
+    finally:
+        logger.removeHandler(background)
+    err = capsys.readouterr().err
+    assert "no journal handler (ImportError: no module named systemd)" in err
+    assert "still here" in err
