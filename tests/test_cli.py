@@ -144,12 +144,18 @@ def _argparse(argv: list[str]) -> dict[str, object] | None:
     ["run", "web"], ["--user", "run", "web"], ["-v", "run", "web"], ["--verbose", "run", "web"],
     ["-v", "--user", "run", "web"], ["--user", "--verbose", "run", "web"],
     ["-v", "-v", "run", "web"], ["run", "run"], ["run", "web@1"], ["run", ""],
+    ["register-machine", "web"], ["--user", "register-machine", "web"],
+    ["note-stop", "web"], ["guest-firewall", "start", "web"], ["guest-firewall", "stop", "web"],
+    ["-v", "guest-firewall", "stop", "run"],
 ])
-def test_the_units_run_command_line_is_read_as_argparse_reads_it(argv: list[str]) -> None:
-    """The unit's `[--user] run NAME` (and -v) skips argparse: the same namespace."""
+def test_the_units_command_lines_are_read_as_argparse_reads_them(argv: list[str]) -> None:
+    """The unit's `[--user] run NAME` (and -v) and its root steps skip argparse: the same
+    namespace."""
     fast = arguments.systemd_run(argv)
     assert fast is not None
-    assert vars(fast) == _argparse(argv) == vars(arguments.build_parser("run").parse_args(argv))
+    command = arguments.command_of(argv)
+    assert vars(fast) == _argparse(argv) == vars(arguments.build_parser(command)
+                                                 .parse_args(argv))
 
 
 @pytest.mark.parametrize("argv", [
@@ -160,6 +166,9 @@ def test_the_units_run_command_line_is_read_as_argparse_reads_it(argv: list[str]
     ["-vv", "run", "web"], ["-x", "run", "web"], ["run", "-web"], ["run", "-1"],
     ["run", "--", "web"], ["--", "run", "web"], ["status", "web"], ["status", "run", "web"],
     ["console", "run"], ["run", "a", "b"], ["web", "run", "web"],
+    ["register-machine"], ["register-machine", "a", "b"], ["register-machine", "-h"],
+    ["guest-firewall", "web"], ["guest-firewall", "reload", "web"],
+    ["guest-firewall", "start"], ["guest-firewall", "--help", "web"], ["note-stop", "--", "web"],
 ])
 def test_every_other_command_line_is_left_to_argparse(argv: list[str]) -> None:
     assert arguments.systemd_run(argv) is None
@@ -168,7 +177,8 @@ def test_every_other_command_line_is_left_to_argparse(argv: list[str]) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(
     ["run", "web", "", "-v", "--verbose", "--user", "-h", "--help", "--", "-1", "-vv", "--verb",
-     "--shutdown-timeout", "5", "--config-dir", "/d", "status", "list", "a b", "-x y"]),
+     "--shutdown-timeout", "5", "--config-dir", "/d", "status", "list", "a b", "-x y",
+     "register-machine", "note-stop", "guest-firewall", "start", "stop", "reload"]),
     max_size=5))
 def test_what_the_fast_path_reads_argparse_reads_alike(argv: list[str]) -> None:
     fast = arguments.systemd_run(argv)

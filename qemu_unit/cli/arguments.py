@@ -49,24 +49,40 @@ class _Only:
         return self.sub.add_parser(name, **kwargs) if name == self.only else _Unused()
 
 
-# The top-level options as the unit's ExecStart= may carry them (all store_true).
+# The top-level options as the unit's command lines may carry them (all store_true).
 _RUN_FLAGS = {"-v": "verbose", "--verbose": "verbose", "--user": "user"}
+# The command lines systemd runs for a VM: ExecStart= and the root steps (register-machine
+# at every start, guest-firewall before a user network's, note-stop at a save's stop).
+# Each: its positional arguments (with their choices, if any) and the rest of what
+# build_parser() gives it.
+_UNIT_COMMANDS: dict[str, tuple[tuple[tuple[str, tuple[str, ...] | None], ...], dict[str, Any]]] = {
+    "run": ((("name", None),), {"shutdown_timeout": None, "config_dir": None}),
+    "register-machine": ((("name", None),), {}),
+    "note-stop": ((("name", None),), {}),
+    "guest-firewall": ((("action", ("start", "stop")), ("name", None)), {}),
+}
 
 
 def systemd_run(argv: Sequence[str]) -> argparse.Namespace | None:
-    """ARGV as build_parser() reads it when it is `[-v|--verbose|--user]... run NAME`, the
-    unit's ExecStart=; None for anything else (build_parser's to read). Importing argparse
-    and building even `run`'s parser took ~4 ms of every start of the runner."""
-    if len(argv) < 2 or argv[-2] != "run" or argv[-1].startswith("-"):
+    """ARGV as build_parser() reads it when it is one of the command lines systemd runs for
+    a VM (`[-v|--verbose|--user]... run NAME`, the root steps); None for anything else
+    (build_parser's to read). Importing argparse and building even one command's parser
+    took ~4 ms of every start of the runner and of each root step."""
+    index = next((i for i, word in enumerate(argv) if word not in _RUN_FLAGS), len(argv))
+    if index == len(argv) or argv[index] not in _UNIT_COMMANDS:
         return None
-    options = argv[:-2]
-    if not all(o in _RUN_FLAGS for o in options):
+    positionals, rest = _UNIT_COMMANDS[argv[index]]
+    values = argv[index + 1:]
+    if len(values) != len(positionals):
         return None
-    flags = {_RUN_FLAGS[o] for o in options}
+    for value, (_, choices) in zip(values, positionals, strict=True):
+        if value.startswith("-") or choices is not None and value not in choices:
+            return None
+    flags = {_RUN_FLAGS[o] for o in argv[:index]}
     # The commands read attributes only: a SimpleNamespace does for argparse's.
     return SimpleNamespace(  # type: ignore[return-value]
-        verbose="verbose" in flags, user="user" in flags, command="run", name=argv[-1],
-        shutdown_timeout=None, config_dir=None)
+        verbose="verbose" in flags, user="user" in flags, command=argv[index],
+        **{name: value for value, (name, _) in zip(values, positionals, strict=True)}, **rest)
 
 
 def command_of(argv: Sequence[str]) -> str | None:
