@@ -355,8 +355,8 @@ def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str
                  f"[Service]\nExecStart=\nExecStart={qemu_unit} -v run %i\n")
         ct.systemctl("daemon-reload")
         # Warm-up: the host's capability cache, and every reference root's own probe.
-        warm = ["qemu-run@bench", "plain-ref@bench",
-                *(f"bare-ref@{n}" for n in ["bench", *names])]
+        warm = ["qemu-run@bench", *(f"{ref}@{n}" for ref in ("bare-ref", "plain-ref")
+                                    for n in ["bench", *names])]
         cursor = journal_cursor(ct)
         ct.systemctl("start", *warm, timeout=300)
         wait_booted(ct, cursor, warm)
@@ -379,7 +379,9 @@ def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str
         # The first start of the ten makes their state directories and users; later
         # rounds start them as a host does at every boot. One sample each was too noisy.
         for _ in range(rounds):
-            for prefix, template in (("", "qemu-run@"), ("bare ", "bare-ref@")):
+            # The plain runners: what of the ten-VM start is the runner, what the unit.
+            for prefix, template in (("", "qemu-run@"), ("bare ", "bare-ref@"),
+                                     ("plain ", "plain-ref@")):
                 units = [f"{template}{n}" for n in names]
                 cursor = journal_cursor(ct)
                 t = time.monotonic()
