@@ -9,6 +9,9 @@ every TREE in turn, in fresh `/usr/bin/python3 -I` processes:
 - process: the wall time of the same imports;
 - run: the wall time of what `run NAME` does before it looks for the VM, under the
   unit: those imports, main()'s reading of argv, log.setup() with stderr as the journal;
+- the root steps: the wall time of `register-machine web` (no $MAINPID: it returns once
+  it has read its command line and set up logging) and `guest-firewall stop` of a VM
+  without a table (nft answers "no such table"), what systemd runs as root around a start;
 and once the floor, `import re, enum, dataclasses, pathlib, libvirt`. Medians.
 """
 
@@ -54,10 +57,18 @@ def import_total(code: str) -> int:
     return total
 
 
-def wall(code: str, env: dict[str, str] | None = None, stderr: IO[str] | None = None) -> float:
+def wall(code: str, env: dict[str, str] | None = None, stderr: IO[str] | None = None,
+         check: bool = True) -> float:
     started = time.perf_counter()
-    subprocess.run([PYTHON, "-I", "-c", code], check=True, env=env, stderr=stderr)
+    subprocess.run([PYTHON, "-I", "-c", code], check=check, env=env, stderr=stderr,
+                   stdout=stderr)
     return time.perf_counter() - started
+
+
+ROOT_STEPS = {
+    "register-machine": ["register-machine", "web"],
+    "guest-firewall stop": ["guest-firewall", "stop", "qub-imports-none"],
+}
 
 
 def main() -> None:
@@ -75,6 +86,10 @@ def main() -> None:
                 got[f"{tree} imports"] = import_total(on_path(tree, IMPORTS)) / 1e3
                 got[f"{tree} process"] = wall(on_path(tree, IMPORTS)) * 1e3
                 got[f"{tree} run"] = wall(on_path(tree, RUN), env=journal, stderr=null) * 1e3
+                for step, argv in ROOT_STEPS.items():
+                    code = on_path(tree, f"from qemu_unit.cli import main; main({argv!r})")
+                    got[f"{tree} {step}"] = wall(code, env={"PATH": "/usr/sbin:/usr/bin:/bin"},
+                                                 stderr=null, check=False) * 1e3
             got["floor"] *= 1e3
             for key, value in got.items():
                 if round_ >= 3:
@@ -86,7 +101,8 @@ def main() -> None:
     for key, values in results.items():
         if key != "floor":
             median = statistics.median(values)
-            ratio = "" if key.endswith("imports") else f" ({median / floor:.2f}x the floor)"
+            steps = key.endswith(("imports", *ROOT_STEPS))
+            ratio = "" if steps else f" ({median / floor:.2f}x the floor)"
             print(f"{key}: {median:.1f} ms{ratio}")
 
 
