@@ -50,7 +50,7 @@ class _Only:
 
 
 # The top-level options as the unit's command lines may carry them (all store_true).
-_RUN_FLAGS = {"-v": "verbose", "--verbose": "verbose", "--user": "user"}
+_UNIT_FLAGS = {"-v": "verbose", "--verbose": "verbose", "--user": "user"}
 # The command lines systemd runs for a VM: ExecStart= and the root steps (register-machine
 # at every start, guest-firewall before a user network's, note-stop at a save's stop).
 # Each: its positional arguments (with their choices, if any) and the rest of what
@@ -68,7 +68,7 @@ def systemd_run(argv: Sequence[str]) -> argparse.Namespace | None:
     a VM (`[-v|--verbose|--user]... run NAME`, the root steps); None for anything else
     (build_parser's to read). Importing argparse and building even one command's parser
     took ~4 ms of every start of the runner and of each root step."""
-    index = next((i for i, word in enumerate(argv) if word not in _RUN_FLAGS), len(argv))
+    index = next((i for i, word in enumerate(argv) if word not in _UNIT_FLAGS), len(argv))
     if index == len(argv) or argv[index] not in _UNIT_COMMANDS:
         return None
     positionals, rest = _UNIT_COMMANDS[argv[index]]
@@ -78,7 +78,7 @@ def systemd_run(argv: Sequence[str]) -> argparse.Namespace | None:
     for value, (_, choices) in zip(values, positionals, strict=True):
         if value.startswith("-") or choices is not None and value not in choices:
             return None
-    flags = {_RUN_FLAGS[o] for o in argv[:index]}
+    flags = {_UNIT_FLAGS[o] for o in argv[:index]}
     # The commands read attributes only: a SimpleNamespace does for argparse's.
     return SimpleNamespace(  # type: ignore[return-value]
         verbose="verbose" in flags, user="user" in flags, command=argv[index],

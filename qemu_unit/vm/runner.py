@@ -927,11 +927,11 @@ def become_service_user(name: str, user: str = SERVICE_USER) -> None:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chown(d, pw.pw_uid, pw.pw_gid)
         with contextlib.suppress(OSError):
-            mode = d.parent.stat()
+            st = d.parent.stat()
             # The service user must reach D: add read and search for everyone, take nothing
             # away (the parent may be /tmp, 1777: a plain 0755 made it root's alone).
-            if mode.st_uid == 0 and mode.st_mode & 0o755 != 0o755:
-                os.chmod(d.parent, (mode.st_mode & 0o7777) | 0o755)
+            if st.st_uid == 0 and st.st_mode & 0o755 != 0o755:
+                os.chmod(d.parent, (st.st_mode & 0o7777) | 0o755)
     for var, d in (
         ("STATE_DIRECTORY", dirs.state),
         ("RUNTIME_DIRECTORY", dirs.root),

@@ -72,9 +72,7 @@ class SavedState:
 
 
 # The runner imports this module at every start, where most VMs have no save: json and
-# hashlib (~2.5 ms) only when there is one.
-
-
+# hashlib (~2.5 ms) are imported by the functions that need them.
 def xml_digest(xml: str) -> str:
     import hashlib
 
