@@ -128,6 +128,9 @@ SYSTEM_IMAGES = SYSTEM_STATE / IMAGES_DIR
 
 LOCK_FILE = "qemu-unit.lock"  # flock()ed by the runner while it runs; holds its PID
 STATUS_FILE = "status.json"  # vm/status.py
+# The domain UUID as 32 hex digits, for the unit's machined registration: a shell reads it
+# (qemu-run@.service's ExecStartPost=+), which cannot parse status.json.
+UUID_FILE = "uuid"
 CONSOLE_SOCKET = "console.sock"  # QEMU's serial console
 ATTACH_SOCKET = "console-attach.sock"  # `qemu-unit console` clients
 AGENT_SOCKET = "agent.sock"  # the guest agent's channel

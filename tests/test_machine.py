@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import subprocess
 import sys
+import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qemu_unit.cli import install
+from qemu_unit.config import unitfile
 from qemu_unit.errors import QemuUnitError
 from qemu_unit.vm import machine, status
 
@@ -142,11 +146,118 @@ def test_uuid_comes_from_the_status_file_checked(tmp_path: Path) -> None:
     assert machine.read_uuid(root) is None
 
 
+UNIT = Path(__file__).parents[1] / "units" / "qemu-run@.service"
+MACHINED_PATH = '"/org/freedesktop/machine1/machine/web"'
+
+
+def root_step(python: str, instance: str = "web") -> list[str]:
+    """The unit's ExecStartPost= for INSTANCE as systemd runs it: continuation lines joined
+    (unitfile.parse), split into words, then each word's specifiers and $$ resolved;
+    without its -+ prefix."""
+    rendered = install.render_unit(UNIT.read_text(), "/x/qemu-unit", python)
+    value = next(e.value for e in unitfile.parse(rendered, str(UNIT))
+                 if e.key == "ExecStartPost")
+    return [re.sub(r"%(.)", lambda m: instance if m[1] == "i" else m[1], word)
+            .replace("$$", "$") for word in shlex.split(value.lstrip("-+"))]
+
+
+def fake(bin_dir: Path, name: str, record: Path, answer: str, status: int = 0) -> None:
+    """A command NAME on BIN_DIR that writes its arguments, one per line, to RECORD."""
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / name
+    script.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {shlex.quote(str(record))}\n"
+                      f"echo {shlex.quote(answer)}\nexit {status}\n")
+    script.chmod(0o755)
+
+
+@pytest.fixture
+def step(tmp_path: Path) -> Any:
+    """Run the root step as systemd would, with busctl and python faked on PATH; returns
+    (its output, busctl's arguments or None, the fallback's arguments or None)."""
+    bin_dir, runtime = tmp_path / "bin", tmp_path / "run"
+    runtime.mkdir()
+
+    def run(uuid_file: str | None = None, busctl_status: int = 0,
+            make: Any = None) -> tuple[str, list[str] | None, list[str] | None]:
+        if uuid_file is not None:
+            (runtime / "uuid").write_text(uuid_file)
+        if make is not None:
+            make(runtime / "uuid")
+        calls = {n: tmp_path / f"{n}.args" for n in ("busctl", "python")}
+        fake(bin_dir, "busctl", calls["busctl"], f"o {MACHINED_PATH}", busctl_status)
+        fake(bin_dir, "python", calls["python"], "")
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MAINPID": "4242",
+               "RUNTIME_DIRECTORY": str(runtime)}
+        # capture_output waits for the step's background shell too (it holds stdout).
+        out = subprocess.run(root_step(str(bin_dir / "python")), env=env, text=True,
+                             capture_output=True, timeout=30, check=True).stdout
+        got = [f.read_text().splitlines() if f.exists() else None for f in calls.values()]
+        for f in calls.values():
+            f.unlink(missing_ok=True)
+        return out, got[0], got[1]
+
+    return run
+
+
+def test_root_step_registers_the_runner_with_the_uuid_it_wrote(step: Any) -> None:
+    out, busctl, fallback = step(UUID.replace("-", "") + "\n")
+    assert busctl == [
+        "--system", "call", *machine.BUS, "RegisterMachine", "sayssus", "web", "16",
+        *map(str, uuidlib.UUID(UUID).bytes), machine.SERVICE, machine.CLASS, "4242", "",
+    ]
+    assert fallback is None
+    assert f"Registered with systemd-machined as {MACHINED_PATH} (leader 4242)" in out
+
+
+@pytest.mark.parametrize("how", ["missing", "not hex", "upper case", "too long", "symlink",
+                                 "fifo"])
+def test_root_step_registers_without_a_uuid_it_cannot_trust(
+    step: Any, tmp_path: Path, how: str
+) -> None:
+    # The runner is unprivileged and writes the file; root reads it. Whatever is there,
+    # the step neither waits (a FIFO), nor follows a link, nor passes on more than 16 bytes.
+    good = UUID.replace("-", "")
+    target = tmp_path / "elsewhere"
+    target.write_text(good)
+    makers = {
+        "missing": (None, None),
+        "not hex": (good[:-1] + "g", None),
+        "upper case": (good.upper(), None),
+        "too long": (good + "00 1 2 3", None),
+        "symlink": (None, lambda p: p.symlink_to(target)),
+        "fifo": (None, os.mkfifo),
+    }
+    content, make = makers[how]
+    _out, busctl, fallback = step(content, make=make)
+    assert busctl is not None and busctl[7:11] == ["web", "0", machine.SERVICE, machine.CLASS]
+    assert fallback is None
+
+
+def test_root_step_falls_back_to_python_when_machined_refuses(step: Any) -> None:
+    # A registration left by the unit's last runner (Restart=), or a name machined does
+    # not take: register-machine replaces it or says why.
+    out, busctl, fallback = step(UUID.replace("-", ""), busctl_status=1)
+    assert busctl is not None
+    assert fallback == ["-I", "-m", "qemu_unit", "register-machine", "web"]
+    assert "Registered" not in out
+
+
+def test_root_step_passes_a_hostile_name_as_one_word(step: Any, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    fake(bin_dir, "busctl", tmp_path / "busctl.args", "", 0)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MAINPID": "4242",
+           "RUNTIME_DIRECTORY": str(tmp_path)}
+    hostile = "a b;$(touch x)`id`"
+    subprocess.run(root_step("/nonexistent/python", hostile), env=env, cwd=tmp_path,
+                   capture_output=True, timeout=30, check=True)
+    args = (tmp_path / "busctl.args").read_text().splitlines()
+    assert args[7] == hostile and args[8] == "0" and not (tmp_path / "x").exists()
+
+
 def test_installed_unit_registers_through_this_installation() -> None:
-    text = (Path(__file__).parents[1] / "units" / "qemu-run@.service").read_text()
-    rendered = install.render_unit(text, "/opt/venv/bin/qemu-unit", "/opt/venv/bin/python")
-    assert ("ExecStartPost=-+/bin/sh -c '/opt/venv/bin/python -I -m qemu_unit "
-            "register-machine \"$1\" &' register %i" in rendered)
+    rendered = install.render_unit(UNIT.read_text(), "/opt/venv/bin/qemu-unit",
+                                   "/opt/venv/bin/python")
+    assert "exec /opt/venv/bin/python -I -m qemu_unit register-machine" in rendered
     assert "ExecStart=/opt/venv/bin/qemu-unit run %i" in rendered
     assert "/usr/bin/qemu-unit" not in rendered and "/usr/bin/python3" not in rendered
 
@@ -154,23 +265,21 @@ def test_installed_unit_registers_through_this_installation() -> None:
 @pytest.mark.parametrize("isolated", [True, False])
 def test_the_root_step_ignores_the_vm_users_home(tmp_path: Path, isolated: bool) -> None:
     # The review: the root ExecStartPost=+ ran with the VM user's HOME and the user site
-    # enabled: a .pth there would run as root. Run the unit's own command line (without
-    # -I, to show the test can fail) with HOME pointing at a planted user site.
-    text = (Path(__file__).parents[1] / "units" / "qemu-run@.service").read_text()
-    rendered = install.render_unit(text, "/x/qemu-unit", sys.executable)
-    line = next(ln for ln in rendered.splitlines() if ln.startswith("ExecStartPost="))
-    # The step's own command, without the shell that puts it in the background.
-    sh, dash_c, script, _argv0, instance = shlex.split(line.split("=", 1)[1].lstrip("-+"))
-    assert (sh, dash_c, instance) == ("/bin/sh", "-c", "%i") and script.endswith(" &")
-    argv = shlex.split(script.removesuffix(" &").replace('"$1"', "web"))
+    # enabled: a .pth there would run as root. Run the step's Python (machined refused:
+    # no bus here), without -I to show the test can fail, with HOME at a planted user site.
+    argv = root_step(sys.executable)
     if not isolated:
-        argv.remove("-I")
+        argv[2] = argv[2].replace(" -I -m qemu_unit", " -m qemu_unit")
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     site = tmp_path / ".local" / "lib" / version / "site-packages"
     site.mkdir(parents=True)
     marker = tmp_path / "ran-as-root"
     (site / "evil.pth").write_text(f"import os; open({str(marker)!r}, 'w')\n")
-    # What systemd gives the step: the VM user's HOME; no $MAINPID, so it only warns.
-    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    bin_dir = tmp_path / "bin"
+    fake(bin_dir, "busctl", tmp_path / "busctl.args", "", 1)
+    # What systemd gives the step: the VM user's HOME; no $MAINPID, so Python only warns.
+    env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin",
+           "RUNTIME_DIRECTORY": str(tmp_path)}
     subprocess.run(argv, env=env, cwd="/", capture_output=True, timeout=60, check=False)
+    assert (tmp_path / "busctl.args").exists()
     assert marker.exists() is not isolated

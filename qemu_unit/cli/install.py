@@ -103,12 +103,15 @@ def render_unit(text: str, command: str, python: str | None = None) -> str:
     root step at PYTHON (default: this interpreter)."""
     isolated = f"{python or sys.executable} -I -m qemu_unit"
     lines = []
+    in_exec = False  # on an Exec*= line or one continuing it
     for line in text.splitlines():
-        if line.startswith("Exec") and UNIT_COMMAND in line:
+        in_exec = line.startswith("Exec") or in_exec
+        if in_exec and UNIT_COMMAND in line:
             line = line.replace(UNIT_COMMAND, command, 1)
-        elif line.startswith("Exec") and UNIT_PYTHON in line:
+        elif in_exec and UNIT_PYTHON in line:
             line = line.replace(UNIT_PYTHON, isolated, 1)
         lines.append(line)
+        in_exec = in_exec and line.endswith("\\")
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,7 @@ import libvirt
 from qemu_unit import log, paths
 from qemu_unit.config import domainxml, rootless, settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
-from qemu_unit.paths import SERVICE_USER, Dirs
+from qemu_unit.paths import SERVICE_USER, UUID_FILE, Dirs
 from qemu_unit.vm import (
     caps,
     control,
@@ -390,6 +390,7 @@ class Runner:
                     self.record = dataclasses.replace(self.record, health=self.checker.health)
                     self.checker.start()
                     stack.callback(self.checker.stop)
+                (dirs.root / UUID_FILE).write_text(uuid.replace("-", "").lower() + "\n")
                 status.write(dirs.root, self.record)
                 if vm.ready.kind is settings.ReadyKind.STARTED:
                     self.notify.ready(f"Running ({accel.upper()})")

@@ -167,6 +167,8 @@ def test_machinectl_sees_the_vm_and_powers_it_off(ct: Container, qemu_unit_bin: 
     main = prop(ct, unit, "MainPID")
     show = ct.run("machinectl", "show", "run").stdout
     assert f"Leader={main}\n" in show and f"Unit={unit}\n" in show and "Class=vm\n" in show
+    uuid = list_json(ct, qemu_unit_bin)["run"]["uuid"]
+    assert f"Id={uuid.replace('-', '')}\n" in show
     status = ct.run("machinectl", "status", "run", "--no-pager").stdout
     assert f"Leader: {main}" in status and unit in status
     this = invocation(ct, "run")
@@ -181,6 +183,13 @@ def test_machinectl_sees_the_vm_and_powers_it_off(ct: Container, qemu_unit_bin: 
     main = prop(ct, unit, "MainPID")
     wait_for("registered again", lambda: f"Leader={main}\n" in ct.run(
         "machinectl", "show", "run", check=False).stdout)
+    # A start with no registration left over: the unit's shell and busctl registered it
+    # (Python's line has no quotes around the object path), with the UUID the runner wrote.
+    assert f"Id={uuid.replace('-', '')}\n" in ct.run("machinectl", "show", "run").stdout
+    # The shell echoes once busctl returned: journald may have it a moment after machined.
+    wait_for("registration logged", lambda: (
+        'Registered with systemd-machined as "/org/freedesktop/machine1/machine/run" '
+        f"(leader {main})") in ct.journal("-u", unit, "-o", "cat").splitlines())
 
 
 def test_restart_after_runner_kill_replaces_stale_registration(ct: Container) -> None:
