@@ -7,11 +7,14 @@
   `virt-qemu-run` (its "guest running"), each from process spawn, same domain;
 - stop latency with a cooperative guest: SIGTERM -> runner exit vs. the bare
   script's ACPI request -> STOPPED event (the guest's own power-off);
-- the runner's RSS once the VM runs;
+- the runner's RSS once the VM runs, and the CPU its process has used at READY=1 (the bare
+  script's at CREATED): on a busy host, what a start costs the others;
 - under a real systemd (nspawn): `systemctl start` -> active, `systemctl stop`, and ten VMs
   in one `systemctl start`, each against the same bare libvirt-python script run as a
   plain `Type=notify` service (`bare-ref@.service`: READY=1 after createXML, SIGTERM ->
-  ACPI power button -> exit on STOPPED): the floor systemd, libvirt and QEMU set.
+  ACPI power button -> exit on STOPPED): the floor systemd, libvirt and QEMU set. For the
+  ten, also the CPU their runners (sandbox setup before the exec included) and their QEMUs
+  have used once all are active: ten starts on two cores are a CPU budget.
 """
 
 from __future__ import annotations
@@ -103,6 +106,13 @@ PHASE_TEXT = {
     "notified": "READY=1 reaches the notify socket",
     "exited": "interpreter exit",
 }  # virt-qemu-run's console is a pty we do not read: wait instead
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU PID's process has used so far (utime + stime, all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Proc:
@@ -199,6 +209,7 @@ def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:
     proc = Proc([*AS_USER, str(qemu_unit), "-v", "run", "--config-dir", str(cfg), "bench"], env)
     try:
         ready = notify.wait("READY=1") - proc.start
+        cpu = process_cpu(proc.p.pid)
     except TimeoutError:
         proc.p.kill()
         out = "".join(line for _, line in proc.lines)[-3000:]
@@ -212,7 +223,7 @@ def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:
     notify.sock.close()
     assert proc.p.returncode == 0, "".join(line for _, line in proc.lines)[-2000:]
     traced = proc.traces()
-    out = {"ready": ready, "stop": end - t, "rss": rss}
+    out = {"ready": ready, "stop": end - t, "rss": rss, "cpu": cpu}
     # Per phase: seconds since the previous one (START_PHASES from spawn, STOP_PHASES
     # from SIGTERM); the last of each ends at READY=1 and at the process's exit.
     for phases, since, until in ((START_PHASES, proc.start, proc.start + ready),
@@ -237,6 +248,7 @@ def run_bare(vm: settings.VMConfig) -> dict[str, float]:
     proc = Proc([*AS_USER, "/usr/bin/python3", str(REPO / "bench/bare_libvirt.py"), root,
                  str(xml_path), sock], env)
     ready = proc.wait_line("CREATED") - proc.start
+    cpu = process_cpu(proc.p.pid)
     proc.wait_line(BOOTED)
     rss = proc.rss_kib() / 1024
     t = time.monotonic()
@@ -245,7 +257,7 @@ def run_bare(vm: settings.VMConfig) -> dict[str, float]:
     proc.p.stdin.flush()
     stop = proc.wait_line("STOPPED") - t
     proc.p.wait(30)
-    return {"ready": ready, "stop": stop, "rss": rss}
+    return {"ready": ready, "stop": stop, "rss": rss, "cpu": cpu}
 
 
 def run_virt_qemu_run(vm: settings.VMConfig) -> dict[str, float]:
@@ -334,6 +346,32 @@ def wait_booted(ct: Container, cursor: str, units: list[str]) -> None:
             "-u", u, "-o", "cat", f"--after-cursor={cursor}"), timeout=120)
 
 
+# Each unit's processes and their CPU so far (utime, stime in ticks), in one shell: the
+# container has no CPU accounting of its own (its cgroup v1 controllers are the host's,
+# read-only), and the guests keep running while this reads.
+TEN_CPU = """for u in "$@"; do
+  for p in $(cat /sys/fs/cgroup/unified/machine.slice/$u.service/cgroup.procs 2>/dev/null); do
+    read -r stat < /proc/$p/stat || continue
+    echo "$u $p $(echo "${stat##*) }" | cut -d' ' -f12,13)"
+  done
+done"""
+
+
+def ten_cpu(ct: Container, units: list[str]) -> dict[str, float]:
+    """Right after the ten units are active: the seconds of CPU their runners (each unit's
+    main process, systemd's sandbox setup before its exec included) and their other
+    processes (QEMU) have used, summed over the ten."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"runner": 0.0, "QEMU": 0.0}
+    lines = ct.run("sh", "-c", TEN_CPU, "ten-cpu", *(f"{u}" for u in units)).stdout
+    mains = {u: ct.systemctl("show", "-P", "MainPID", f"{u}.service").stdout.strip()
+             for u in units}
+    for line in lines.splitlines():
+        unit, pid, utime, stime = line.split()
+        out["runner" if pid == mains[unit] else "QEMU"] += (int(utime) + int(stime)) / tick
+    return out
+
+
 def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str, float]:
     names = [f"b{i}" for i in range(10)]
     bare_unit = bare_units(vm, ["bench", *names])
@@ -387,6 +425,8 @@ def run_systemd(qemu_unit: Path, vm: settings.VMConfig, rounds: int) -> dict[str
                 t = time.monotonic()
                 ct.systemctl("start", *units, timeout=300)
                 samples.setdefault(f"{prefix}ten VMs", []).append(time.monotonic() - t)
+                for kind, seconds in ten_cpu(ct, units).items():
+                    samples.setdefault(f"{prefix}ten VMs CPU {kind}", []).append(seconds)
                 active = ct.run("systemctl", "is-active", *units, check=False).stdout.split()
                 assert active == ["active"] * 10, active
                 wait_booted(ct, cursor, units)
@@ -442,6 +482,9 @@ def main() -> int:
           "own power-off |")
     print(f"| process RSS, VM running | {rss:.1f} MB | {rss_bare:.1f} MB | | "
           f"{rss / rss_bare:.2f}x libvirt |")
+    cpu, cpu_bare = med("qemu-unit", "cpu"), med("libvirt", "cpu")
+    print(f"| process CPU at READY (user + system) | {cpu:.3f} s | {cpu_bare:.3f} s | | "
+          f"{cpu - cpu_bare:+.3f} s |")
     for key, text in SYSTEMD_ROWS.items():
         if key in sysd:
             ref = sysd.get(f"bare {key}")
@@ -451,6 +494,12 @@ def main() -> int:
             if f"plain {key}" in sysd:
                 print(f"| {text}, the runner without the unit's sandbox | "
                       f"{sysd[f'plain {key}']:.3f} s | | | |")
+            for kind in ("runner", "QEMU"):
+                if f"{key} CPU {kind}" in sysd:
+                    print(f"| {text}: CPU of the ten {kind}s once active (plain runner: "
+                          f"{sysd[f'plain {key} CPU {kind}']:.2f} s) | "
+                          f"{sysd[f'{key} CPU {kind}']:.2f} s | "
+                          f"{sysd[f'bare {key} CPU {kind}']:.2f} s | | |")
     print("\nwhere the runner's time goes (`qemu-unit -v run`, its trace lines; medians)\n")
     print("| phase | from the previous point |")
     print("|---|---|")
