@@ -294,10 +294,11 @@ def journal_phases(ct: Container, cursor: str, unit: str) -> dict[str, float]:
     journald got each line), in seconds since systemd's "Starting" and "Stopping"."""
     entries = []
     for line in ct.journal("-o", "json", f"--after-cursor={cursor}",
-                           "--output-fields=MESSAGE,QEMU_UNIT_TRACE,UNIT,_SYSTEMD_UNIT,_PID"
-                           ).splitlines():
+                           "--output-fields=MESSAGE,QEMU_UNIT_TRACE,UNIT,_SYSTEMD_UNIT,_PID,"
+                           "OBJECT_SYSTEMD_UNIT").splitlines():
         e = json.loads(line)
-        if unit in (e.get("UNIT"), e.get("_SYSTEMD_UNIT")):
+        # OBJECT_SYSTEMD_UNIT: qemu-run-register@'s lines, which are about the VM's unit.
+        if unit in (e.get("UNIT"), e.get("_SYSTEMD_UNIT"), e.get("OBJECT_SYSTEMD_UNIT")):
             entries.append((int(e["__MONOTONIC_TIMESTAMP"]) / 1e6, e))
     marks: dict[str, float] = {}
     for at, e in entries:

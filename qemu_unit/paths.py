@@ -66,6 +66,10 @@ BACKUP_UNIT_PREFIX = "qemu-run-backup@"
 BACKUP_TEMPLATE_UNIT = f"{BACKUP_UNIT_PREFIX}{UNIT_SUFFIX}"
 
 
+# The machined registration of a running VM (root, once qemu-run@NAME is active).
+REGISTER_TEMPLATE_UNIT = f"qemu-run-register@{UNIT_SUFFIX}"
+
+
 def timer_name(prefix: str, name: str) -> str:
     """`PREFIXNAME.timer`, e.g. qemu-run-snapshot@NAME.timer (SnapshotSchedule= of VM NAME)."""
     return f"{prefix}{name}.timer"
@@ -129,7 +133,7 @@ SYSTEM_IMAGES = SYSTEM_STATE / IMAGES_DIR
 LOCK_FILE = "qemu-unit.lock"  # flock()ed by the runner while it runs; holds its PID
 STATUS_FILE = "status.json"  # vm/status.py
 # The domain UUID as 32 hex digits, for the unit's machined registration: a shell reads it
-# (qemu-run@.service's ExecStartPost=+), which cannot parse status.json.
+# (qemu-run-register@.service, root), which cannot parse status.json.
 UUID_FILE = "uuid"
 CONSOLE_SOCKET = "console.sock"  # QEMU's serial console
 ATTACH_SOCKET = "console-attach.sock"  # `qemu-unit console` clients

@@ -31,17 +31,20 @@ def test_install_and_uninstall_under_a_root(tmp_path: Path) -> None:
     assert left == []
 
 
-def test_installed_unit_verifies(tmp_path: Path) -> None:
+def test_installed_units_verify(tmp_path: Path) -> None:
     lay = install.install(tmp_path, Path("/usr/local"), reload=False)
+    assert lay.register_unit.is_file() and "/usr/bin/python3" not in lay.register_unit.read_text()
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(lay.unit.with_name("qemu-run@x.service"))],
+        ["systemd-analyze", "verify", "--man=no", str(lay.unit.with_name("qemu-run@x.service")),
+         str(lay.unit.with_name("qemu-run-register@x.service"))],
         capture_output=True,
         text=True,
         env={"SYSTEMD_UNIT_PATH": f"{lay.unit.parent}:", "PATH": "/usr/bin:/bin"},
         check=False,
     )
-    # Offline, verify may complain about the missing user only; never about the unit's syntax.
-    bad = [line for line in result.stderr.splitlines() if "qemu-run@" in line]
+    # Offline, verify may complain about the missing user only; never about the units' syntax.
+    bad = [line for line in result.stderr.splitlines()
+           if "qemu-run@" in line or "qemu-run-register@" in line]
     assert bad == [], result.stderr
 
 

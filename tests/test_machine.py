@@ -146,19 +146,23 @@ def test_uuid_comes_from_the_status_file_checked(tmp_path: Path) -> None:
     assert machine.read_uuid(root) is None
 
 
-UNIT = Path(__file__).parents[1] / "units" / "qemu-run@.service"
+UNITS = Path(__file__).parents[1] / "units"
+UNIT = UNITS / "qemu-run@.service"
+REGISTER_UNIT = UNITS / "qemu-run-register@.service"
 MACHINED_PATH = '"/org/freedesktop/machine1/machine/web"'
 
 
-def root_step(python: str, instance: str = "web") -> list[str]:
-    """The unit's ExecStartPost= for INSTANCE as systemd runs it: continuation lines joined
-    (unitfile.parse), split into words, then each word's specifiers and $$ resolved;
-    without its -+ prefix."""
-    rendered = install.render_unit(UNIT.read_text(), "/x/qemu-unit", python)
-    value = next(e.value for e in unitfile.parse(rendered, str(UNIT))
-                 if e.key == "ExecStartPost")
+def root_step(python: str, instance: str = "web", runtime: Path | None = None) -> list[str]:
+    """qemu-run-register@INSTANCE's ExecStart= as systemd runs it: continuation lines joined
+    (unitfile.parse), split into words, then each word's specifiers and $$ resolved. With
+    RUNTIME, the VMs' runtime directories (/run/qemu-run) are there."""
+    rendered = install.render_unit(REGISTER_UNIT.read_text(), "/x/qemu-unit", python)
+    value = next(e.value for e in unitfile.parse(rendered, str(REGISTER_UNIT))
+                 if e.key == "ExecStart")
+    if runtime is not None:
+        value = value.replace("/run/qemu-run/", f"{runtime}/")
     return [re.sub(r"%(.)", lambda m: instance if m[1] == "i" else m[1], word)
-            .replace("$$", "$") for word in shlex.split(value.lstrip("-+"))]
+            .replace("$$", "$") for word in shlex.split(value)]
 
 
 def fake(bin_dir: Path, name: str, record: Path, answer: str, status: int = 0) -> None:
@@ -172,28 +176,31 @@ def fake(bin_dir: Path, name: str, record: Path, answer: str, status: int = 0) -
 
 @pytest.fixture
 def step(tmp_path: Path) -> Any:
-    """Run the root step as systemd would, with busctl and python faked on PATH; returns
-    (its output, busctl's arguments or None, the fallback's arguments or None)."""
+    """Run the root step as systemd would, with systemctl (the VM unit's MainPID 4242),
+    busctl and python faked on PATH; returns (its output, busctl's arguments or None, the
+    fallback's arguments or None). The fake python prints the $MAINPID it was given."""
     bin_dir, runtime = tmp_path / "bin", tmp_path / "run"
-    runtime.mkdir()
+    (runtime / "web").mkdir(parents=True)
 
-    def run(uuid_file: str | None = None, busctl_status: int = 0,
-            make: Any = None) -> tuple[str, list[str] | None, list[str] | None]:
+    def run(uuid_file: str | None = None, busctl_status: int = 0, make: Any = None,
+            ) -> tuple[str, list[str] | None, list[str] | None]:
         if uuid_file is not None:
-            (runtime / "uuid").write_text(uuid_file)
+            (runtime / "web" / "uuid").write_text(uuid_file)
         if make is not None:
-            make(runtime / "uuid")
-        calls = {n: tmp_path / f"{n}.args" for n in ("busctl", "python")}
+            make(runtime / "web" / "uuid")
+        calls = {n: tmp_path / f"{n}.args" for n in ("busctl", "python", "systemctl")}
         fake(bin_dir, "busctl", calls["busctl"], f"o {MACHINED_PATH}", busctl_status)
         fake(bin_dir, "python", calls["python"], "")
-        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MAINPID": "4242",
-               "RUNTIME_DIRECTORY": str(runtime)}
-        # capture_output waits for the step's background shell too (it holds stdout).
-        out = subprocess.run(root_step(str(bin_dir / "python")), env=env, text=True,
-                             capture_output=True, timeout=30, check=True).stdout
+        (bin_dir / "python").write_text((bin_dir / "python").read_text().replace(
+            "echo ''", 'echo "fallback MAINPID=$MAINPID"'))
+        fake(bin_dir, "systemctl", calls["systemctl"], "4242")
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+        out = subprocess.run(root_step(str(bin_dir / "python"), runtime=runtime), env=env,
+                             text=True, capture_output=True, timeout=30, check=True).stdout
         got = [f.read_text().splitlines() if f.exists() else None for f in calls.values()]
         for f in calls.values():
             f.unlink(missing_ok=True)
+        assert got[2] == ["show", "-P", "MainPID", "--", "qemu-run@web.service"]
         return out, got[0], got[1]
 
     return run
@@ -239,35 +246,40 @@ def test_root_step_falls_back_to_python_when_machined_refuses(step: Any) -> None
     out, busctl, fallback = step(UUID.replace("-", ""), busctl_status=1)
     assert busctl is not None
     assert fallback == ["-I", "-m", "qemu_unit", "register-machine", "web"]
-    assert "Registered" not in out
+    assert "fallback MAINPID=4242" in out and "Registered" not in out
 
 
-def test_root_step_passes_a_hostile_name_as_one_word(step: Any, tmp_path: Path) -> None:
+def test_root_step_passes_a_hostile_name_as_one_word(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     fake(bin_dir, "busctl", tmp_path / "busctl.args", "", 0)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MAINPID": "4242",
-           "RUNTIME_DIRECTORY": str(tmp_path)}
+    fake(bin_dir, "systemctl", tmp_path / "systemctl.args", "4242")
     hostile = "a b;$(touch x)`id`"
-    subprocess.run(root_step("/nonexistent/python", hostile), env=env, cwd=tmp_path,
+    subprocess.run(root_step("/nonexistent/python", hostile, tmp_path),
+                   env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, cwd=tmp_path,
                    capture_output=True, timeout=30, check=True)
     args = (tmp_path / "busctl.args").read_text().splitlines()
     assert args[7] == hostile and args[8] == "0" and not (tmp_path / "x").exists()
+    assert (tmp_path / "systemctl.args").read_text().splitlines()[-1] == \
+        f"qemu-run@{hostile}.service"
 
 
-def test_installed_unit_registers_through_this_installation() -> None:
-    rendered = install.render_unit(UNIT.read_text(), "/opt/venv/bin/qemu-unit",
+def test_installed_units_register_through_this_installation() -> None:
+    rendered = install.render_unit(REGISTER_UNIT.read_text(), "/opt/venv/bin/qemu-unit",
                                    "/opt/venv/bin/python")
     assert "exec /opt/venv/bin/python -I -m qemu_unit register-machine" in rendered
-    assert "ExecStart=/opt/venv/bin/qemu-unit run %i" in rendered
-    assert "/usr/bin/qemu-unit" not in rendered and "/usr/bin/python3" not in rendered
+    assert "/usr/bin/python3" not in rendered
+    template = install.render_unit(UNIT.read_text(), "/opt/venv/bin/qemu-unit")
+    assert "Wants=qemu-run-register@%i.service" in template
+    assert "ExecStart=/opt/venv/bin/qemu-unit run %i" in template
+    assert "/usr/bin/qemu-unit" not in template and "ExecStartPost" not in template
 
 
 @pytest.mark.parametrize("isolated", [True, False])
 def test_the_root_step_ignores_the_vm_users_home(tmp_path: Path, isolated: bool) -> None:
-    # The review: the root ExecStartPost=+ ran with the VM user's HOME and the user site
+    # The review: the root step (then ExecStartPost=+) ran with the VM user's HOME and user site
     # enabled: a .pth there would run as root. Run the step's Python (machined refused:
     # no bus here), without -I to show the test can fail, with HOME at a planted user site.
-    argv = root_step(sys.executable)
+    argv = root_step(sys.executable, runtime=tmp_path)
     if not isolated:
         argv[2] = argv[2].replace(" -I -m qemu_unit", " -m qemu_unit")
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -277,9 +289,9 @@ def test_the_root_step_ignores_the_vm_users_home(tmp_path: Path, isolated: bool)
     (site / "evil.pth").write_text(f"import os; open({str(marker)!r}, 'w')\n")
     bin_dir = tmp_path / "bin"
     fake(bin_dir, "busctl", tmp_path / "busctl.args", "", 1)
-    # What systemd gives the step: the VM user's HOME; no $MAINPID, so Python only warns.
-    env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin",
-           "RUNTIME_DIRECTORY": str(tmp_path)}
+    fake(bin_dir, "systemctl", tmp_path / "systemctl.args", "0")
+    # A HOME with a user site; MainPID 0 (the VM stopped), so Python only warns.
+    env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin"}
     subprocess.run(argv, env=env, cwd="/", capture_output=True, timeout=60, check=False)
     assert (tmp_path / "busctl.args").exists()
     assert marker.exists() is not isolated

@@ -35,6 +35,8 @@ INSTALLED = (
     "usr/bin/qemu-unit",
     "usr/lib/systemd/system/qemu-run@.service",
     "usr/lib/systemd/system/qemu-unit-caps.service",
+    # The template wants it: without it no VM would be registered with machined.
+    "usr/lib/systemd/system/qemu-run-register@.service",
     "usr/lib/systemd/system-generators/qemu-unit-generator",
     # Rootless VMs: the template and generator of users' managers (systemctl --user).
     "usr/lib/systemd/user/qemu-run@.service",

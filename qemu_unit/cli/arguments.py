@@ -258,10 +258,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         help="register the running VM NAME with systemd-machined (the unit does this)",
         description="Register the VM NAME, whose runner is $MAINPID, with systemd-machined as "
         "a machine of class vm, so that machinectl list, status and poweroff see it. "
-        "qemu-run@.service registers the VM as root in ExecStartPost=+ (machined accepts "
-        "registrations from root only) with one busctl call, and runs this when machined "
-        "refuses it (a registration left by the unit's last runner is replaced here); the "
-        "runner itself stays unprivileged. Never fails: "
+        "Once qemu-run@NAME is active, qemu-run-register@NAME.service registers it as root "
+        "(machined accepts registrations from root only) with one busctl call, and runs "
+        "this, with $MAINPID the VM unit's, when machined refuses it (a registration left "
+        "by the unit's last runner is replaced here); the runner itself stays "
+        "unprivileged. Never fails: "
         "a VM that cannot be registered still runs, and a warning says why.",
     )
     p.add_argument("name", metavar="NAME")

@@ -26,6 +26,7 @@ PULL_UNIT = paths.PULL_TEMPLATE_UNIT
 CAPS_UNIT = paths.CAPS_UNIT
 SNAPSHOT_UNIT = paths.SNAPSHOT_TEMPLATE_UNIT
 BACKUP_UNIT = paths.BACKUP_TEMPLATE_UNIT
+REGISTER_UNIT = paths.REGISTER_TEMPLATE_UNIT
 GENERATOR = "qemu-unit-generator"
 USER_GENERATOR = "qemu-unit-user-generator"
 
@@ -38,6 +39,7 @@ class Layout:
     caps_unit: Path
     snapshot_unit: Path
     backup_unit: Path
+    register_unit: Path
     generator: Path
     user_unit: Path  # the rootless template, for systemctl --user
     user_generator: Path
@@ -55,6 +57,7 @@ def layout(root: Path, prefix: Path) -> Layout:
         caps_unit=base / "lib/systemd/system" / CAPS_UNIT,
         snapshot_unit=base / "lib/systemd/system" / SNAPSHOT_UNIT,
         backup_unit=base / "lib/systemd/system" / BACKUP_UNIT,
+        register_unit=base / "lib/systemd/system" / REGISTER_UNIT,
         generator=base / "lib/systemd/system-generators" / GENERATOR,
         user_unit=base / "lib/systemd/user" / UNIT,
         user_generator=base / "lib/systemd/user-generators" / USER_GENERATOR,
@@ -174,6 +177,7 @@ def install(root: Path, prefix: Path, reload: bool = True) -> Layout:
     _write(lay.caps_unit, render_unit((units / CAPS_UNIT).read_text(), command))
     _write(lay.snapshot_unit, render_unit((units / SNAPSHOT_UNIT).read_text(), command))
     _write(lay.backup_unit, render_unit((units / BACKUP_UNIT).read_text(), command))
+    _write(lay.register_unit, render_unit((units / REGISTER_UNIT).read_text(), command))
     _write(lay.generator, render_generator((units / GENERATOR).read_text()), 0o755)
     _write(lay.user_unit, render_unit((units / "user" / UNIT).read_text(), command))
     _write(lay.user_generator, render_generator((units / USER_GENERATOR).read_text()), 0o755)
@@ -207,7 +211,7 @@ def uninstall(root: Path, prefix: Path, reload: bool = True) -> None:
     lay = layout(root, prefix)
     timer = lay.auto_update.with_name(paths.AUTO_UPDATE_TIMER)
     files = [lay.unit, lay.pull_unit, lay.auto_update, timer, lay.caps_unit, lay.snapshot_unit,
-             lay.backup_unit,
+             lay.backup_unit, lay.register_unit,
              timer.parent / "timers.target.wants" / timer.name, lay.generator, lay.user_unit,
              lay.user_generator, lay.sysusers, lay.tmpfiles]
     files += [lay.mandir / f"man{p[-1]}" / p for p in _manpage_names()]

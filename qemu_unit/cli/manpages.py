@@ -602,6 +602,23 @@ and the
 and
 .B /tmp
 settings the VM's files need.
+.SH MACHINE REGISTRATION
+Once the unit is active,
+.BI qemu\-run\-register@ NAME .service
+(which the template wants) registers the runner with
+.BR systemd\-machined (8)
+as a machine of class
+.B vm
+with the domain's UUID, so that
+.BR "machinectl list" ", " status " and " poweroff
+see it;
+.B machinectl poweroff
+shuts the guest down like
+.BR "systemctl stop" .
+machined accepts registrations from root only: that unit runs as root, for a moment,
+and the runner does not.
+A name that is not a host name is not registered (a warning says why); the machine
+still runs.
 .SH STOPPING
 .BR SIGTERM " (sent by " "systemctl stop" "), " SIGINT " and " SIGRTMIN+4
 ask the guest to shut down: the runner presses the virtual ACPI power button (or

@@ -4,15 +4,15 @@ systemd 252's machined lets only root call RegisterMachine: its D-Bus policy
 (org.freedesktop.machine1.conf) allows unprivileged callers a list of methods
 without it, and there is no polkit action for registering (the actions are
 login, shell, open-pty, manage-machines, manage-images and their host- forms).
-The runner stays unprivileged; the unit registers it as root (`ExecStartPost=+`)
-once the VM is up, with one busctl call from a shell, and runs
+The runner stays unprivileged; qemu-run-register@NAME.service registers it as root
+once qemu-run@NAME is active, with one busctl call from a shell, and runs
 `qemu-unit register-machine %i` (this module) only when machined refuses that call:
 a registration of the same unit left by an earlier runner is replaced here, any
 other refusal is explained. The runner's PID ($MAINPID) is the machine's leader,
 so `machinectl poweroff` sends SIGRTMIN+4 to the runner, which shuts the guest
-down gracefully. machined forgets the machine when the
-unit stops. This helper reads no input but the VM name, $MAINPID and the UUID
-from the runner's status file, each checked, and talks to machined only.
+down gracefully. machined forgets the machine when the unit stops. This helper
+reads no input but the VM name, $MAINPID and the UUID from the runner's status
+file, each checked, and talks to machined only.
 """
 
 from __future__ import annotations

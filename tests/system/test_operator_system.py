@@ -160,7 +160,7 @@ def machines(ct: Container) -> dict[str, dict[str, Any]]:
 
 def test_machinectl_sees_the_vm_and_powers_it_off(ct: Container, qemu_unit_bin: Path) -> None:
     unit = "qemu-run@run.service"
-    # Registration runs in the background once the unit is active (ExecStartPost=... &).
+    # qemu-run-register@run registers it once the unit is active, not before it is.
     wait_for("registered", lambda: "run" in machines(ct))
     found = machines(ct)
     assert found["run"]["class"] == "vm" and found["run"]["service"] == "qemu-unit", found
@@ -233,7 +233,7 @@ def test_systemd_252_refuses_registration_by_the_vm_user(ct: Container) -> None:
     """Why registration is a root step: neither D-Bus nor machined lets qemu-run register.
 
     Later machined versions check polkit (org.freedesktop.machine1.create-machine, then
-    register-machine): on such a systemd this fails, and the ExecStartPost=+ step can go."""
+    register-machine): on such a systemd this fails, and qemu-run-register@.service can go."""
     register = (
         "sleep 30 & exec dbus-send --system --print-reply --dest=org.freedesktop.machine1 "
         "/org/freedesktop/machine1 org.freedesktop.machine1.Manager.RegisterMachine "
