@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,8 +235,8 @@ def run_qemu_unit(qemu_unit: Path, cfg: Path) -> dict[str, float]:
         cpu = process_cpu(proc.p.pid)
     except TimeoutError:
         proc.p.kill()
-        out = "".join(line for _, line in proc.lines)[-3000:]
-        raise RuntimeError(f"no READY=1:\n{out}") from None
+        lines = "".join(line for _, line in proc.lines)[-3000:]
+        raise RuntimeError(f"no READY=1:\n{lines}") from None
     proc.wait_line(BOOTED)
     rss = proc.rss_kib() / 1024
     t = time.monotonic()
@@ -477,12 +478,13 @@ def main() -> int:
     cfg, vm = setup()
     results: dict[str, list[dict[str, float]]] = {"qemu-unit": [], "libvirt": [], "vqr": []}
     # One discarded warm-up each: every embed root pays its capability probe once.
+    runs: list[tuple[str, Callable[[], dict[str, float]]]] = [
+        ("qemu-unit", lambda: run_qemu_unit(qemu_unit, cfg)),
+        ("libvirt", lambda: run_bare(vm)),
+        ("vqr", lambda: run_virt_qemu_run(vm)),
+    ]
     for i in range(args.rounds + 1):
-        for key, fn in (
-            ("qemu-unit", lambda: run_qemu_unit(qemu_unit, cfg)),
-            ("libvirt", lambda: run_bare(vm)),
-            ("vqr", lambda: run_virt_qemu_run(vm)),
-        ):
+        for key, fn in runs:
             r = fn()
             if i:
                 results[key].append(r)

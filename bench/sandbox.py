@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-import runner as reference  # noqa: E402  (bench/runner.py: journal cursor, boot wait)
+import runner as reference  # noqa: E402  (bench/runner.py: journal cursor, boot wait, settle)
 
 from qemu_unit.config import unitfile  # noqa: E402
 from tests.support.container import Container  # noqa: E402
@@ -111,6 +111,7 @@ def ten(rounds: int) -> int:
         for _ in range(rounds):
             for name, settings in TEN_VARIANTS.items():
                 apply(ct, TEN_DROPIN, name, settings)
+                reference.settle()  # the last round's teardown runs into no start
                 cursor = reference.journal_cursor(ct)
                 t = time.monotonic()
                 ct.systemctl("start", *units, timeout=300)
