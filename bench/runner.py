@@ -121,11 +121,12 @@ def cpu_idle(window: float = 0.5) -> float:
 
 
 def settle(threshold: float = 0.9, timeout: float = 20) -> None:
-    """Until the host is idle: what the last round left (ten QEMUs' memory freed, journald
-    writing out their consoles, the kernel tearing down cgroups and namespaces) still ran
-    into the next ten-VM start and cost it ~0.25 s (2.146 s against 1.890 s for the same
-    ten VMs' first start, 2026-12-07 12:14 UTC). A host starts its VMs at boot, not right
-    after stopping ten."""
+    """Until the host is idle, so that what the last round left (ten QEMUs' memory freed,
+    journald writing out their consoles, cgroups and namespaces torn down) does not run
+    into the next ten-VM start: a host starts its VMs at boot, not right after stopping
+    ten. Suspected after a run where the later rounds took 2.146 s and the first 1.890 s;
+    with it the next run gave 2.283 s and 2.252 s (2026-12-07 12:07 and 12:15 UTC): the
+    spread between runs is larger than the effect, and rounds no longer depend on it."""
     deadline = time.monotonic() + timeout
     while cpu_idle() < threshold and time.monotonic() < deadline:
         pass
