@@ -118,15 +118,21 @@ def ten(rounds: int) -> int:
                 samples.setdefault(name, []).append(time.monotonic() - t)
                 reference.wait_booted(ct, cursor, units)
                 ct.systemctl("stop", *units, timeout=300)
-    full = statistics.median(samples["the unit as installed"])
     print(f"\nmedians of {rounds} rounds, TCG, ten VMs without network, one systemctl start\n")
-    print("| variant | ten VMs |")
+    print_medians(samples, "the unit as installed", "ten VMs", "{:.3f} s", "{:+.3f}")
+    return 0
+
+
+def print_medians(samples: dict[str, list[float]], base_name: str, column: str,
+                  value_format: str, change_format: str) -> None:
+    """A table of each variant's median, and its change against BASE_NAME's."""
+    base = statistics.median(samples[base_name])
+    print(f"| variant | {column} |")
     print("|---|---|")
     for name, values in samples.items():
         value = statistics.median(values)
-        change = "" if name == "the unit as installed" else f" ({value - full:+.3f})"
-        print(f"| {name} | {value:.3f} s{change} |")
-    return 0
+        change = "" if name == base_name else f" ({change_format.format(value - base)})"
+        print(f"| {name} | {value_format.format(value)}{change} |")
 
 
 # The template's [Service] keys that run and supervise the process rather than sandbox it.
@@ -169,15 +175,9 @@ def setup_cpu(rounds: int) -> int:
         for _ in range(rounds):
             for name, settings in variants.items():
                 samples.setdefault(name, []).append(cpu_ms(ct, settings))
-    base = statistics.median(samples["the template's sandbox"])
     print(f"\nmedians of {rounds} rounds: CPU of one start's sandbox setup "
           f"({len(full)} settings of units/qemu-run@.service)\n")
-    print("| variant | CPU |")
-    print("|---|---|")
-    for name, values in samples.items():
-        value = statistics.median(values)
-        change = "" if name == "the template's sandbox" else f" ({value - base:+.1f})"
-        print(f"| {name} | {value:.1f} ms{change} |")
+    print_medians(samples, "the template's sandbox", "CPU", "{:.1f} ms", "{:+.1f}")
     return 0
 
 

@@ -104,8 +104,9 @@ def register(name: str, leader: int, uuid: str | None) -> str:
 
 
 def register_from_unit(name: str, roots: Path = SYSTEM_RUNTIME) -> int:
-    """`qemu-unit register-machine NAME` as the unit's ExecStartPost=+. Never fails the
-    unit: a VM without a machined entry still runs (exit 0, a warning says why)."""
+    """`qemu-unit register-machine NAME`, qemu-run-register@NAME.service's fallback when
+    machined refuses its busctl call (MAINPID: the VM unit's). Never fails: a VM without
+    a machined entry still runs (exit 0, a warning says why)."""
     check_name(name)
     if not is_machine_name(name):
         log.log.warning("Not registered with systemd-machined: %r is not a valid machine name "
