@@ -183,7 +183,7 @@ def step(tmp_path: Path) -> Any:
     (runtime / "web").mkdir(parents=True)
 
     def run(uuid_file: str | None = None, busctl_status: int = 0, make: Any = None,
-            ) -> tuple[str, list[str] | None, list[str] | None]:
+            leader: str = "") -> tuple[str, list[str] | None, list[str] | None]:
         if uuid_file is not None:
             (runtime / "web" / "uuid").write_text(uuid_file)
         if make is not None:
@@ -194,6 +194,7 @@ def step(tmp_path: Path) -> Any:
         (bin_dir / "python").write_text((bin_dir / "python").read_text().replace(
             "echo ''", 'echo "fallback MAINPID=$MAINPID"'))
         fake(bin_dir, "systemctl", calls["systemctl"], "4242")
+        fake(bin_dir, "machinectl", tmp_path / "machinectl.args", leader, 0 if leader else 1)
         env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
         out = subprocess.run(root_step(str(bin_dir / "python"), runtime=runtime), env=env,
                              text=True, capture_output=True, timeout=30, check=True).stdout
@@ -247,6 +248,23 @@ def test_root_step_falls_back_to_python_when_machined_refuses(step: Any) -> None
     assert busctl is not None
     assert fallback == ["-I", "-m", "qemu_unit", "register-machine", "web"]
     assert "fallback MAINPID=4242" in out and "Registered" not in out
+
+
+def test_root_step_leaves_the_current_registration_alone(step: Any, tmp_path: Path) -> None:
+    # `systemctl start` of the running VM starts the register unit again: machined refuses
+    # (the name is taken, by this runner), one machinectl says so, no Python runs.
+    out, busctl, fallback = step(UUID.replace("-", ""), busctl_status=1, leader="4242")
+    assert busctl is not None and fallback is None
+    assert (tmp_path / "machinectl.args").read_text().splitlines() == [
+        "show", "--property=Leader", "--value", "--", "web"]
+    assert out.strip() == "Already registered with systemd-machined"
+
+
+def test_root_step_replaces_a_registration_of_another_leader(step: Any) -> None:
+    # Restart=: machined still has the last runner as the leader; Python replaces it.
+    out, _busctl, fallback = step(UUID.replace("-", ""), busctl_status=1, leader="4141")
+    assert fallback == ["-I", "-m", "qemu_unit", "register-machine", "web"]
+    assert "Already" not in out
 
 
 def test_root_step_passes_a_hostile_name_as_one_word(tmp_path: Path) -> None:

@@ -190,6 +190,16 @@ def test_machinectl_sees_the_vm_and_powers_it_off(ct: Container, qemu_unit_bin: 
     wait_for("registration logged", lambda: (
         'Registered with systemd-machined as "/org/freedesktop/machine1/machine/run" '
         f"(leader {main})") in ct.journal("-u", unit, "-o", "cat").splitlines())
+    # A start of the running VM starts the register unit again: it keeps the registration.
+    def ends() -> int:
+        return ct.journal("-u", "systemd-machined", "-o", "cat").count("Machine run terminated")
+
+    before = ends()
+    ct.systemctl("start", unit)
+    wait_for("kept", lambda: "Already registered with systemd-machined"
+             in ct.journal("-u", unit, "-o", "cat").splitlines())
+    assert f"Leader={main}\n" in ct.run("machinectl", "show", "run").stdout
+    assert ends() == before
 
 
 def test_restart_after_runner_kill_replaces_stale_registration(ct: Container) -> None:
