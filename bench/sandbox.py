@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the unit's sandbox costs at `systemctl start` and `systemctl stop` (run as root):
 
-    python3 bench/sandbox.py [--rounds N] [--ten]
+    python3 bench/sandbox.py [--rounds N] [--ten | --setup-cpu [--unit FILE]]
 
 One VM (the test guest, TCG, no network) under a real systemd (nspawn), started and
 stopped ROUNDS times with the template as installed and with one group of its sandbox
@@ -18,7 +18,8 @@ setting by setting: a transient service (`systemd-run`) with the template's [Ser
 settings that sandbox the process (not Exec*=, Restart=, timeouts...) runs /bin/sleep; its
 cgroup's CPU once sleep runs is the setup (fork, namespaces, mounts, seccomp compilation;
 sleep itself costs ~1 ms, as "no sandbox" shows). Then the same without each setting in
-turn. Ten VMs starting on two cores pay it ten times.
+turn. Ten VMs starting on two cores pay it ten times. --unit: another unit's settings
+(units/qemu-run-register@.service: the root step's).
 """
 
 from __future__ import annotations
@@ -135,22 +136,22 @@ def print_medians(samples: dict[str, list[float]], base_name: str, column: str,
         print(f"| {name} | {value_format.format(value)}{change} |")
 
 
-# The template's [Service] keys that run and supervise the process rather than sandbox it.
+# The [Service] keys that run and supervise the process rather than sandbox it.
 NOT_SANDBOX = ("Exec", "Type", "NotifyAccess", "KillMode", "Timeout", "Watchdog", "Restart",
-               "Slice", "LogRateLimit", "Environment")
+               "Slice", "LogRateLimit", "LogExtraFields", "Environment")
+TEMPLATE = REPO / "units/qemu-run@.service"
 
 
-def template_sandbox() -> list[str]:
-    """KEY=VALUE of every sandbox setting of units/qemu-run@.service, as written."""
-    path = REPO / "units/qemu-run@.service"
+def template_sandbox(path: Path = TEMPLATE) -> list[str]:
+    """KEY=VALUE of every sandbox setting of PATH (a unit file), as written."""
     return [f"{e.key}={e.value}" for e in unitfile.parse(path.read_text(), str(path))
             if e.section == "Service" and not e.key.startswith(NOT_SANDBOX)]
 
 
-def setup_cpu(rounds: int) -> int:
+def setup_cpu(rounds: int, unit_file: Path = TEMPLATE) -> int:
     """CPU of one start's sandbox setup, whole and without each setting (see --setup-cpu)."""
-    full = template_sandbox()
-    variants = {"the template's sandbox": full, "no sandbox": []}
+    full = template_sandbox(unit_file)
+    variants = {"the unit's sandbox": full, "no sandbox": []}
     for setting in full:
         # Without DynamicUser= the template's User= (a dynamic name) does not exist: root.
         gone = ("DynamicUser=", "User=") if setting.startswith("DynamicUser=") else (setting,)
@@ -176,8 +177,8 @@ def setup_cpu(rounds: int) -> int:
             for name, settings in variants.items():
                 samples.setdefault(name, []).append(cpu_ms(ct, settings))
     print(f"\nmedians of {rounds} rounds: CPU of one start's sandbox setup "
-          f"({len(full)} settings of units/qemu-run@.service)\n")
-    print_medians(samples, "the template's sandbox", "CPU", "{:.1f} ms", "{:+.1f}")
+          f"({len(full)} settings of {unit_file.relative_to(REPO)})\n")
+    print_medians(samples, "the unit's sandbox", "CPU", "{:.1f} ms", "{:+.1f}")
     return 0
 
 
@@ -187,6 +188,8 @@ def main() -> int:
     ap.add_argument("--ten", action="store_true", help="ten VMs in one systemctl start")
     ap.add_argument("--setup-cpu", action="store_true",
                     help="the CPU of the sandbox's setup, setting by setting")
+    ap.add_argument("--unit", type=Path, default=TEMPLATE,
+                    help="with --setup-cpu: the unit file whose settings (default the template)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/sandbox.py: run as root", file=sys.stderr)
@@ -194,7 +197,7 @@ def main() -> int:
     if args.ten:
         return ten(args.rounds)
     if args.setup_cpu:
-        return setup_cpu(args.rounds)
+        return setup_cpu(args.rounds, args.unit.resolve())
 
     def prepare(upper: Path) -> None:
         stage_guest(upper)
