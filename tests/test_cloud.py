@@ -24,6 +24,7 @@ from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.generator import convert
 from qemu_unit.vm import credentials, domain, host, image, seed
 from qemu_unit.vm.host import check_ports
+from tests.support.security import exposure
 from tests.test_fixtures import FIXTURE_DIR, fixtures
 
 NEW_KEYS = ("Image", "Ephemeral", "DiskSize", "UserData", "SSHAuthorizedKey", "Hostname",
@@ -331,8 +332,7 @@ def test_exposure_of_a_vm_with_published_ports(tmp_path: Path) -> None:
     assert run_generator(src, units, unit_path=units).returncode == 0
 
     def score(unit: str) -> float:
-        out = _security(units, unit)
-        return float(out.rsplit(f"Overall exposure level for {unit}:", 1)[1].split()[0])
+        return exposure(_security(units, unit), unit)
 
     isolated, open_net = score("qemu-run@pub.service"), score("qemu-run@open.service")
     print(f"exposure: isolated, loopback ports {isolated}; open user network {open_net}")
