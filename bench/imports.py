@@ -12,7 +12,8 @@ every TREE in turn, in fresh `/usr/bin/python3 -I` processes:
 - the root steps: the wall time of `register-machine web` (no $MAINPID: it returns once
   it has read its command line and set up logging) and `guest-firewall stop` of a VM
   without a table (nft answers "no such table"), what systemd runs as root around a start;
-and once the floor, `import re, enum, dataclasses, pathlib, libvirt`. Medians.
+and once the floor, `import re, enum, typing, pathlib, libvirt` (typing: records as
+NamedTuples; libvirt imports it anyway). Medians.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3"
-FLOOR = "import re, enum, dataclasses, pathlib, libvirt"
+FLOOR = "import re, enum, typing, pathlib, libvirt"
 IMPORTS = "from qemu_unit.cli import commands; from qemu_unit.vm import runner"
 # main()'s own reading of argv, in trees with and without the fast path.
 RUN = ("from qemu_unit.cli import commands; w = ['run', 'web'];"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# typing costs ~3 ms at every boot's generator run: its names here are for mypy only.
+# Names for mypy only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Protocol

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 # -- users, units, installed files -----------------------------------------------------------
 
@@ -206,8 +206,7 @@ def nvram_file(name: str) -> str:
 # -- the per-VM directories ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Dirs:
+class Dirs(NamedTuple):
     """Where the runner keeps a VM's files (see finalize_dirs)."""
 
     state: Path  # persistent: NVRAM, the overlay, libvirt's lib/

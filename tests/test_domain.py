@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -122,8 +121,7 @@ def defined() -> Iterator[dict[str, Any]]:
     # What settings.parse_disk refuses, built by hand: libvirt must refuse it too.
     for bus, machine in (("sata", "q35"), ("ide", "pc")):
         disk = Disk(Path("/dev/null"), format="raw", readonly=True, bus=bus)
-        vm = dataclasses.replace(vm_of(f"[VM]\nMachine={machine}\n", name=f"ro-{bus}"),
-                                 disks=(disk,))
+        vm = vm_of(f"[VM]\nMachine={machine}\n", name=f"ro-{bus}")._replace(disks=(disk,))
         domains[f"refused-readonly-{bus}"] = domain.render(vm, plan_of(vm))
     yield define_all(domains)
 

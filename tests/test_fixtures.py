@@ -143,7 +143,7 @@ def render_fixture(fixture: Fixture, vm: settings.VMConfig) -> str:
 
 def show(value: Any) -> str:
     """How assert-field spells a value."""
-    if isinstance(value, tuple):
+    if type(value) is tuple:  # a record (NamedTuple) has its own str()
         return " ".join(show(v) for v in value)
     if isinstance(value, Enum):
         return str(value.value)

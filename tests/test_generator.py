@@ -17,7 +17,6 @@ test_fixtures.FOREIGN_VERBS) are checked here:
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import re
@@ -701,7 +700,7 @@ def test_an_image_url_wants_one_pull_unit_that_names_the_source() -> None:
     assert name == convert.PULL_ARGS_ENV
     assert args.split() == vm.image_source.pull_arguments()
     # Another VM on the same source writes the same file: one unit, one pull job.
-    twin = dataclasses.replace(vm, name="twin")
+    twin = vm._replace(name="twin")
     assert convert.convert(twin).files[1] == (rel, pull)
 
 

@@ -89,7 +89,7 @@ def meaning(vm: VMConfig) -> dict[str, Any]:
     skip = {"source_path", "dropins", "files", "origins", "unit", "service", "install",
             "uuid", "hostname", "user_data", "network_config", "ssh_authorized_keys",
             "networks"}
-    out = {k: v for k, v in vars(vm).items() if k not in skip}
+    out = {k: v for k, v in vm._asdict().items() if k not in skip}
     out["uuid"] = vm.domain_uuid()
     out["networks"] = [(n.kind, n.target, mac) for n, mac in zip(vm.networks, vm.macs(),
                                                                  strict=True)]

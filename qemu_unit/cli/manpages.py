@@ -107,7 +107,7 @@ def _show(value: Any) -> str:
         value = value.value
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, list | tuple):
+    if type(value) in (list, tuple):  # not a record (a NamedTuple): that has its own str()
         return " ".join(_show(v) for v in value)
     return str(value)
 

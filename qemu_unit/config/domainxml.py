@@ -7,8 +7,8 @@ Standard library only: the generator imports this at boot for DomainXML= VMs.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from qemu_unit.config.files import DOMAIN_XML_MAX, read_config
 from qemu_unit.errors import ConfigError
@@ -45,8 +45,7 @@ def parse_domain_xml(text: str, path: Path) -> ET.Element:
     raise ConfigError(f"elements nested deeper than {MAX_XML_DEPTH} levels", path=path)
 
 
-@dataclass(frozen=True)
-class HostPath:
+class HostPath(NamedTuple):
     """A host path a domain XML names: KIND is 'file', 'dir' or 'exec'."""
 
     tag: str

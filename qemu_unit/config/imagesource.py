@@ -7,8 +7,8 @@ pull unit after `ImageSource.key()` at every boot.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from qemu_unit.errors import ConfigError
 
@@ -33,8 +33,7 @@ def parse_checksum(value: str) -> tuple[str, str]:
     return algorithm, hexdigest
 
 
-@dataclass(frozen=True)
-class ImageSource:
+class ImageSource(NamedTuple):
     """An image URL and what vouches for its bytes."""
 
     url: str

@@ -16,9 +16,9 @@ import functools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
 from qemu_unit.config.imagesource import ImageSource, is_url, parse_checksum
 from qemu_unit.config.names import split_template
@@ -26,7 +26,6 @@ from qemu_unit.config.source import Source
 from qemu_unit.config.unitfile import Entry, UnitFile, read
 from qemu_unit.errors import ConfigError
 
-# typing costs ~3 ms at every boot's generator run: its names here are for mypy only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -124,8 +123,39 @@ class HealthAction(StrEnum):
     STOP = "stop"
 
 
-@dataclass(frozen=True)
-class Ready:
+# The records below are NamedTuples, not dataclasses: this module is imported at every boot
+# (the generator) and VM start, and a NamedTuple is made in ~0.15 ms against a frozen
+# dataclass's ~0.5 ms (which also imports inspect): ~15 ms of each start (README, Benchmarks).
+#
+# A parsed value keeps the assignment that made it (entry) for messages only: two values
+# are equal, hash and print alike whatever line set them, and a secret never prints. These
+# four methods say so for the records with an entry (NamedTuple allows no shared base, and
+# mypy no assignment in its body: they are set below the records, see _VALUES).
+def _compared(self: Any) -> tuple[Any, ...]:
+    return tuple(v for f, v in zip(self._fields, self, strict=True) if f != "entry")
+
+
+def _value_eq(self: Any, other: object) -> bool:
+    # Never equal to a plain tuple, as a dataclass was not.
+    return other.__class__ is self.__class__ and bool(_compared(self) == _compared(other))
+
+
+def _value_ne(self: Any, other: object) -> bool:
+    return not _value_eq(self, other)
+
+
+def _value_hash(self: Any) -> int:
+    return hash(_compared(self))
+
+
+def _value_repr(self: Any) -> str:
+    unshown = ("entry", "value") if isinstance(self, Credential) else ("entry",)
+    shown = ", ".join(f"{f}={v!r}" for f, v in zip(self._fields, self, strict=True)
+                      if f not in unshown)
+    return f"{self.__class__.__qualname__}({shown})"
+
+
+class Ready(NamedTuple):
     """Ready=: when the unit reports READY=1."""
 
     kind: ReadyKind
@@ -135,31 +165,29 @@ class Ready:
         return f"console:{self.regex}" if self.kind is ReadyKind.CONSOLE else self.kind.value
 
 
-@dataclass(frozen=True)
-class PublishedPort:
+class PublishedPort(NamedTuple):
     """A PublishPort= assignment: HOST_IP:HOST_PORT on the host -> GUEST_PORT in the guest."""
 
     host_ip: str  # "": every address of the host, as Podman does
     host_port: int
     guest_port: int
     protocol: str = "tcp"
-    entry: Entry | None = field(default=None, compare=False, repr=False)
+    entry: Entry | None = None
 
     def hostfwd(self) -> str:
         """QEMU user networking's hostfwd= value."""
         return f"{self.protocol}:{self.host_ip}:{self.host_port}-:{self.guest_port}"
 
 
-@dataclass(frozen=True)
-class Credential:
+class Credential(NamedTuple):
     """A systemd credential for the guest: SetCredential= or LoadCredential=."""
 
     id: str
     # SetCredential='s value. Never in a repr: a traceback or log line must not show it.
-    value: str | None = field(default=None, repr=False)
+    value: str | None = None
     # LoadCredential='s file; None (and no value): $CREDENTIALS_DIRECTORY/ID of the unit.
     path: Path | None = None
-    entry: Entry | None = field(default=None, compare=False, repr=False)
+    entry: Entry | None = None
 
 
 DISK_FORMATS = ("raw", "qcow2", "qed", "vmdk", "vdi", "vpc", "vhdx")
@@ -167,8 +195,7 @@ DISK_BUSES = ("virtio", "sata", "scsi", "ide")
 DISK_CACHES = ("default", "none", "writeback", "writethrough", "directsync", "unsafe")
 
 
-@dataclass(frozen=True)
-class Disk:
+class Disk(NamedTuple):
     """A Disk= assignment."""
 
     path: Path
@@ -177,7 +204,7 @@ class Disk:
     readonly: bool = False
     bus: str = "virtio"
     cache: str | None = None
-    entry: Entry | None = field(default=None, compare=False, repr=False)
+    entry: Entry | None = None
 
 
 # virtio-fs tags are at most 36 bytes (the device's config space).
@@ -185,14 +212,13 @@ SHARE_TAG_MAX = 36
 _SHARE_TAG = r"[A-Za-z0-9_.-]+"
 
 
-@dataclass(frozen=True)
-class Share:
+class Share(NamedTuple):
     """A Share= assignment: host directory PATH as virtio-fs TAG in the guest."""
 
     path: Path
     tag: str
     readonly: bool = False
-    entry: Entry | None = field(default=None, compare=False, repr=False)
+    entry: Entry | None = None
     mount: str | None = None  # ShareMount=: where a cloud-init guest mounts it
 
     @property
@@ -201,8 +227,16 @@ class Share:
         return self.mount or f"/mnt/{self.tag}"
 
 
-@dataclass(frozen=True)
-class Network:
+# The records whose entry is not part of their value (_value_eq).
+_VALUES = (PublishedPort, Credential, Disk, Share)
+for _record in _VALUES:
+    _record.__eq__ = _value_eq  # type: ignore[method-assign]
+    _record.__ne__ = _value_ne  # type: ignore[method-assign]
+    _record.__hash__ = _value_hash  # type: ignore[method-assign]
+    _record.__repr__ = _value_repr  # type: ignore[method-assign]
+
+
+class Network(NamedTuple):
     """One network interface: a Network= assignment and its MAC address."""
 
     kind: NetworkKind
@@ -210,8 +244,7 @@ class Network:
     mac: str = ""  # empty: derived from the VM's name, see VMConfig.macs()
 
 
-@dataclass(frozen=True)
-class FileRef:
+class FileRef(NamedTuple):
     """A file the VM needs, and the assignment that named it (None: the source itself)."""
 
     path: Path
@@ -219,11 +252,9 @@ class FileRef:
     writable: bool = False  # the guest writes it (a disk not read-only)
 
 
-@dataclass(frozen=True)
-class VMConfig:
+class VMConfig(NamedTuple):
     """A VM as its .vm file (or NAME.xml) and drop-ins describe it, defaults filled in."""
 
-    # (A docstring also spares dataclass() an inspect.signature() at every boot.)
     # The fields set by keys carry no default here: SETTINGS holds each default once,
     # and parse_vm() builds every VMConfig from the table (see Setting.field).
     name: str
@@ -713,8 +744,7 @@ def parse_publish_port(value: str, entry: Entry) -> PublishedPort:
                          _port(parts[-1], "guest port", entry), protocol or "tcp", entry)
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One key of a .vm file.
 
     DEFAULT is written as in a .vm file and parsed like any value (None: the
@@ -860,7 +890,7 @@ def _shares(a: _Assignments) -> tuple[Share, ...]:
             raise _fail(entry, f"mount point {path} is already used (line "
                                f"{points[path].line})")
         mounts[tag], points[path] = path, entry
-    return tuple(replace(share, mount=mounts.get(share.tag)) for share in a.values("Share"))
+    return tuple(share._replace(mount=mounts.get(share.tag)) for share in a.values("Share"))
 
 
 def _disk_path(disk: Disk) -> Path:

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from qemu_unit.config.files import UNIT_FILE_MAX, read_config
 from qemu_unit.errors import ConfigError
@@ -63,8 +63,7 @@ _NOT_UTF8 = (
 _NOT_UTF8_MESSAGE = "not valid UTF-8 (systemd stops reading the file here)"
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One KEY=VALUE assignment, with the section, file and line it was read in."""
 
     section: str
@@ -74,8 +73,7 @@ class Entry:
     line: int
 
 
-@dataclass(frozen=True)
-class UnitFile:
+class UnitFile(NamedTuple):
     """The entries of a file and its drop-ins, in the order they were read."""
 
     path: str

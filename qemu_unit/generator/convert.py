@@ -12,8 +12,8 @@ import os
 import re
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from qemu_unit import paths
 from qemu_unit.config import rootless, settings
@@ -81,8 +81,7 @@ INSTALL_LINKS = {"WantedBy": "wants", "RequiredBy": "requires"}
 _HOME_DIRS = ("/home/", "/root/", "/run/user/")
 _TMP_DIRS = ("/tmp/", "/var/tmp/")
 
-@dataclass(frozen=True)
-class Generated:
+class Generated(NamedTuple):
     """What one VM turns into, relative to the output directory. Writes nothing."""
 
     files: tuple[tuple[str, str], ...] = ()
@@ -90,14 +89,13 @@ class Generated:
     warnings: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class HostNeeds:
+class HostNeeds(NamedTuple):
     """What a VM touches on the host, as far as the sandbox is concerned."""
 
     networks: tuple[str, ...] = ()  # 'user', 'user-loopback', 'tap', 'bridge'
     # (path, writable) of every file QEMU opens: disks, CD-ROMs, kernel, NVRAM...
     files: tuple[tuple[str, bool], ...] = ()
-    warnings: tuple[str, ...] = field(default=(), compare=False)
+    warnings: tuple[str, ...] = ()
     # Configuration files others may not read (.vm, drop-ins, DomainXML=): the runner
     # gets them as unit credentials (files.read_config).
     private: tuple[str, ...] = ()
@@ -202,10 +200,10 @@ def _private_files(vm: settings.VMConfig) -> tuple[str, ...]:
 def host_needs(vm: settings.VMConfig) -> HostNeeds:
     private = _private_files(vm)
     if vm.domain_xml is None:
-        return replace(_vm_needs(vm), private=private)
+        return _vm_needs(vm)._replace(private=private)
     needs = _xml_needs(vm.domain_xml)
     # The runner reads the XML file itself, inside the same sandbox.
-    return replace(needs, files=((str(vm.domain_xml), False), *needs.files), private=private)
+    return needs._replace(files=((str(vm.domain_xml), False), *needs.files), private=private)
 
 
 def dynamic_user(name: str) -> str:
@@ -421,8 +419,7 @@ def _user_link(link: str) -> str:
     return f"{rootless.user_target(target)}.{kind}/{unit}"
 
 
-@dataclass(frozen=True)
-class Schedule:
+class Schedule(NamedTuple):
     """A [VM] key holding an OnCalendar= expression: the generator writes a timer for it that
     starts an instance (the VM's name) of an installed oneshot template."""
 

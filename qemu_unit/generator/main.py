@@ -45,7 +45,7 @@ from qemu_unit.generator.convert import (
     instance_unit,
 )
 
-# typing costs ~3 ms at every boot's generator run: its names here are for mypy only.
+# Names for mypy only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, TextIO

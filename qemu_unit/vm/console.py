@@ -38,8 +38,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from qemu_unit import log, paths
 from qemu_unit.config.settings import VMConfig
@@ -90,8 +90,7 @@ def decode(line: bytes) -> str:
     return line.decode("utf-8", errors="replace")
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     """What happens to console output besides the journal (ConsoleLog=, ConsoleRateLimit*=)."""
 
     log_path: Path | None = None  # None: no file copy
@@ -107,6 +106,9 @@ class Policy:
             rate_interval=vm.console_rate_interval,
             rate_burst=vm.console_rate_burst,
         )
+
+
+JOURNAL_ONLY = Policy()
 
 
 class ConsoleLog:
@@ -156,8 +158,7 @@ class ConsoleLog:
             self._fd = -1
 
 
-@dataclass(eq=False)
-class _Client:
+class _Client(NamedTuple):
     sock: socket.socket
     pid: int
     uid: int
@@ -177,7 +178,7 @@ class Console:
         self,
         path: Path,
         sink: Callable[[str], None],
-        policy: Policy = Policy(),
+        policy: Policy = JOURNAL_ONLY,
         attach_path: Path | None = None,
     ) -> None:
         self.path = path

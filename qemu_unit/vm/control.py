@@ -27,9 +27,8 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qemu_unit import log
 from qemu_unit.vm.console import peer_credentials
@@ -56,8 +55,7 @@ class ControlError(Exception):
         self.code = code
 
 
-@dataclass
-class Context:
+class Context(NamedTuple):
     """What handlers may use of the runner: the VM's name, its config, the domain
     (None before it starts and after it stops) and the runner's event queue."""
 
@@ -65,7 +63,6 @@ class Context:
     vm: Any = None
     domain: Callable[[], Any] = lambda: None
     post: Callable[[Event], None] = lambda _event: None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Handler = Callable[[Context, dict[str, Any], "Connection"], "dict[str, Any] | None"]

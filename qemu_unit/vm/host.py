@@ -20,9 +20,8 @@ import shutil
 import socket
 import stat
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qemu_unit.config.domainxml import read_domain_xml, xml_paths
 from qemu_unit.config.settings import Accel, Disk, VMConfig
@@ -44,16 +43,14 @@ SUN_PATH_MAX = 107
 MONITOR_SUFFIX = len("/lib/qemu/domain-999-") + 20 + len("/monitor.sock")
 
 
-@dataclass(frozen=True)
-class DiskPlan:
+class DiskPlan(NamedTuple):
     """What the host says about one Disk=: its format and whether it is a block device."""
 
     format: str
     block: bool = False
 
 
-@dataclass(frozen=True)
-class ImagePlan:
+class ImagePlan(NamedTuple):
     """Image=: the VM's qcow2 overlay over the base, and the base's format (never probed)."""
 
     overlay: Path
@@ -61,8 +58,7 @@ class ImagePlan:
     base_format: str
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """What the host contributes to VM's domain; built by plan(), read by domain.build."""
 
     accel: Accel  # KVM or TCG, never AUTO

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 MAGIC = b"QFI\xfb"
 # Version 3's header up to and including header_length.
@@ -23,8 +23,7 @@ DATA_FILE_BIT = 1 << 2
 KNOWN_INCOMPATIBLE = 0b11111
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     virtual_size: int
     backing_file: str  # "" when there is none
     version: int = 2

@@ -12,7 +12,6 @@ queue, so the main loop is the only place that decides anything.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import importlib
 import logging
@@ -387,7 +386,7 @@ class Runner:
                 )
                 if vm.health_cmd is not None:
                     self.checker = health.Checker(vm, lambda: self.dom, self.events.put)
-                    self.record = dataclasses.replace(self.record, health=self.checker.health)
+                    self.record = self.record.with_health(self.checker.health)
                     self.checker.start()
                     stack.callback(self.checker.stop)
                 (dirs.root / UUID_FILE).write_text(uuid.replace("-", "").lower() + "\n")
@@ -734,7 +733,7 @@ class Runner:
         """A health check ended: the status file, and on a change of state the journal,
         STATUS=, Ready=healthy and HealthOnFailure=. True when this made the unit ready."""
         if self.record is not None:
-            self.record = dataclasses.replace(self.record, health=now)
+            self.record = self.record.with_health(now)
             from qemu_unit.vm import status
 
             with contextlib.suppress(OSError):

@@ -36,9 +36,8 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qemu_unit import paths
 from qemu_unit.errors import ConfigError, QemuUnitError
@@ -55,8 +54,7 @@ NOTE_TIMEOUT = 10.0  # seconds for the SystemState question (a busy PID 1 at shu
 STOP_NOTE = paths.STOP_NOTE
 
 
-@dataclass(frozen=True)
-class SavedState:
+class SavedState(NamedTuple):
     """A complete save in STATE/saved (see the module docstring)."""
 
     dir: Path

@@ -86,6 +86,9 @@ class Status:
     def to_json(self) -> dict[str, Any]:
         return {"version": VERSION, **dataclasses.asdict(self)}
 
+    def with_health(self, health: Health | None) -> Status:
+        return dataclasses.replace(self, health=health)
+
     @classmethod
     def from_json(cls, data: Any) -> Status | None:
         """DATA as written by to_json(); None if it is not a status of this version."""
