@@ -12,8 +12,10 @@ every TREE in turn, in fresh `/usr/bin/python3 -I` processes:
 - the root steps: the wall time of `register-machine web` (no $MAINPID: it returns once
   it has read its command line and set up logging) and `guest-firewall stop` of a VM
   without a table (nft answers "no such table"), what systemd runs as root around a start;
-and once the floor, `import re, enum, typing, pathlib, libvirt` (typing: records as
-NamedTuples; libvirt imports it anyway). Medians.
+and once each reference: what bench/bare_libvirt.py imports (BARE); the floor of any Python
+runner that reads a .vm, BARE and `re, enum, typing, pathlib` (FLOOR; typing: records as
+NamedTuples, libvirt imports it anyway); and FLOOR with what a runner that logs to the journal
+and writes domain XML needs too, `logging` and `xml.etree.ElementTree` (FEATURES). Medians.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3"
-FLOOR = "import re, enum, typing, pathlib, libvirt"
+BARE = "import os, queue, signal, socket, sys, threading, libvirt, sdnotify"
+FLOOR = BARE + ", re, enum, typing, pathlib"
+FEATURES = FLOOR + ", logging, xml.etree.ElementTree"
+REFERENCES = {"bare": BARE, "floor": FLOOR, "features": FEATURES}
 IMPORTS = "from qemu_unit.cli import commands; from qemu_unit.vm import runner"
 # main()'s own reading of argv, in trees with and without the fast path.
 RUN = ("from qemu_unit.cli import commands; w = ['run', 'web'];"
@@ -82,7 +87,7 @@ def main() -> None:
         journal = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         results: dict[str, list[float]] = {}
         for round_ in range(args.runs + 3):  # 3 warm-up rounds
-            got = {"floor": wall(FLOOR)}
+            got = {name: wall(code) * 1e3 for name, code in REFERENCES.items()}
             for tree in args.trees:
                 got[f"{tree} imports"] = import_total(on_path(tree, IMPORTS)) / 1e3
                 got[f"{tree} process"] = wall(on_path(tree, IMPORTS)) * 1e3
@@ -91,16 +96,16 @@ def main() -> None:
                     code = on_path(tree, f"from qemu_unit.cli import main; main({argv!r})")
                     got[f"{tree} {step}"] = wall(code, env={"PATH": "/usr/sbin:/usr/bin:/bin"},
                                                  stderr=null, check=False) * 1e3
-            got["floor"] *= 1e3
             for key, value in got.items():
                 if round_ >= 3:
                     results.setdefault(key, []).append(value)
     floor = statistics.median(results["floor"])
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.getloadavg()[0]:.2f} load, "
           f"medians of {args.runs}")
-    print(f"floor ({FLOOR}): {floor:.1f} ms")
+    for name, code in REFERENCES.items():
+        print(f"{name} (`{code}`): {statistics.median(results[name]):.1f} ms")
     for key, values in results.items():
-        if key != "floor":
+        if key not in REFERENCES:
             median = statistics.median(values)
             steps = key.endswith(("imports", *ROOT_STEPS))
             ratio = "" if steps else f" ({median / floor:.2f}x the floor)"

@@ -161,6 +161,13 @@ SNAPSHOTS_DIR = "snapshots"
 
 # Backups (vm/backup.py): the definitions of libvirt checkpoints, given back at each start.
 CHECKPOINTS_DIR = "checkpoints"
+
+
+def checkpoints_dir(state: Path) -> Path:
+    """Where the VM with state directory STATE keeps its checkpoint definitions."""
+    return state / CHECKPOINTS_DIR
+
+
 # Where a running VM's QEMU sees the backup point being written (a bind mount into the
 # unit's mount namespace: ProtectSystem=strict makes the backup directory read-only there).
 BACKUP_MOUNT = ".backup"

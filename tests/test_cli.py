@@ -205,7 +205,8 @@ def test_run_says_the_same_with_and_without_argparse(tmp_path: Path, extra: list
 
 def test_the_units_run_imports_what_it_needs_before_create_xml_only(tmp_path: Path) -> None:
     """What `run` does without before createXML stays out of sys.modules until the runner
-    loads it while createXML runs (LATE_MODULES); stderr is the journal, as in the unit."""
+    loads it while createXML runs (LATE_MODULES), and the control ops' modules and
+    dataclasses not even then; stderr is the journal, as in the unit."""
     import subprocess
     import sys
 
@@ -219,14 +220,16 @@ def test_the_units_run_imports_what_it_needs_before_create_xml_only(tmp_path: Pa
             "print('subprocess' in sys.modules);"
             "runner.load_late_modules();"
             "print(sorted(m for m in ('json', 'systemd.journal', 'qemu_unit.vm.status')"
-            " if m not in sys.modules))")
+            " if m not in sys.modules));"
+            "print(sorted(m for m in ('dataclasses', 'qemu_unit.vm.guest', 'qemu_unit.vm.backup',"
+            " 'qemu_unit.vm.snapshot', 'qemu_unit.vm.health') if m in sys.modules))")
     with open(tmp_path / "stderr", "w") as stderr:
         st = os.fstat(stderr.fileno())
         out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
                              stderr=stderr, text=True, timeout=60,
                              env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     assert out.returncode == 0, (tmp_path / "stderr").read_text()
-    assert out.stdout == "[]\nFalse\n[]\n"
+    assert out.stdout == "[]\nFalse\n[]\n[]\n"
 
 
 def test_run_leaves_without_the_interpreter_teardown_but_with_its_message_and_status(

@@ -130,41 +130,60 @@ def test_not_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert e.value.exit_status == client.EXIT_NOT_RUNNING
 
 
-def test_a_request_while_ops_load_waits_for_its_handler(server: control.Server) -> None:
-    """The runner imports the modules registering ops while createXML runs; a request in
-    that window is answered by its handler once loaded, not refused as unknown."""
-    import threading
-
-    control.HANDLERS_LOADED.clear()
-    answers: list[dict[str, Any]] = []
-    asking = threading.Thread(target=lambda: answers.append(
-        client.call(NAME, {"op": "test-late"})))
-    try:
-        asking.start()
-        asking.join(0.3)
-        assert asking.is_alive() and not answers  # waiting, not "unknown op"
-        control.handler("test-late")(lambda *_: {"late": True})
-    finally:
-        control.HANDLERS_LOADED.set()
-        asking.join(5)
-        control.HANDLERS.pop("test-late", None)
-    assert answers == [{"ok": True, "late": True}]
-
-
-def test_the_runner_imports_its_op_modules_in_the_shadow_of_create_xml() -> None:
+def test_the_first_request_for_an_op_loads_its_module() -> None:
+    """A fresh runner has none of the op modules (their CPU and memory are not every VM's);
+    a request for one of their ops, on the control socket's thread, imports it and is
+    answered by its handler, not refused as unknown."""
     import subprocess
     import sys
 
-    # A fresh interpreter: the runner alone must not import them (they would then cost
-    # their time before createXML); load_late_modules does, and opens the gate.
-    code = ("import sys, qemu_unit.vm.runner as r; from qemu_unit.vm import control;"
-            "print(sorted(m for m in r.LATE_MODULES if m in sys.modules));"
-            "control.HANDLERS_LOADED.clear(); r.load_late_modules();"
-            "print(control.HANDLERS_LOADED.is_set(), 'exec' in control.HANDLERS,"
-            " 'backup' in control.HANDLERS, 'snapshot-create' in control.HANDLERS)")
+    code = (
+        "import sys, threading; from qemu_unit.cli import commands;"
+        "from qemu_unit.vm import runner, control;"
+        "owners = sorted(set(control.OWNERS.values()) - {'qemu_unit.vm.saved'});"
+        "runner.load_late_modules();"
+        "print(sorted(m for m in owners if m in sys.modules), 'dataclasses' in sys.modules);"
+        "t = threading.Thread(target=lambda: print(control.find_handler('snapshot-create')"
+        " is control.HANDLERS['snapshot-create'])); t.start(); t.join();"
+        "print('qemu_unit.vm.snapshot' in sys.modules, 'qemu_unit.vm.guest' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out == ["[]", "True True True True"]
+    assert out == ["[] False", "True", "True False"]
+
+
+def test_the_owners_table_names_the_module_of_every_op() -> None:
+    import importlib
+
+    for module in set(control.OWNERS.values()):
+        importlib.import_module(module)
+    owned = {op: h.__module__ for op, h in control.HANDLERS.items() if op != "ping"
+             and not op.startswith("test-")}
+    assert owned == control.OWNERS
+
+
+def test_a_request_for_an_op_is_answered_by_the_module_it_loads(
+    server: control.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over the socket: the op's module is imported on the server's thread, then serves."""
+    import sys
+    import types
+
+    module = types.ModuleType("qemu_unit_test_late_op")
+
+    def load(name: str) -> types.ModuleType:
+        assert name == module.__name__
+        control.handler("test-late")(lambda *_: {"late": True})
+        sys.modules[name] = module
+        return module
+
+    monkeypatch.setitem(control.OWNERS, "test-late", module.__name__)
+    monkeypatch.setattr(control.importlib, "import_module", load)
+    try:
+        assert client.call(NAME, {"op": "test-late"}) == {"ok": True, "late": True}
+    finally:
+        control.HANDLERS.pop("test-late", None)
+        sys.modules.pop(module.__name__, None)
 
 
 def test_an_op_is_registered_once() -> None:

@@ -205,8 +205,8 @@ def apply_runtime(vm: VMState, root: Path) -> None:
     vm.accelerator, vm.uuid, vm.qemu_pid = record.accelerator, record.uuid, record.qemu_pid
     vm.memory = record.memory if record.memory is not None else vm.memory
     vm.cpus = record.cpus if record.cpus is not None else vm.cpus
-    vm.ports = [asdict(p) for p in record.ports]
-    vm.health = asdict(record.health) if record.health is not None else None
+    vm.ports = [p._asdict() for p in record.ports]
+    vm.health = record.health._asdict() if record.health is not None else None
 
 
 def apply_saved(vm: VMState, state: Path) -> None:

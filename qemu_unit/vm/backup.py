@@ -336,10 +336,6 @@ def nvram_path(xml: str) -> Path | None:
 # -- the runner's side: the backup job and its checkpoints -----------------------------------
 
 
-def _checkpoints_dir(state: Path) -> Path:
-    return state / paths.CHECKPOINTS_DIR
-
-
 def _definition(xml: str) -> str:
     """A checkpoint's XML without its <domain> copy: a redefinition then fits the
     domain of any later start (the domain's UUID may change)."""
@@ -350,7 +346,7 @@ def _definition(xml: str) -> str:
 
 
 def keep_checkpoint(state: Path, name: str, xml: str) -> None:
-    directory = _checkpoints_dir(state)
+    directory = paths.checkpoints_dir(state)
     directory.mkdir(mode=0o700, exist_ok=True)
     path = directory / f"{name}.xml"
     tmp = path.with_name(path.name + ".new")
@@ -366,20 +362,20 @@ def save_checkpoints(dom: Any, state: Path) -> None:
         keep_checkpoint(state, checkpoint.getName(), checkpoint.getXMLDesc(0))
         names.add(checkpoint.getName())
     with contextlib.suppress(FileNotFoundError):
-        for path in _checkpoints_dir(state).glob("*.xml"):
+        for path in paths.checkpoints_dir(state).glob("*.xml"):
             if path.name.removesuffix(".xml") not in names:
                 path.unlink()
 
 
 def forget_checkpoint(state: Path, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        (_checkpoints_dir(state) / f"{name}.xml").unlink()
+        (paths.checkpoints_dir(state) / f"{name}.xml").unlink()
 
 
 def forget_all_checkpoints(state: Path) -> list[str]:
     """Drop every kept checkpoint definition (the disks' data changed outside QEMU: a
     snapshot revert, a reset); the manifest's next point is then a full one. The names."""
-    directory = _checkpoints_dir(state)
+    directory = paths.checkpoints_dir(state)
     gone = sorted(p.name.removesuffix(".xml") for p in directory.glob("*.xml"))
     shutil.rmtree(directory, ignore_errors=True)
     return gone
@@ -399,7 +395,7 @@ def redefine_checkpoints(dom: Any, state: Path, warn: Callable[[str], None]) -> 
     the next backup is then a full one. The names given back."""
     import libvirt
 
-    directory = _checkpoints_dir(state)
+    directory = paths.checkpoints_dir(state)
     if not directory.is_dir():
         return []
     flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE | getattr(

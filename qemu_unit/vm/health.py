@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from qemu_unit.vm.agent import Agent
@@ -53,15 +53,15 @@ def advance(health: Health, result: Result, in_start_period: bool, retries: int,
     """The state after one check (Podman's rules): a pass is healthy and ends the start
     period; a failure during the start period does not count; RETRIES failures in a row
     are unhealthy."""
-    base = replace(health, last_output=result.output, last_exit_code=result.exit_code,
-                   last_check=now, checks=health.checks + 1)
+    base = health._replace(last_output=result.output, last_exit_code=result.exit_code,
+                           last_check=now, checks=health.checks + 1)
     if result.ok:
-        return replace(base, status=HEALTHY, failing_streak=0)
+        return base._replace(status=HEALTHY, failing_streak=0)
     if in_start_period and health.status == STARTING:
         return base
     streak = health.failing_streak + 1
-    return replace(base, failing_streak=streak,
-                   status=UNHEALTHY if streak >= retries else health.status)
+    return base._replace(failing_streak=streak,
+                         status=UNHEALTHY if streak >= retries else health.status)
 
 
 class Checker:
@@ -87,7 +87,7 @@ class Checker:
     def restart(self) -> None:
         """The guest reboots: starting again, with a new start period."""
         self.started = time.monotonic()
-        self.health = replace(self.health, status=STARTING, failing_streak=0)
+        self.health = self.health._replace(status=STARTING, failing_streak=0)
 
     def _run(self) -> None:
         vm = self.vm

@@ -59,12 +59,11 @@ if TYPE_CHECKING:
 
 logger = log.log
 # Imported while createXML runs (it releases the GIL and QEMU starts on the other core):
-# nothing before READY=1 needs them but their control ops, which wait for them
-# (control.HANDLERS_LOADED). ~7 ms off every start; status and json (control's requests
-# import it when they come first) ~3 ms more, systemd.journal (log.setup's journal
-# handler, made at the first record) ~4 ms.
-LATE_MODULES = ("qemu_unit.vm.backup", "qemu_unit.vm.snapshot", "qemu_unit.vm.guest",
-                "qemu_unit.vm.health", "qemu_unit.vm.status", "json", "systemd.journal")
+# what the runner needs right after it, not before: status and json (~3 ms), systemd.journal
+# (log.setup's journal handler, made at the first record, ~4 ms); and where the VM needs
+# them, health (HealthCmd=) and backup (checkpoints to give back). The modules of the
+# control ops load at their first request (control.OWNERS).
+LATE_MODULES = ("qemu_unit.vm.status", "json", "systemd.journal")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 4)
 # A guest still booting misses a power-button press; pressing again is harmless.
 SHUTDOWN_RETRY = 5.0
@@ -87,12 +86,17 @@ stdio_handler = "file"
 # -- libvirt --------------------------------------------------------------------------------
 
 
-def load_late_modules() -> None:
-    try:
-        for module in LATE_MODULES:
-            importlib.import_module(module)
-    finally:
-        control.HANDLERS_LOADED.set()
+def late_modules(vm: settings.VMConfig, dirs: Dirs) -> tuple[str, ...]:
+    """What VM's runner imports while createXML runs (LATE_MODULES)."""
+    extra: tuple[str, ...] = ("qemu_unit.vm.health",) if vm.health_cmd is not None else ()
+    if paths.checkpoints_dir(dirs.state).is_dir():
+        extra += ("qemu_unit.vm.backup",)
+    return LATE_MODULES + extra
+
+
+def load_late_modules(modules: tuple[str, ...] = LATE_MODULES) -> None:
+    for module in modules:
+        importlib.import_module(module)
 
 
 _loop_started = False
@@ -355,10 +359,14 @@ class Runner:
                     from qemu_unit.vm import credentials
 
                     credentials.remove(dirs.root)
-                from qemu_unit.vm import backup, health, status  # loaded during createXML
+                from qemu_unit.vm import status  # loaded during createXML
 
-                # The embed root forgot them at the last stop; their bitmaps are in the disks.
-                backup.redefine_checkpoints(self.dom, dirs.state, logger.warning)
+                if paths.checkpoints_dir(dirs.state).is_dir():
+                    from qemu_unit.vm import backup  # loaded during createXML
+
+                    # The embed root forgot them at the last stop; their bitmaps are in
+                    # the disks.
+                    backup.redefine_checkpoints(self.dom, dirs.state, logger.warning)
                 uuid = self.dom.UUIDString()
                 log.set_vm_fields(self.name, uuid)
                 if self.saved is not None:
@@ -385,6 +393,8 @@ class Runner:
                     started=int(time.time()),
                 )
                 if vm.health_cmd is not None:
+                    from qemu_unit.vm import health  # loaded during createXML
+
                     self.checker = health.Checker(vm, lambda: self.dom, self.events.put)
                     self.record = self.record.with_health(self.checker.health)
                     self.checker.start()
@@ -507,8 +517,8 @@ class Runner:
                 logger.warning("Destroying a stale instance of %s left by an earlier runner",
                                self.name)
                 stale.destroy()
-        control.HANDLERS_LOADED.clear()
-        loader = threading.Thread(target=load_late_modules, name="imports", daemon=True)
+        loader = threading.Thread(target=load_late_modules, args=(late_modules(self.vm, dirs),),
+                                  name="imports", daemon=True)
         loader.start()
         try:
             with probe_lock(dirs.cache):

@@ -10,13 +10,11 @@ away with the runtime directory when the unit stops.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qemu_unit.paths import STATUS_FILE, qemu_pidfile
 
@@ -27,8 +25,7 @@ VERSION = 1
 MAX_SIZE = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Port:
+class Port(NamedTuple):
     """One PublishPort= as the runner set it up."""
 
     host_ip: str
@@ -37,8 +34,7 @@ class Port:
     protocol: str
 
 
-@dataclass(frozen=True)
-class Health:
+class Health(NamedTuple):
     """HealthCmd= as the runner last saw it (vm/health.py keeps it current)."""
 
     status: str = "starting"  # starting, healthy, unhealthy
@@ -67,8 +63,7 @@ class Health:
         )
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(NamedTuple):
     """The status file's content. Read back from a file the runner wrote: every field
     checked for its type, a field of the wrong type is None (never trusted further)."""
 
@@ -84,10 +79,11 @@ class Status:
     health: Health | None = None  # HealthCmd= VMs only
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": VERSION, **dataclasses.asdict(self)}
+        return {"version": VERSION, **self._asdict(), "ports": [p._asdict() for p in self.ports],
+                "health": None if self.health is None else self.health._asdict()}
 
     def with_health(self, health: Health | None) -> Status:
-        return dataclasses.replace(self, health=health)
+        return self._replace(health=health)
 
     @classmethod
     def from_json(cls, data: Any) -> Status | None:
