@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import enum
 import errno
-import hashlib
 import ipaddress
 import os
 import re
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from qemu_unit import command, log, paths
 from qemu_unit.config.names import check_name
@@ -80,12 +79,13 @@ def table_name(name: str) -> str:
     safe = _TABLE_UNSAFE.sub("_", name)
     table = f"{paths.FIREWALL_TABLE_PREFIX}{safe}"
     if safe != name:
+        import hashlib  # only names with @ or : pay for it, at every start of their VM
+
         table += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
     return table
 
 
-@dataclass(frozen=True)
-class Cgroup:
+class Cgroup(NamedTuple):
     """A cgroup v2 as nft's `socket cgroupv2 level LEVEL "NFT_PATH"` names it."""
 
     path: str  # as /proc/self/cgroup shows it: /machine.slice/qemu-run@web.service
