@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import NamedTuple
+
+from qemu_unit.records import NamedTuple
 
 # -- users, units, installed files -----------------------------------------------------------
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import NamedTuple
 
 from qemu_unit.config.files import DOMAIN_XML_MAX, read_config
 from qemu_unit.errors import ConfigError
+from qemu_unit.records import NamedTuple
 
 # ElementTree serialises (and copies) recursively: a hostile nesting depth would end
 # in a RecursionError. libvirt's own domain XML is a dozen levels deep.

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import NamedTuple
 
 from qemu_unit.errors import ConfigError
+from qemu_unit.records import NamedTuple
 
 URL_SCHEMES = ("https://", "http://", "file://")
 DIGEST_ALGORITHMS = {"sha256": 64, "sha512": 128}

@@ -18,13 +18,13 @@ import re
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import NamedTuple
 
 from qemu_unit.config.imagesource import ImageSource, is_url, parse_checksum
 from qemu_unit.config.names import split_template
 from qemu_unit.config.source import Source
 from qemu_unit.config.unitfile import Entry, UnitFile, read
 from qemu_unit.errors import ConfigError
+from qemu_unit.records import NamedTuple
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

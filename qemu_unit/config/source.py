@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 from qemu_unit import paths
 from qemu_unit.config.names import check_name, split_template
 from qemu_unit.errors import ConfigError
 from qemu_unit.paths import SEARCH_PATH
+from qemu_unit.records import NamedTuple
 
 # Names for mypy only.
 TYPE_CHECKING = False

@@ -34,10 +34,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 from qemu_unit.config.files import UNIT_FILE_MAX, read_config
 from qemu_unit.errors import ConfigError
+from qemu_unit.records import NamedTuple
 
 # systemd's LONG_LINE_MAX (bytes): a line must be shorter, joined lines no longer.
 LINE_MAX = 1024 * 1024

@@ -13,13 +13,13 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
 
 from qemu_unit import paths
 from qemu_unit.config import rootless, settings
 from qemu_unit.config.unitfile import Entry, escape_specifiers, format_line
 from qemu_unit.errors import ConfigError
 from qemu_unit.generator import shares
+from qemu_unit.records import NamedTuple
 
 PROGRAM = "qemu-unit-generator"
 TEMPLATE = paths.TEMPLATE_UNIT

@@ -39,10 +39,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 from qemu_unit import log, paths
 from qemu_unit.config.settings import VMConfig
+from qemu_unit.records import NamedTuple
 
 logger = log.log
 

@@ -29,9 +29,10 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from qemu_unit import log
+from qemu_unit.records import NamedTuple
 from qemu_unit.vm.console import peer_credentials
 from qemu_unit.vm.events import Event
 

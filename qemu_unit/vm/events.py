@@ -9,7 +9,8 @@ control socket's handlers) puts one of these on Runner.events; only the main loo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+
+from qemu_unit.records import NamedTuple
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -39,11 +39,11 @@ import re
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 from qemu_unit import command, log, paths
 from qemu_unit.config.names import check_name
 from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.records import NamedTuple
 from qemu_unit.vm import notes
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")

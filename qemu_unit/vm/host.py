@@ -21,7 +21,7 @@ import socket
 import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from qemu_unit.config.domainxml import read_domain_xml, xml_paths
 from qemu_unit.config.settings import Accel, Disk, VMConfig
@@ -36,6 +36,7 @@ from qemu_unit.paths import (
     virtiofsd_socket,
     virtiofsd_unit_name,
 )
+from qemu_unit.records import NamedTuple
 from qemu_unit.vm.qcow2 import read_header
 
 # The sun_path limit; the deepest socket libvirt makes in the root is QEMU's monitor.

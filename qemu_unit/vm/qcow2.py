@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import NamedTuple
+
+from qemu_unit.records import NamedTuple
 
 MAGIC = b"QFI\xfb"
 # Version 3's header up to and including header_length.

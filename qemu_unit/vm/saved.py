@@ -37,10 +37,11 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from qemu_unit import paths
 from qemu_unit.errors import ConfigError, QemuUnitError
+from qemu_unit.records import NamedTuple
 from qemu_unit.vm import control, notes
 from qemu_unit.vm.events import SaveRequested
 

@@ -14,9 +14,10 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from qemu_unit.paths import STATUS_FILE, qemu_pidfile
+from qemu_unit.records import NamedTuple
 
 FILENAME = STATUS_FILE
 VERSION = 1
