@@ -13,7 +13,7 @@ from qemu_unit import records
 def _made_by(base: Any) -> Any:
     """The same class body, made by BASE (records.NamedTuple or typing.NamedTuple)."""
 
-    class Port(base):  # type: ignore[misc,valid-type]
+    class Port(base):  # type: ignore[misc]
         """A port."""
 
         host: str
@@ -42,7 +42,7 @@ def test_a_record_has_what_typing_would_give_it() -> None:
     assert a._replace(port=80).port == 80 and a._asdict() == b._asdict()
     assert repr(a) == repr(b)
     with pytest.raises(AttributeError):
-        a.port = 1  # type: ignore[misc]
+        a.port = 1
     assert issubclass(ours, tuple) and not issubclass(ours, records.NamedTuple)
 
 
