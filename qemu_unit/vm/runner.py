@@ -64,6 +64,7 @@ logger = log.log
 # them, health (HealthCmd=) and backup (checkpoints to give back). The modules of the
 # control ops load at their first request (control.OWNERS).
 LATE_MODULES = ("qemu_unit.vm.status", "json", "systemd.journal")
+BACKUP_MODULE = "qemu_unit.vm.backup"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 4)
 # A guest still booting misses a power-button press; pressing again is harmless.
 SHUTDOWN_RETRY = 5.0
@@ -90,7 +91,7 @@ def late_modules(vm: settings.VMConfig, dirs: Dirs) -> tuple[str, ...]:
     """What VM's runner imports while createXML runs (LATE_MODULES)."""
     extra: tuple[str, ...] = ("qemu_unit.vm.health",) if vm.health_cmd is not None else ()
     if paths.checkpoints_dir(dirs.state).is_dir():
-        extra += ("qemu_unit.vm.backup",)
+        extra += (BACKUP_MODULE,)
     return LATE_MODULES + extra
 
 
@@ -351,7 +352,8 @@ class Runner:
             server.listen()
             stack.callback(server.close)
             log.trace("listening")
-            with self.running_domain(conn, xml, dirs):
+            late = late_modules(vm, dirs)
+            with self.running_domain(conn, xml, dirs, late):
                 assert self.dom is not None
                 log.trace("created")
                 if plan.credentials:
@@ -361,7 +363,7 @@ class Runner:
                     credentials.remove(dirs.root)
                 from qemu_unit.vm import status  # loaded during createXML
 
-                if paths.checkpoints_dir(dirs.state).is_dir():
+                if BACKUP_MODULE in late:
                     from qemu_unit.vm import backup  # loaded during createXML
 
                     # The embed root forgot them at the last stop; their bitmaps are in
@@ -396,7 +398,7 @@ class Runner:
                     from qemu_unit.vm import health  # loaded during createXML
 
                     self.checker = health.Checker(vm, lambda: self.dom, self.events.put)
-                    self.record = self.record.with_health(self.checker.health)
+                    self.record = self.record._replace(health=self.checker.health)
                     self.checker.start()
                     stack.callback(self.checker.stop)
                 (dirs.root / UUID_FILE).write_text(uuid.replace("-", "").lower() + "\n")
@@ -507,7 +509,7 @@ class Runner:
 
     @contextlib.contextmanager
     def running_domain(
-        self, conn: libvirt.virConnect, xml: str, dirs: Dirs
+        self, conn: libvirt.virConnect, xml: str, dirs: Dirs, late: tuple[str, ...]
     ) -> Iterator[libvirt.virDomain]:
         # A runner killed with SIGKILL outside systemd leaves its QEMU running; libvirt
         # reconnects to it when the root is opened again. It is stale: remove it.
@@ -517,8 +519,8 @@ class Runner:
                 logger.warning("Destroying a stale instance of %s left by an earlier runner",
                                self.name)
                 stale.destroy()
-        loader = threading.Thread(target=load_late_modules, args=(late_modules(self.vm, dirs),),
-                                  name="imports", daemon=True)
+        loader = threading.Thread(target=load_late_modules, args=(late,), name="imports",
+                                  daemon=True)
         loader.start()
         try:
             with probe_lock(dirs.cache):
@@ -743,7 +745,7 @@ class Runner:
         """A health check ended: the status file, and on a change of state the journal,
         STATUS=, Ready=healthy and HealthOnFailure=. True when this made the unit ready."""
         if self.record is not None:
-            self.record = self.record.with_health(now)
+            self.record = self.record._replace(health=now)
             from qemu_unit.vm import status
 
             with contextlib.suppress(OSError):

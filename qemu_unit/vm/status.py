@@ -83,9 +83,6 @@ class Status(NamedTuple):
         return {"version": VERSION, **self._asdict(), "ports": [p._asdict() for p in self.ports],
                 "health": None if self.health is None else self.health._asdict()}
 
-    def with_health(self, health: Health | None) -> Status:
-        return self._replace(health=health)
-
     @classmethod
     def from_json(cls, data: Any) -> Status | None:
         """DATA as written by to_json(); None if it is not a status of this version."""
