@@ -7,11 +7,14 @@ TREE: a checkout (or `git archive` of one) to compare; default this one. Each ro
 every TREE in turn, in fresh `/usr/bin/python3 -I` processes:
 - imports: -X importtime of importing the CLI and the runner, the -c imports' total;
 - process: the wall time of the same imports;
-- run: the wall time of what `run NAME` does before it looks for the VM, under the
-  unit: those imports, main()'s reading of argv, log.setup() with stderr as the journal;
-- the root steps: the wall time of `register-machine web` (no $MAINPID: it returns once
-  it has read its command line and set up logging) and `guest-firewall stop` of a VM
-  without a table (nft answers "no such table"), what systemd runs as root around a start;
+- run: the wall time of `qemu-unit run web` up to where it looks for the VM, under the
+  unit: the console script's own code (CONSOLE_SCRIPT: cli.main() and so startup's pause),
+  those imports, the reading of argv, log.setup() with stderr as the journal; the search
+  path is an empty directory, so it ends there (exit 78);
+- the root steps, through the same console script: the wall time of `register-machine web`
+  (no $MAINPID: it returns once it has read its command line and set up logging) and
+  `guest-firewall stop` of a VM without a table (nft answers "no such table"), what
+  systemd runs as root around a start;
 and once each reference: what bench/bare_libvirt.py imports (BARE); the floor of any Python
 runner that reads a .vm, BARE and `re, enum, typing, pathlib` (FLOOR; typing: records as
 NamedTuples, libvirt imports it anyway); and FLOOR with what a runner that logs to the journal
@@ -24,6 +27,7 @@ import argparse
 import os
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import IO
@@ -35,12 +39,10 @@ FLOOR = BARE + ", re, enum, typing, pathlib"
 FEATURES = FLOOR + ", logging, xml.etree.ElementTree"
 REFERENCES = {"bare": BARE, "floor": FLOOR, "features": FEATURES}
 IMPORTS = "from qemu_unit.cli import commands; from qemu_unit.vm import runner"
-# main()'s own reading of argv, in trees with and without the fast path.
-RUN = ("from qemu_unit.cli import commands; w = ['run', 'web'];"
-       "a = getattr(commands, 'systemd_run', lambda w: None)(w) or "
-       "commands.build_parser(commands.command_of(w)).parse_args(w);"
-       "commands.log.setup(verbose=a.verbose); assert commands.log.journal_connected();"
-       "from qemu_unit.vm import runner")
+# What pip's console script (/usr/bin/qemu-unit) runs, with ARGV as its command line.
+CONSOLE_SCRIPT = ("import re, sys; sys.argv = ['qemu-unit', *{argv!r}];"
+                  "from qemu_unit.cli import main; sys.exit(main())")
+RUN = CONSOLE_SCRIPT.format(argv=["run", "web"])
 
 
 def on_path(tree: Path, code: str) -> str:
@@ -84,21 +86,25 @@ def main() -> None:
     args = parser.parse_args()
     with open(os.devnull, "w") as null:
         st = os.fstat(null.fileno())
-        journal = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        empty = tempfile.mkdtemp(prefix="qemu-unit-bench-")  # no VM web: run ends there
+        journal = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}",
+                   "QEMU_RUN_PATH": empty}
         results: dict[str, list[float]] = {}
         for round_ in range(args.runs + 3):  # 3 warm-up rounds
             got = {name: wall(code) * 1e3 for name, code in REFERENCES.items()}
             for tree in args.trees:
                 got[f"{tree} imports"] = import_total(on_path(tree, IMPORTS)) / 1e3
                 got[f"{tree} process"] = wall(on_path(tree, IMPORTS)) * 1e3
-                got[f"{tree} run"] = wall(on_path(tree, RUN), env=journal, stderr=null) * 1e3
+                got[f"{tree} run"] = wall(on_path(tree, RUN), env=journal, stderr=null,
+                                          check=False) * 1e3
                 for step, argv in ROOT_STEPS.items():
-                    code = on_path(tree, f"from qemu_unit.cli import main; main({argv!r})")
+                    code = on_path(tree, CONSOLE_SCRIPT.format(argv=argv))
                     got[f"{tree} {step}"] = wall(code, env={"PATH": "/usr/sbin:/usr/bin:/bin"},
                                                  stderr=null, check=False) * 1e3
             for key, value in got.items():
                 if round_ >= 3:
                     results.setdefault(key, []).append(value)
+        os.rmdir(empty)
     floor = statistics.median(results["floor"])
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.getloadavg()[0]:.2f} load, "
           f"medians of {args.runs}")

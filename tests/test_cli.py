@@ -210,7 +210,7 @@ def test_the_units_run_imports_what_it_needs_before_create_xml_only(tmp_path: Pa
     import subprocess
     import sys
 
-    lazy = ("argparse", "gettext", "json", "subprocess", "hashlib", "tempfile",
+    lazy = ("argparse", "gettext", "json", "subprocess", "hashlib", "tempfile", "shutil",
             "systemd.journal", "qemu_unit.command", "qemu_unit.vm.status")
     code = ("import sys; from qemu_unit.cli import commands; from qemu_unit.vm import runner;"
             "assert commands.systemd_run(['--user', 'run', 'web']) is not None;"

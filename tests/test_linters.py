@@ -82,9 +82,9 @@ ALLOWED = {
     "config": {"config", "errors", "paths", "records"},
     "generator": {"config", "generator", "errors", "paths", "records"},
     "images": {"config", "images", "vm", "errors", "paths", "records", "log", "command"},
-    "vm": {"config", "vm", "images", "errors", "paths", "records", "log", "command"},
+    "vm": {"config", "vm", "images", "errors", "paths", "records", "log", "command", "startup"},
     "cli": {"cli", "config", "generator", "images", "vm", "errors", "paths", "records", "log",
-            "command"},
+            "command", "startup"},
 }
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qemu_unit import log, paths
+from qemu_unit import log, paths, startup
 from qemu_unit.cli.arguments import build_parser, command_of, systemd_run
 from qemu_unit.errors import ConfigError, QemuUnitError
 
@@ -528,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.user and os.geteuid() == 0:
         return _fail(args, "--user: root's VMs are the system's (/etc/qemu-run); run "
                            "qemu-unit --user as the user whose VMs they are", 2)
+    if args.command != "run":
+        startup.resume()  # the runner resumes it once its VM is up (Runner.loop)
     status = _dispatch(args)
     if args.command == "run" and argv is None:
         # The VM is gone and the journal has every line (sent as each was logged): the

@@ -13,7 +13,6 @@ its own cache, which works, only slower.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from qemu_unit.log import log
@@ -39,8 +38,11 @@ def seed(cache: Path, shared: Path = SHARED) -> int:
         try:
             if dest.exists() and dest.stat().st_mtime_ns >= src.stat().st_mtime_ns:
                 continue
+            # A plain copy, not shutil's: shutil (with bz2 and lzma) costs ~1.9 ms of every
+            # start before createXML. The copy's own mtime is newer than SRC's, as the check
+            # above needs; libvirt judges the files by their contents.
             tmp = target / f".{src.name}.tmp"
-            shutil.copy2(src, tmp)
+            tmp.write_bytes(src.read_bytes())
             os.replace(tmp, dest)
             copied += 1
         except OSError as e:

@@ -16,7 +16,6 @@ No libvirt here: `qemu-unit render`/`validate` use this as the runner does.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import xml.etree.ElementTree as ET
@@ -212,6 +211,8 @@ SECURE_BOOT_FIRMWARE = (Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd"),
 def check_devices(vm: VMConfig) -> None:
     """What TPM=, SecureBoot= and Share= need from the host is there; one line if not."""
     if vm.tpm:
+        import shutil  # only TPM= needs it: not at every start
+
         missing = [t for t in ("swtpm", "swtpm_setup") if shutil.which(t) is None]
         if missing:
             raise key_error(vm, "TPM", f"{' and '.join(missing)} not found: install the "

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qemu_unit import startup
 from qemu_unit.config.settings import VMConfig
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.log import log as logger
@@ -120,6 +121,8 @@ def wait_for_pull(vm: VMConfig, notify: Any) -> None:
     src = vm.image_source
     if src is None or pulled_base(vm) is not None:
         return
+    # Minutes of pulling or waiting before the start goes on: collect as usual meanwhile.
+    startup.resume()
     cache = Cache()
     key = src.key()
     if not os.environ.get("INVOCATION_ID") and _writable(cache.root):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import libvirt
 
-from qemu_unit import log, paths
+from qemu_unit import log, paths, startup
 from qemu_unit.config import domainxml, rootless, settings, source
 from qemu_unit.errors import ConfigError, QemuUnitError
 from qemu_unit.paths import SERVICE_USER, UUID_FILE, Dirs
@@ -618,6 +618,9 @@ class Runner:
 
     def loop(self, dirs: Dirs) -> int:
         assert self.dom is not None
+        # The start is over (READY=1 is out, or the guest is on its way to it): what lives
+        # now lives as long as the runner. The collector back on for the rest (startup).
+        startup.resume()
         wd = self.notify.watchdog_usec
         wd_interval = wd / 2e6 if wd else None
         probe = MonitorProbe(self.dom) if wd_interval else None

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -116,6 +115,8 @@ def check(name: str, state: Path, xml: str, base: dict[str, Any] | None,
     discard-save) for a save that does not fit XML or BASE, or fails its checksum."""
     partial = state / SAVING
     if partial.exists():
+        import shutil  # here, not at the top: check() runs before every createXML
+
         shutil.rmtree(partial, ignore_errors=True)
         warn("An incomplete saved state was found (the runner was stopped while saving) "
              "and removed: booting from the disks")
@@ -166,6 +167,8 @@ def _fsync_dir(path: Path) -> None:
 def save(dom: Any, state: Path, xml: str, base: dict[str, Any] | None) -> SavedState:
     """Save the running domain DOM into STATE/saved (stops it); QemuUnitError on failure,
     with nothing left behind and, if libvirt allowed, the domain still running."""
+    import shutil
+
     import libvirt
 
     partial = state / SAVING
@@ -216,6 +219,8 @@ def written(state: Path) -> int:
 
 def discard(state: Path) -> list[Path]:
     """Remove the saved state (complete or not) from STATE; what was removed."""
+    import shutil
+
     removed = []
     for d in (state / SAVED, state / SAVING):
         if d.exists():
