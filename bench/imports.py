@@ -84,9 +84,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=31)
     parser.add_argument("trees", nargs="*", type=Path, default=[REPO])
     args = parser.parse_args()
-    with open(os.devnull, "w") as null:
+    # An empty search path: no VM web, so run ends where it looks for it.
+    with (open(os.devnull, "w") as null,
+          tempfile.TemporaryDirectory(prefix="qemu-unit-bench-") as empty):
         st = os.fstat(null.fileno())
-        empty = tempfile.mkdtemp(prefix="qemu-unit-bench-")  # no VM web: run ends there
         journal = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}",
                    "QEMU_RUN_PATH": empty}
         results: dict[str, list[float]] = {}
@@ -104,7 +105,6 @@ def main() -> None:
             for key, value in got.items():
                 if round_ >= 3:
                     results.setdefault(key, []).append(value)
-        os.rmdir(empty)
     floor = statistics.median(results["floor"])
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.getloadavg()[0]:.2f} load, "
           f"medians of {args.runs}")
