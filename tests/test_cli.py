@@ -219,7 +219,7 @@ def test_the_units_run_imports_what_it_needs_before_create_xml_only(tmp_path: Pa
             "from qemu_unit.vm import image;"  # Image= VMs: qemu-img only for a new overlay
             "print('subprocess' in sys.modules);"
             "runner.load_late_modules();"
-            "print(sorted(m for m in ('json', 'systemd.journal', 'qemu_unit.vm.status')"
+            "print(sorted(m for m in ('json', 'tempfile', 'systemd.journal', 'qemu_unit.vm.status')"
             " if m not in sys.modules));"
             "print(sorted(m for m in ('dataclasses', 'qemu_unit.vm.guest', 'qemu_unit.vm.backup',"
             " 'qemu_unit.vm.snapshot', 'qemu_unit.vm.health') if m in sys.modules))")

@@ -59,11 +59,12 @@ if TYPE_CHECKING:
 
 logger = log.log
 # Imported while createXML runs (it releases the GIL and QEMU starts on the other core):
-# what the runner needs right after it, not before: status and json (~3 ms), systemd.journal
+# what the runner needs right after it, not before: status and json (~3 ms), tempfile
+# (status.write's, ~1.6 ms, else paid between createXML and READY=1), systemd.journal
 # (log.setup's journal handler, made at the first record, ~4 ms); and where the VM needs
 # them, health (HealthCmd=) and backup (checkpoints to give back). The modules of the
 # control ops load at their first request (control.OWNERS).
-LATE_MODULES = ("qemu_unit.vm.status", "json", "systemd.journal")
+LATE_MODULES = ("qemu_unit.vm.status", "json", "tempfile", "systemd.journal")
 BACKUP_MODULE = "qemu_unit.vm.backup"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 4)
 # A guest still booting misses a power-button press; pressing again is harmless.

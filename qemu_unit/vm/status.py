@@ -119,7 +119,9 @@ def _port(data: Any) -> Port | None:
 
 def write(root: Path, record: Status) -> None:
     """Replace ROOT/status.json with RECORD."""
-    import tempfile  # here: register-machine, `list` and `status` only read (~2.4 ms)
+    # Here: register-machine, `list` and `status` only read (~2.4 ms); the runner loads
+    # it while createXML runs (runner.LATE_MODULES).
+    import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=".status.", dir=root)
     try:
