@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 logger = log.log
 # Imported while createXML runs (it releases the GIL and QEMU starts on the other core):
 # what the runner needs right after it, not before: status and json (~3 ms), tempfile
-# (status.write's, ~1.6 ms, else paid between createXML and READY=1), systemd.journal
+# (status.write's, with shutil ~3.5 ms, else paid between createXML and READY=1), systemd.journal
 # (log.setup's journal handler, made at the first record, ~4 ms); and where the VM needs
 # them, health (HealthCmd=) and backup (checkpoints to give back). The modules of the
 # control ops load at their first request (control.OWNERS).
