@@ -4,7 +4,7 @@
     flock /run/qemu-unit-vmtests.lock /usr/bin/python3 bench/issue21.py [--out DIR] [--slow]
     /usr/bin/python3 bench/issue21.py --from DIR
 
-Runs the benches one after another (BENCHES; with --slow also SLOW, ~15 min more: the
+Runs the benches one after another (BENCHES; with --slow also SLOW, ~6 min more: the
 cloud image's first boot over 3 rounds and 30 VMs' memory). Each one's output is kept as
 DIR/NAME.txt, its first line saying the command, the git revision and the UTC times it ran
 in. Then it prints the README's table from those files: each row's figure, the reference
