@@ -9,6 +9,7 @@ import lzma
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from qemu_unit.images import fetch, verify
 from qemu_unit.images.cache import Cache
 from qemu_unit.images.pull import pull
 from qemu_unit.images.verify import VerificationError
-from tests.support.imageserver import ImageServer, sums_line
+from tests.support.imageserver import GPG, ImageServer, signing_key, sums_line
 
 FAST = fetch.Retry(attempts=4, backoff=0.01, timeout=5)
 
@@ -311,25 +312,20 @@ def test_an_update_pulls_a_new_digest_and_remembers_the_previous(server: ImageSe
 
 
 @pytest.fixture(scope="module")
-def gpg_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def gpg_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """(GNUPGHOME holding a secret key, the exported public keyring)."""
     home = tmp_path_factory.mktemp("gnupg")
-    home.chmod(0o700)
-    env = {**os.environ, "GNUPGHOME": str(home)}
-    subprocess.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase", "",
-                    "--quick-gen-key", "qemu-unit test <test@localhost>", "ed25519", "sign",
-                    "never"], env=env, check=True, capture_output=True)
-    keyring = home / "trusted.gpg"
-    exported = subprocess.run(["gpg", "--batch", "--export"], env=env, check=True,
-                              capture_output=True).stdout
-    keyring.write_bytes(exported)
-    return home, keyring
+    with signing_key(home) as env:
+        keyring = home / "trusted.gpg"
+        exported = subprocess.run(["gpg", "--batch", "--export"], env=env, check=True,
+                                  capture_output=True).stdout
+        keyring.write_bytes(exported)
+        yield home, keyring
 
 
 def _sign(home: Path, data: bytes, *, clear: bool = False) -> bytes:
     mode = "--clearsign" if clear else "--detach-sign"
-    return subprocess.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase", "",
-                           mode], input=data, env={**os.environ, "GNUPGHOME": str(home)},
+    return subprocess.run([*GPG, mode], input=data, env={**os.environ, "GNUPGHOME": str(home)},
                           check=True, capture_output=True).stdout
 
 

@@ -13,9 +13,13 @@ Files may also be paths on disk (served in chunks, for big images). Binds
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import os
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -150,3 +154,23 @@ def sums_line(data: bytes, name: str, algorithm: str = "sha256") -> str:
     return f"{hashlib.new(algorithm, data).hexdigest()}  {name}\n"
 
 
+
+
+# gpg as a publisher runs it: no prompt, no passphrase.
+GPG = ["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
+
+
+@contextlib.contextmanager
+def signing_key(home: Path) -> Iterator[dict[str, str]]:
+    """A throwaway GnuPG home at HOME holding one signing key: the environment to run GPG
+    in. gpg starts an agent there, which would outlive the test run: stopped on the way out."""
+    home.mkdir(exist_ok=True)
+    home.chmod(0o700)
+    env = {**os.environ, "GNUPGHOME": str(home)}
+    try:
+        subprocess.run([*GPG, "--quick-gen-key", "qemu-unit test <test@localhost>", "ed25519",
+                        "sign", "never"], env=env, check=True, capture_output=True)
+        yield env
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+                       capture_output=True, check=False)

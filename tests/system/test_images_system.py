@@ -22,7 +22,7 @@ import zstandard
 
 from tests.support.container import Container
 from tests.support.debian import build_debian_image
-from tests.support.imageserver import ImageServer, sums_line
+from tests.support.imageserver import GPG, ImageServer, signing_key, sums_line
 from tests.support.vm import (
     install_qemu_unit,
     prop,
@@ -149,16 +149,11 @@ def test_debian_boots_from_a_compressed_signed_url(ct: Container, server: ImageS
         raw_sum = hashlib.file_digest(f, "sha256").hexdigest()
     # The publisher's sums name the decompressed image (what is checked after zstd).
     sums = f"{raw_sum}  debian.qcow2\n".encode()
-    home = tmp_path / "gnupg"
-    home.mkdir(mode=0o700)
-    env = {**os.environ, "GNUPGHOME": str(home)}
-    gpg = ["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
-    subprocess.run([*gpg, "--quick-gen-key", "test <t@localhost>", "ed25519", "sign", "never"],
-                   env=env, check=True, capture_output=True)
-    signature = subprocess.run([*gpg, "--detach-sign"], input=sums, env=env, check=True,
-                               capture_output=True).stdout
-    keyring = subprocess.run(["gpg", "--batch", "--export"], env=env, check=True,
-                             capture_output=True).stdout
+    with signing_key(tmp_path / "gnupg") as env:
+        signature = subprocess.run([*GPG, "--detach-sign"], input=sums, env=env, check=True,
+                                   capture_output=True).stdout
+        keyring = subprocess.run(["gpg", "--batch", "--export"], env=env, check=True,
+                                 capture_output=True).stdout
     server.files |= {"/debian/debian.qcow2.zst": packed, "/debian/SHA256SUMS": sums,
                      "/debian/SHA256SUMS.gpg": signature}
     ct.run("sh", "-c", "mkdir -p /etc/qemu-unit-test && base64 -d > /etc/qemu-unit-test/keys.gpg",
