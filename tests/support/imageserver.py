@@ -154,8 +154,6 @@ def sums_line(data: bytes, name: str, algorithm: str = "sha256") -> str:
     return f"{hashlib.new(algorithm, data).hexdigest()}  {name}\n"
 
 
-
-
 # gpg as a publisher runs it: no prompt, no passphrase.
 GPG = ["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
 
